@@ -1,0 +1,48 @@
+# atoll — every target creates .venv on first use (torch first, pinned, then the project).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: help demo test test-unit test-integration ui bench lint clean
+
+help:
+	@echo "make demo   - set up and train the demo (MLP on digits), tracked in ./mlruns.db"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
+	@echo "make bench  - benchmarks (prints figures and a ratio)"
+	@echo "make lint   - ruff"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	# torch first and pinned: the local CPU wheel, never the CUDA build from the index
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/atoll demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/integration
+
+ui: $(STAMP)
+	$(BIN)/atoll ui
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/tracking_overhead.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf .atoll mlruns.db mlartifacts .pytest_cache

@@ -1,0 +1,97 @@
+"""The narrow protocol through which continual-learning strategies plug into the loop.
+
+Strategies return values (batches, a penalty) or adjust gradients after backward; they
+never reach into the loop's state. Penalties see the unwrapped module, so parameter names
+are the same under DDP (which prefixes `module.`) and in a single process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    def before_task(self, model: nn.Module, task: Any) -> None: ...
+    def batches(self, loader: Iterable[Batch], task: Any) -> Iterable[Batch]: ...
+    def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
+    def after_backward(self, model: nn.Module) -> None: ...
+    def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class BaseStrategy:
+    """No-op hooks; a strategy overrides only what it needs."""
+
+    name = "base"
+
+    def before_task(self, model: nn.Module, task: Any) -> None:
+        return None
+
+    def batches(self, loader: Iterable[Batch], task: Any) -> Iterable[Batch]:
+        return loader
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module) -> None:
+        return None
+
+    def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class Naive(BaseStrategy):
+    """Plain fine-tuning: the lower bound every continual strategy is measured against."""
+
+    name = "naive"
+
+
+class Composite(BaseStrategy):
+    """Several strategies at once (e.g. [ewc, replay]): batches chain, penalties add."""
+
+    name = "composite"
+
+    def __init__(self, parts: list[Strategy]):
+        self.parts = parts
+
+    def before_task(self, model: nn.Module, task: Any) -> None:
+        for s in self.parts:
+            s.before_task(model, task)
+
+    def batches(self, loader: Iterable[Batch], task: Any) -> Iterable[Batch]:
+        for s in self.parts:
+            loader = s.batches(loader, task)
+        return loader
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        terms = [p for s in self.parts if (p := s.penalty(model)) is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def after_backward(self, model: nn.Module) -> None:
+        for s in self.parts:
+            s.after_backward(model)
+
+    def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None:
+        for s in self.parts:
+            s.after_task(model, task, loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): s.state_dict() for i, s in enumerate(self.parts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, s in enumerate(self.parts):
+            s.load_state_dict(state.get(str(i), {}))

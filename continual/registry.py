@@ -1,0 +1,17 @@
+"""Build the (possibly composite) strategy named by `spec.continual.strategy`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from continual.base import Composite, Naive, Strategy
+from core.spec import ExperimentSpec
+
+STRATEGIES: dict[str, Callable[[ExperimentSpec], Strategy]] = {
+    "naive": lambda spec: Naive(),
+}
+
+
+def build_strategy(spec: ExperimentSpec) -> Strategy:
+    parts = [STRATEGIES[name](spec) for name in spec.continual.strategy]
+    return parts[0] if len(parts) == 1 else Composite(parts)

@@ -1,0 +1,120 @@
+"""Checkpoints: atomic, hash-verified, loaded with `torch.load(weights_only=True)`.
+
+File layout: one line `ATOLL-CKPT 1 <sha256-of-payload>\\n`, then a `torch.save` payload.
+The hash makes truncation and tampering a clear `CheckpointError` instead of a crash
+deep inside torch's unpickler; the temp-file + rename write means a crash mid-save leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"ATOLL-CKPT 1 "
+_NAME = re.compile(r"^epoch-(\d{6})\.ckpt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: missing, truncated, tampered or not ours."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in weights_only-safe types."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
+                         state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(payload: dict[str, Any], path: Path) -> Path:
+    """Write `payload` atomically to `path` (temp file in the same dir, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    header = MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and load a checkpoint written by `save`."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror})") from None
+    head, sep, body = raw.partition(b"\n")
+    if not sep or not head.startswith(MAGIC) or len(head) != len(MAGIC) + 64:
+        raise CheckpointError(f"{path}: not an atoll checkpoint (bad header)")
+    expected = head[len(MAGIC):].decode("ascii", "replace")
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: checkpoint is corrupt (SHA-256 {actual[:12]}… != recorded "
+            f"{expected[:12]}…); it was truncated or modified. Delete it to resume from an "
+            "earlier one")
+    try:
+        return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as e:  # hash matched, so this is a format/version problem
+        raise CheckpointError(f"{path}: checkpoint payload cannot be loaded ({e})") from None
+
+
+class CheckpointDir:
+    """`epoch-000003.ckpt` files in one directory, keeping the newest `keep`."""
+
+    def __init__(self, root: Path, keep: int = 2):
+        self.root, self.keep = Path(root), keep
+
+    def path_for(self, epoch: int) -> Path:
+        return self.root / f"epoch-{epoch:06d}.ckpt"
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if _NAME.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, payload: dict[str, Any], epoch: int) -> Path:
+        path = save(payload, self.path_for(epoch))
+        for old in self.all()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path

@@ -1,0 +1,217 @@
+"""Datasets as in-memory tensors: registry, seeded splits, normalisation, batches.
+
+Every dataset atoll ships fits in memory, so batches are tensor slices of a seeded
+permutation rather than a DataLoader: no per-sample Python overhead, exact reproducibility
+(the permutation depends only on seed and epoch), and sharding by rank is one slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core import sources
+from core.spec import DataSpec
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class DataBundle:
+    """Train/val/test tensors plus what a model needs to know about them."""
+
+    train: Split
+    val: Split
+    test: Split
+    input_shape: tuple[int, ...]  # per sample, e.g. (1, 8, 8) or (20,)
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _digits(spec: DataSpec, seed: int) -> Arrays:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64), None, None
+
+
+def _synthetic(spec: DataSpec, seed: int) -> Arrays:
+    from sklearn.datasets import make_classification
+
+    s = spec.synthetic
+    x, y = make_classification(
+        n_samples=s.n_samples, n_features=s.n_features, n_informative=max(2, s.n_features // 2),
+        n_redundant=0, n_classes=s.n_classes, n_clusters_per_class=1, class_sep=s.class_sep,
+        random_state=seed)
+    return x.astype(np.float32), y.astype(np.int64), None, None
+
+
+def _idx(name: str) -> Callable[[DataSpec, int], Arrays]:
+    def load(spec: DataSpec, seed: int) -> Arrays:
+        paths = sources.fetch(name, data_dir=spec.data_dir, cache_dir=spec.cache_dir,
+                              download=spec.download, mirror=spec.mirror)
+        xtr, ytr, xte, yte = sources.load_idx_dataset(paths)
+        scale = lambda a: a.astype(np.float32)[:, None] / 255.0  # noqa: E731
+        return scale(xtr), ytr.astype(np.int64), scale(xte), yte.astype(np.int64)
+
+    return load
+
+
+def _cifar10(spec: DataSpec, seed: int) -> Arrays:
+    paths = sources.fetch("cifar10", data_dir=spec.data_dir, cache_dir=spec.cache_dir,
+                          download=spec.download, mirror=spec.mirror)
+    xtr, ytr, xte, yte = sources.load_cifar10(paths["cifar-10-python.tar.gz"])
+    return xtr.astype(np.float32) / 255.0, ytr, xte.astype(np.float32) / 255.0, yte
+
+
+DATASETS: dict[str, Callable[[DataSpec, int], Arrays]] = {
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "mnist": _idx("mnist"),
+    "fashion-mnist": _idx("fashion-mnist"),
+    "cifar10": _cifar10,
+}
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held) with `fraction` of every class held out."""
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held_idx = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+    rest = np.setdiff1d(np.arange(len(y)), held_idx)
+    return rest, held_idx
+
+
+def load_data(spec: DataSpec, seed: int) -> DataBundle:
+    """Load, split (stratified, by seed) and normalise with training-split statistics."""
+    x, y, x_test, y_test = DATASETS[spec.name](spec, seed)
+    rng = np.random.default_rng(seed)
+    val_frac = spec.val_fraction  # of everything when there is no official test split
+    if x_test is None or y_test is None:
+        rest, test_idx = _stratified_split(y, spec.test_fraction, rng)
+        x_test, y_test, x, y = x[test_idx], y[test_idx], x[rest], y[rest]
+        val_frac = spec.val_fraction / (1.0 - spec.test_fraction)
+    train_idx, val_idx = _stratified_split(y, val_frac, rng)
+    if spec.limit is not None:
+        train_idx = np.sort(rng.permutation(train_idx)[: spec.limit])
+    xt = torch.from_numpy(np.ascontiguousarray(x[train_idx]))
+    dims = [0] + list(range(2, xt.dim())) if xt.dim() == 4 else [0]
+    if spec.normalize:
+        mean, std = xt.mean(dim=dims, keepdim=True)[0], xt.std(dim=dims, keepdim=True)[0]
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant pixels stay 0
+    else:
+        mean, std = torch.zeros(xt.shape[1:]), torch.ones(xt.shape[1:])
+
+    def split(xa: np.ndarray, ya: np.ndarray) -> Split:
+        xs = (torch.from_numpy(np.ascontiguousarray(xa)) - mean) / std
+        return Split(xs.float().contiguous(), torch.from_numpy(np.asarray(ya, dtype=np.int64)))
+
+    classes = int(max(y.max(), y_test.max())) + 1
+    return DataBundle(
+        train=split(x[train_idx], y[train_idx]), val=split(x[val_idx], y[val_idx]),
+        test=split(x_test, y_test), input_shape=tuple(xt.shape[1:]), num_classes=classes,
+        mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def augment_batch(x: torch.Tensor, shift: int, noise_std: float,
+                  g: torch.Generator) -> torch.Tensor:
+    """Random shift (zero-pad then crop back, per sample) and additive Gaussian noise."""
+    if shift > 0 and x.dim() == 4:
+        b, _, h, w = x.shape
+        padded = F.pad(x, (shift, shift, shift, shift))
+        dy = torch.randint(0, 2 * shift + 1, (b,), generator=g)
+        dx = torch.randint(0, 2 * shift + 1, (b,), generator=g)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # b×h×1
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # b×1×w
+        x = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols]
+        x = x.permute(0, 3, 1, 2).contiguous()
+    if noise_std > 0:
+        x = x + noise_std * torch.randn(x.shape, generator=g)
+    return x
+
+
+class Batches:
+    """Seeded, shardable mini-batches over a Split; a new order every epoch.
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches an
+    uninterrupted run would. With `world > 1` the permutation is padded to a multiple of
+    `world` and rank r takes every world-th index, as DistributedSampler does.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world: int = 1, shift: int = 0, noise_std: float = 0.0,
+                 drop_last: bool = False):
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.shift, self.noise_std = shift, noise_std
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.split)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.world > 1:
+            per_rank = -(-n // self.world)
+            idx = torch.cat([idx, idx[: per_rank * self.world - n]])[self.rank :: self.world]
+        return idx
+
+    def __len__(self) -> int:
+        n = -(-len(self.split) // self.world)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
+        augment = self.shift > 0 or self.noise_std > 0
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.split.x[sel]
+            if augment:
+                x = augment_batch(x, self.shift, self.noise_std, g)
+            yield x, self.split.y[sel]
+
+
+def train_batches(bundle: DataBundle, spec: DataSpec, seed: int, rank: int = 0,
+                  world: int = 1) -> Batches:
+    aug = spec.augment if bundle.is_image else None
+    return Batches(bundle.train, spec.batch_size, shuffle=True, seed=seed, rank=rank,
+                   world=world, shift=aug.shift if aug else 0,
+                   noise_std=aug.noise_std if aug else 0.0)
+
+
+def eval_batches(split: Split, spec: DataSpec) -> Batches:
+    return Batches(split, spec.eval_batch_size, shuffle=False)

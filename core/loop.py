@@ -1,0 +1,273 @@
+"""THE training loop: `train_epoch`, `evaluate` and `train_task`.
+
+Local runs, Ray Train workers and Flower clients all call these functions; a harness that
+needs something more gets a parameter or a hook here, never a loop of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from core.metrics import confusion, from_confusion
+from core.progress import Progress
+
+if TYPE_CHECKING:  # the protocol lives in continual/, which depends on core/, not back
+    from continual.base import Strategy
+
+log = logging.getLogger("atoll")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+# Sums a tensor across ranks in place (cluster mode); identity in a single process.
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; raised before the optimizer step so weights stay finite."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(
+            f"non-finite loss {value} at epoch {epoch}, step {step}; training stopped. "
+            "Lower optim.lr, set optim.grad_clip, or check the data for NaNs")
+
+
+@dataclass
+class LoopConfig:
+    """How to step, taken from spec.optim/spec.train by the harness."""
+
+    epochs: int = 1
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None
+    log_every_n_steps: int = 10
+    autocast_dtype: torch.dtype | None = None
+    progress: str = "auto"
+    early_stopping_metric: str = "val_loss"
+    early_stopping_mode: str = "min"
+    patience: int = 0
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint must carry for an exact resume."""
+
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP/other wrappers (penalties use its parameter names)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    cfg: LoopConfig,
+    state: TrainState,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    strategy: Strategy | None = None,
+    task: Any = None,
+    num_classes: int | None = None,
+    reduce: Reducer | None = None,
+    on_step: StepHook | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, float]:
+    """One pass over `batches`; returns train_loss/train_accuracy/samples/seconds.
+
+    `no_sync` (DDP's `model.no_sync`) skips the gradient all-reduce on accumulation
+    micro-steps. The loss is checked before every backward: a non-finite value raises
+    NonFiniteLoss and the optimizer never applies it.
+    """
+    model.train()
+    device = _device_of(model)
+    source = strategy.batches(batches, task) if strategy is not None else batches
+    total = len(batches) if hasattr(batches, "__len__") else 0
+    bar = Progress(total, f"epoch {state.epoch + 1}/{cfg.epochs}", cfg.progress)
+    stats = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n
+    accum = cfg.grad_accum_steps
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(source):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        group_start = (i // accum) * accum
+        group = min(accum, total - group_start) if total else accum
+        last_micro = (i - group_start) == group - 1
+        ctx = no_sync() if (no_sync is not None and not last_micro) else contextlib.nullcontext()
+        with ctx:
+            with _autocast(device, cfg.autocast_dtype):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                extra = strategy.penalty(unwrap(model)) if strategy is not None else None
+                objective = loss + extra if extra is not None else loss
+            value = float(objective.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+            (objective / group).backward()
+        with torch.no_grad():
+            n = y.shape[0]
+            stats += torch.tensor([float(loss) * n, float((logits.argmax(1) == y).sum()), n],
+                                  dtype=torch.float64)
+        bar.update(1, loss=value)
+        if not last_micro:
+            continue
+        if strategy is not None:
+            strategy.after_backward(unwrap(model))
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        state.global_step += 1
+        if on_step is not None and state.global_step % cfg.log_every_n_steps == 0:
+            on_step(state.global_step, {"step_loss": value,
+                                        "lr": optimizer.param_groups[0]["lr"]})
+    if reduce is not None:
+        stats = reduce(stats)
+    seconds = time.perf_counter() - t0
+    n = max(stats[2].item(), 1.0)
+    out = {"train_loss": stats[0].item() / n, "train_accuracy": stats[1].item() / n,
+           "samples": stats[2].item(), "seconds": seconds,
+           "samples_per_s": stats[2].item() / max(seconds, 1e-9)}
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: nn.Module,
+    num_classes: int,
+    *,
+    prefix: str = "val",
+    reduce: Reducer | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Loss, accuracy and macro precision/recall/F1 of `model` on `batches`."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with _autocast(device, autocast_dtype):
+            logits = model(x).float()
+        loss_sum += float(loss_fn(logits, y)) * y.shape[0]
+        cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
+    if reduce is not None:
+        packed = reduce(torch.cat([loss_sum, cm.flatten()]))
+        loss_sum, cm = packed[:1], packed[1:].reshape(num_classes, num_classes)
+    model.train(was_training)
+    n = cm.sum().item()
+    if n == 0:
+        return {}
+    out = {f"{prefix}_loss": loss_sum.item() / n}
+    out.update({f"{prefix}_{k}": v for k, v in from_confusion(cm).items()})
+    return out
+
+
+def _improved(cfg: LoopConfig, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    if cfg.early_stopping_mode == "min":
+        return value < best - cfg.min_delta
+    return value > best + cfg.min_delta
+
+
+def train_task(
+    model: nn.Module,
+    train: Any,
+    val: Iterable[Batch] | None,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    cfg: LoopConfig,
+    state: TrainState,
+    num_classes: int,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    strategy: Strategy | None = None,
+    task: Any = None,
+    reduce: Reducer | None = None,
+    on_step: StepHook | None = None,
+    on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> TrainState:
+    """Epochs `state.epoch .. cfg.epochs` on one task, with validation and early stopping.
+
+    `train` is a Batches-like object (`set_epoch(e)` reshuffles). `on_epoch_end` runs after
+    the state is updated: the harness checkpoints and logs there, so a checkpoint always
+    holds a consistent (model, optimizer, state) triple.
+    """
+    if strategy is not None and state.epoch == 0:
+        strategy.before_task(unwrap(model), task)
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(state.epoch)
+        metrics = train_epoch(model, train, optimizer, loss_fn, cfg, state, scheduler=scheduler,
+                              strategy=strategy, task=task, num_classes=num_classes,
+                              reduce=reduce, on_step=on_step, no_sync=no_sync)
+        if val is not None:
+            metrics.update(evaluate(model, val, loss_fn, num_classes, reduce=reduce,
+                                    autocast_dtype=cfg.autocast_dtype))
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        state.epoch += 1
+        watched = metrics.get(cfg.early_stopping_metric)
+        if watched is None and cfg.patience > 0:
+            raise ValueError(
+                f"train.early_stopping.metric: {cfg.early_stopping_metric!r} is not a metric "
+                f"this run produces; allowed: {', '.join(sorted(metrics))}")
+        if watched is not None:
+            if _improved(cfg, watched, state.best_metric):
+                state.best_metric, state.best_epoch, state.bad_epochs = watched, state.epoch, 0
+            else:
+                state.bad_epochs += 1
+                state.stopped_early = 0 < cfg.patience <= state.bad_epochs
+        state.history.append({"epoch": float(state.epoch), **metrics})
+        if cfg.progress != "off":
+            shown = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+            log.info("epoch %d/%d %s (%.1fs)", state.epoch, cfg.epochs,
+                     " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics),
+                     metrics["seconds"])
+        if on_epoch_end is not None:
+            on_epoch_end(state, metrics)
+    if strategy is not None:
+        strategy.after_task(unwrap(model), task, train)
+    return state

@@ -1,0 +1,77 @@
+"""Losses and classification metrics (from a confusion matrix, so ranks can sum them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.spec import LossSpec
+
+
+class FocalLoss(nn.Module):
+    """Focal loss, Lin et al. 2017: mean of -α_y (1 - p_y)^γ log p_y (γ=0 is cross-entropy)."""
+
+    def __init__(self, gamma: float, weight: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, target, reduction="none",
+                             label_smoothing=self.label_smoothing)
+        p_t = torch.exp(-F.cross_entropy(logits, target, reduction="none"))
+        loss = (1.0 - p_t) ** self.gamma * ce
+        if self.weight is not None:
+            w = self.weight[target]
+            return (w * loss).sum() / w.sum()
+        return loss.mean()
+
+
+def class_weights(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """'balanced' is n / (k · count_c) as in scikit-learn; an explicit list is used as given."""
+    if spec.class_weights == "none":
+        return None
+    if isinstance(spec.class_weights, list):
+        if len(spec.class_weights) != num_classes:
+            raise ValueError(f"train.loss.class_weights has {len(spec.class_weights)} entries; "
+                             f"allowed: exactly {num_classes} (one per class)")
+        return torch.tensor(spec.class_weights, dtype=torch.float32)
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1.0)
+    return len(labels) / (num_classes * counts)
+
+
+def build_loss(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> nn.Module:
+    weight = class_weights(spec, labels, num_classes)
+    if spec.name == "focal":
+        return FocalLoss(spec.focal_gamma, weight, spec.label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C[i, j] = number of samples of true class i predicted as j."""
+    idx = target.to(torch.int64) * num_classes + pred.to(torch.int64)
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def from_confusion(cm: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1; classes absent from truth and predictions
+    are left out of the macro averages (scikit-learn's `labels=present` behaviour)."""
+    cm = cm.double()
+    tp = cm.diag()
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12),
+                     torch.zeros_like(tp))
+    total = cm.sum().clamp_min(1)
+    k = present.sum().clamp_min(1)
+    return {
+        "accuracy": float(tp.sum() / total),
+        "precision": float(precision[present].sum() / k),
+        "recall": float(recall[present].sum() / k),
+        "f1": float(f1[present].sum() / k),
+    }

@@ -1,0 +1,423 @@
+"""The experiment spec: one validated pydantic model that travels to every harness.
+
+A spec is a YAML file plus `--set a.b=c` overrides. Every problem is reported before any
+work starts, one line each (`field: value ... allowed`), so a user fixes a file in one go.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Registry names are listed here (not imported from models/ or core.data) so that
+# `atoll validate` stays instant; tests/unit/test_registries.py keeps them in sync.
+DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("mlp", "cnn", "resnet", "transformer")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "cosine", "linear")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "tanh", "sigmoid")
+STRATEGIES = ("naive",)
+EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
+                 "train_loss", "train_accuracy")
+# Per-sample input shapes of the built-in datasets, so shape errors surface at validation.
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
+                "cifar10": (3, 32, 32)}
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `problems` holds one human-readable line per fault."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentSpec(_Section):
+    """Training-time augmentation for image datasets; off unless a field is non-zero."""
+
+    shift: int = Field(0, ge=0, le=8, description="max random shift in pixels (pad + crop)")
+    noise_std: float = Field(0.0, ge=0.0, description="std of additive Gaussian noise")
+
+
+class SyntheticSpec(_Section):
+    """Shape of the seeded `synthetic` dataset (a Gaussian-cluster classification task)."""
+
+    n_samples: int = Field(2000, ge=10)
+    n_features: int = Field(20, ge=1)
+    n_classes: int = Field(4, ge=2)
+    class_sep: float = Field(1.5, gt=0.0)
+
+
+class DataSpec(_Section):
+    name: str = Field("digits", description=f"one of {', '.join(DATASETS)}")
+    data_dir: Path | None = Field(None, description="local files (IDX .gz, CIFAR batches)")
+    cache_dir: Path = Field(Path(".atoll/data"), description="where downloads are stored")
+    download: bool = Field(True, description="download missing files (with SHA-256 check)")
+    mirror: str | None = Field(None, description="base URL replacing the default source")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    batch_size: int = Field(64, ge=1, description="per-process (per-rank) batch size")
+    eval_batch_size: int = Field(512, ge=1)
+    normalize: bool = True
+    limit: int | None = Field(None, ge=1, description="cap on training samples (smoke runs)")
+    augment: AugmentSpec = AugmentSpec()
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _one_of(v, DATASETS)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataSpec:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                "leaves no training data; allowed: a sum below 1"
+            )
+        return self
+
+
+class ModelSpec(_Section):
+    """Architecture and its knobs; fields a model does not use are ignored with a warning."""
+
+    name: str = Field("mlp", description=f"one of {', '.join(MODELS)}")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field([128, 64], description="mlp/cnn head")
+    activation: str = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+    init: Literal["default", "xavier", "he"] = "default"
+    channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64], description="cnn conv widths")
+    depth: int = Field(8, ge=8, description="resnet depth, 6n+2 (8, 14, 20, ...)")
+    width: int = Field(16, ge=1, description="resnet base width")
+    patch_size: int = Field(4, ge=1, description="transformer patch side")
+    dim: int = Field(64, ge=8, description="transformer embedding width")
+    heads: int = Field(4, ge=1)
+    layers: int = Field(2, ge=1, description="transformer encoder layers")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _one_of(v, MODELS)
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, v: str) -> str:
+        return _one_of(v, ACTIVATIONS)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelSpec:
+        if self.name == "resnet" and (self.depth - 2) % 6:
+            raise ValueError(f"depth {self.depth} is not 6n+2; allowed: 8, 14, 20, 32, ...")
+        if self.name == "transformer" and self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+class SchedulerSpec(_Section):
+    name: str = Field("none", description=f"one of {', '.join(SCHEDULERS)}")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up before the schedule")
+    step_epochs: int = Field(10, ge=1, description="step: decay every N epochs")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: decay factor")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine/linear floor")
+
+    @field_validator("name")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        return _one_of(v, SCHEDULERS)
+
+
+class OptimSpec(_Section):
+    name: str = Field("adam", description=f"one of {', '.join(OPTIMIZERS)}")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(None, gt=0.0, description="max global grad norm")
+    scheduler: SchedulerSpec = SchedulerSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        return _one_of(v, OPTIMIZERS)
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> OptimSpec:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs name: sgd with momentum > 0")
+        return self
+
+
+class EarlyStoppingSpec(_Section):
+    metric: str = Field("val_loss", description="a validation metric, e.g. val_accuracy")
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(0, ge=0, description="epochs without improvement; 0 disables")
+    min_delta: float = Field(0.0, ge=0.0)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _one_of(v, EPOCH_METRICS)
+
+
+class LossSpec(_Section):
+    name: Literal["cross_entropy", "focal"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(ge=0.0)]] = "none"
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    grad_accum_steps: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(10, ge=1)
+    loss: LossSpec = LossSpec()
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    checkpoint_dir: Path = Field(Path(".atoll/checkpoints"), description="per-run subdirectory")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = Field(True, description="continue from the latest checkpoint of `name`")
+    progress: Literal["auto", "bar", "log", "off"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+
+
+class ContinualSpec(_Section):
+    strategy: list[str] = Field(["naive"], description=f"composable: {', '.join(STRATEGIES)}")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategies(cls, v: list[str]) -> list[str]:
+        return [_one_of(s, STRATEGIES) for s in v]
+
+
+class ClusterSpec(_Section):
+    address: str | None = Field(None, description="Ray address; RAY_ADDRESS wins if set")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp", "pipeline", "hybrid"] = "ddp"
+
+
+class FederatedSpec(_Section):
+    num_clients: int = Field(10, ge=1)
+    rounds: int = Field(5, ge=1)
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
+    strategy: str = "fedavg"
+
+
+class TrackingSpec(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow URI; MLFLOW_TRACKING_URI wins if set")
+    experiment: str = "atoll"
+    registered_model: str | None = Field(None, description="register the final model as this")
+    alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    log_model: bool = True
+    fallback: Literal["fail", "local"] = Field(
+        "fail", description="unreachable server: fail before training, or log to local sqlite"
+    )
+
+
+class ExperimentSpec(_Section):
+    name: str = Field("atoll", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    mode: Literal["local", "cluster", "federated"] = "local"
+    seed: int = Field(0, ge=0)
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    optim: OptimSpec = OptimSpec()
+    train: TrainSpec = TrainSpec()
+    continual: ContinualSpec = ContinualSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    federated: FederatedSpec = FederatedSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> ExperimentSpec:
+        shape = IMAGE_SHAPES.get(self.data.name)
+        if self.model.name in ("cnn", "resnet", "transformer") and shape is None:
+            raise ValueError(f"model.name: {self.model.name!r} needs image data but "
+                             f"data.name {self.data.name!r} is tabular; allowed: mlp")
+        if self.model.name == "transformer" and shape and shape[1] % self.model.patch_size:
+            ok = [p for p in range(1, shape[1] + 1) if shape[1] % p == 0]
+            raise ValueError(f"model.patch_size: {self.model.patch_size} does not divide the "
+                             f"{shape[1]}-pixel side of {self.data.name}; allowed: {ok}")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view for MLflow params and logs."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value in allowed:
+        return value
+    hint = difflib.get_close_matches(value, allowed, n=1)
+    near = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ValueError(f"allowed: {', '.join(allowed)}{near}")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for did-you-mean on unknown keys)."""
+    cls: type[BaseModel] = ExperimentSpec
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+    path = ".".join(str(p) for p in loc) or "spec"
+    value = err.get("input")
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    if kind == "extra_forbidden":
+        owner = _section_at(loc)
+        names = list(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        near = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{path}: unknown key{near}; allowed: {', '.join(names)}"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        if isinstance(value, dict) or "allowed" not in msg:
+            return f"{path}: {msg}"
+        return f"{path}: {shown} is not valid; {msg}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        ops = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+               "less_than_equal": "<="}
+        bound = next(iter(ctx.values()))
+        return f"{path}: {shown} is out of range; allowed: {ops[kind]} {bound}"
+    if kind == "literal_error":
+        return f"{path}: {shown} is not allowed; allowed: {ctx.get('expected')}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    return f"{path}: {shown} is not valid; {err['msg'].lower()}"
+
+
+def validate(data: Any) -> ExperimentSpec:
+    """Validate a plain mapping; raise SpecError with one line per problem."""
+    if data is None:
+        raise SpecError(["spec: the file is empty; expected a mapping with at least `name`"])
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: top level is a {type(data).__name__}; expected a mapping"])
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError([_describe(err) for err in e.errors()]) from None
+
+
+def _annotation_at(path: list[str]) -> Any:
+    cls: Any = ExperimentSpec
+    for part in path:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _is_stringish(ann: Any) -> bool:
+    """True when a `--set` value should stay the raw string (str, Path, string Literals)."""
+    if ann in (str, Path):
+        return True
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return bool(args) and all(_is_stringish(a) for a in args)
+    return False
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides; values are YAML-parsed unless the field takes a string."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. federated.rounds=20")
+            continue
+        path = key.strip().split(".")
+        if _is_stringish(_annotation_at(path)):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError:
+                value = raw
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    if problems:
+        raise SpecError(problems)
+    return data
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read a YAML spec (or the defaults when `path` is None) and apply overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError([f"spec: file {str(p)!r} does not exist"])
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SpecError([f"spec: YAML syntax error in {p}{where}: {problem}"]) from None
+        if data is None:
+            raise SpecError([f"spec: {p} is empty; expected a mapping with at least `name`"])
+    if overrides:
+        if not isinstance(data, dict):
+            return validate(data)
+        data = apply_overrides(data, overrides)
+    return validate(data)

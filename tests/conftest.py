@@ -1,0 +1,39 @@
+"""Test isolation: every test runs in its own temp directory, and tools that like to write
+under $HOME (matplotlib, MLflow telemetry) are pointed at places the test session owns."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="atoll-tests-"))
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["MPLCONFIGDIR"] = str(_SESSION_TMP / "mpl")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Default stores (./mlruns.db, ./.atoll) land in the test's own directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_spec():
+    """A spec small enough for a few-second run, tracking to the test's sqlite store."""
+    from core.spec import load_spec
+
+    def make(*overrides: str):
+        base = ["train.epochs=2", "train.progress=off", "model.hidden=[32]",
+                "tracking.experiment=tests"]
+        return load_spec(None, base + list(overrides))
+
+    return make

@@ -1,0 +1,136 @@
+"""Spec validation: every bad input exits 2 with one line naming field, value and what is
+allowed, before any work starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from core.cli import main
+from core.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, validate
+from tests.conftest import CONFIGS
+
+
+def _validate(tmp_path: Path, text: str | None, *sets: str, capsys) -> tuple[int, str]:
+    path = tmp_path / "spec.yaml"
+    if text is not None:
+        path.write_text(textwrap.dedent(text))
+    args = ["validate", str(path)]
+    for s in sets:
+        args += ["--set", s]
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+BAD = [
+    # (yaml, overrides, expected fragments of the one error line)
+    ("modle: local\n", (), ["modle: unknown key", "did you mean 'mode'"]),
+    ("data:\n  batchsize: 3\n", (), ["data.batchsize: unknown key", "'batch_size'"]),
+    ("train:\n  epochs: many\n", (), ["train.epochs: 'many'", "integer"]),
+    ("optim:\n  lr: -0.1\n", (), ["optim.lr: -0.1 is out of range", "> 0"]),
+    ("federated:\n  fraction_fit: 1.7\n", (), ["federated.fraction_fit: 1.7", "<= 1"]),
+    ("data:\n  name: digitz\n", (), ["data.name: 'digitz'", "allowed: digits", "'digits'"]),
+    ("model:\n  name: resnett\n", (), ["model.name: 'resnett'", "allowed: mlp", "'resnet'"]),
+    ("optim:\n  name: adamx\n", (), ["optim.name: 'adamx'", "allowed: sgd, adam, adamw"]),
+    ("mode: swarm\n", (), ["mode: 'swarm'", "'local', 'cluster' or 'federated'"]),
+    ("name: x\n", ("train.epochs=0",), ["train.epochs: 0 is out of range", ">= 1"]),
+    ("data:\n  val_fraction: 0.5\n  test_fraction: 0.6\n", (), ["leaves no training data"]),
+    ("optim:\n  name: adam\n  nesterov: true\n", (), ["nesterov needs name: sgd"]),
+    ("model:\n  name: resnet\n  depth: 9\n", (), ["depth 9 is not 6n+2"]),
+    ("model:\n  name: transformer\n  patch_size: 3\n", (),
+     ["model.patch_size: 3", "allowed: [1, 2, 4, 8]"]),
+    ("data:\n  name: synthetic\nmodel:\n  name: cnn\n", (), ["needs image data", "allowed: mlp"]),
+    ("train:\n  early_stopping:\n    metric: val_acc\n", (), ["'val_accuracy'"]),
+    ("- a\n- b\n", (), ["top level is a list"]),
+    ("name: x\n", ("epochs",), ["expected KEY=VALUE"]),
+    ("name: x\n", ("tracking.alias=has space",), ["tracking.alias: 'has space'"]),
+]
+
+
+@pytest.mark.parametrize(("text", "sets", "fragments"), BAD, ids=[b[2][0][:30] for b in BAD])
+def test_bad_spec_exits_2_with_one_line(tmp_path, capsys, text, sets, fragments):
+    code, err = _validate(tmp_path, text, *sets, capsys=capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
+def test_missing_file(tmp_path, capsys):
+    code = main(["validate", str(tmp_path / "nope.yaml")])
+    assert code == 2
+    assert "nope.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_empty_file(tmp_path, capsys):
+    code, err = _validate(tmp_path, "", capsys=capsys)
+    assert code == 2 and "is empty" in err
+
+
+def test_yaml_syntax_error_names_line(tmp_path, capsys):
+    code, err = _validate(tmp_path, "name: x\ndata:\n  name: [digits\n  batch_size: 3\n",
+                          capsys=capsys)
+    assert code == 2
+    assert "YAML syntax error" in err and "line 4" in err
+
+
+def test_several_problems_one_line_each(tmp_path, capsys):
+    code, err = _validate(tmp_path, "optim:\n  lr: 0\ntrain:\n  epochs: 0\nfoo: 1\n",
+                          capsys=capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 3
+    assert {ln.split(":")[1].strip() for ln in lines} == {"optim.lr", "train.epochs", "foo"}
+
+
+def test_real_process_exit_code(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: -1\n")
+    out = subprocess.run([sys.executable, "-m", "core.cli", "validate", "bad.yaml"],
+                         capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "atoll: optim.lr: -1 is out of range; allowed: > 0.0"
+
+
+def test_overrides_take_the_field_type():
+    spec = load_spec(None, ["federated.rounds=20", "model.hidden=[32, 16]", "name=123",
+                            "optim.grad_clip=1.5", "data.normalize=false",
+                            "train.checkpoint_dir=/tmp/x", "continual.strategy=naive"])
+    assert spec.federated.rounds == 20
+    assert spec.model.hidden == [32, 16]
+    assert spec.name == "123"  # a str field keeps the raw string
+    assert spec.optim.grad_clip == 1.5
+    assert spec.data.normalize is False
+    assert str(spec.train.checkpoint_dir) == "/tmp/x"
+    assert spec.continual.strategy == ["naive"]
+
+
+def test_override_unknown_path_is_reported():
+    with pytest.raises(SpecError) as e:
+        load_spec(None, ["federated.round=3"])
+    assert e.value.problems == [
+        "federated.round: unknown key (did you mean 'rounds'?); allowed: num_clients, rounds, "
+        "fraction_fit, strategy"]
+
+
+def test_shipped_configs_are_valid():
+    for path in CONFIGS.glob("*.yaml"):
+        assert isinstance(load_spec(path), ExperimentSpec)
+
+
+def test_flat_and_roundtrip():
+    spec = load_spec(CONFIGS / "demo.yaml")
+    flat = spec.flat()
+    assert flat["optim.scheduler.name"] == "cosine"
+    assert flat["model.hidden"] == [256, 128]
+    import yaml
+
+    assert validate(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_apply_overrides_creates_sections():
+    assert apply_overrides({}, ["data.augment.shift=2"]) == {"data": {"augment": {"shift": 2}}}

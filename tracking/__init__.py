@@ -1,0 +1,47 @@
+"""MLflow tracking behind a small Tracker protocol; the only package that imports mlflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# Before mlflow is imported anywhere: no telemetry, bounded HTTP retries (fail fast).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+from core.spec import TrackingSpec  # noqa: E402
+from tracking.base import NullTracker, RegisteredModel, Tracker  # noqa: E402
+from tracking.context import run_tags  # noqa: E402
+from tracking.uri import TrackingUnavailable, check_reachable, default_uri, resolve_uri  # noqa: E402
+
+log = logging.getLogger("atoll.tracking")
+
+__all__ = ["NullTracker", "RegisteredModel", "Tracker", "TrackingUnavailable", "default_uri",
+           "make_tracker", "resolve_uri", "run_tags"]
+
+
+def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,
+                 run_id: str | None = None) -> Tracker:
+    """An MlflowTracker on rank 0 (NullTracker elsewhere or when disabled).
+
+    An unreachable store raises TrackingUnavailable before training starts, unless the
+    spec asks for `fallback: local`, in which case one warning says where runs go instead.
+    """
+    if not spec.enabled or rank != 0:
+        return NullTracker()
+    uri = resolve_uri(spec.uri)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as e:
+        if spec.fallback != "local":
+            raise
+        uri = default_uri()
+        log.warning("%s — logging to the local store %s instead", e, uri)
+    from tracking.mlflow_tracker import MlflowTracker
+
+    root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite") \
+        else None
+    return MlflowTracker(uri, spec.experiment, run_name, run_id=run_id, artifact_root=root,
+                         tags=run_tags(mode))

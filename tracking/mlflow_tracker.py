@@ -1,0 +1,115 @@
+"""MLflow implementation of the Tracker: one run per job, batched metric writes.
+
+Per-step metrics are buffered and written with one `log_batch` call per flush, so a
+sqlite store costs one transaction per epoch instead of one per step (see
+benchmarks/tracking_overhead.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import torch
+import torch.nn as nn
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tracking.base import RegisteredModel
+
+log = logging.getLogger("atoll.tracking")
+
+MAX_BATCH = 1000  # MLflow's per-request limit on metrics
+PARAM_VALUE_LIMIT = 6000
+
+
+class MlflowTracker:
+    def __init__(self, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
+                 artifact_root: Path | None = None, tags: dict[str, str] | None = None):
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        self.experiment_id = self._experiment(experiment, artifact_root)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            run_id = run.info.run_id
+        else:  # a retried worker group keeps writing into the same run
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id: str | None = run_id
+        self._buffer: list[Metric] = []
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if not self.uri.startswith(("http://", "https://", "databricks")):
+            # A local store: put artifacts at an absolute path, not relative to the cwd of
+            # whichever process happens to log first (MLflow's Default-experiment pitfall).
+            root = (artifact_root or Path("mlartifacts")).resolve()
+            location = root.as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created concurrently
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # ------------------------------------------------------------------ logging
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        if len(self._buffer) >= MAX_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
+                  alias: str, tags: dict[str, str]) -> RegisteredModel | None:
+        """Log in MLflow's `pt2` (torch.export) format and register a version with an alias.
+
+        pt2 is chosen deliberately: it loads without unpickling arbitrary code (safe by
+        default) and needs no atoll import to serve; it loads back as a GraphModule with
+        a dynamic batch dimension.
+        """
+        self.flush()
+        model = model.eval()
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pt2",
+                input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.update_run(self.run_id, status="RUNNING")
+        if registered_name is None:
+            return None
+        version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        self.client.set_registered_model_alias(registered_name, alias, version.version)
+        return RegisteredModel(registered_name, str(version.version), alias,
+                               f"models:/{registered_name}@{alias}")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        try:
+            self.flush()
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+
