@@ -1,0 +1,115 @@
+"""Checkpoints: atomic, verified, weights_only; a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from core.checkpoint import CheckpointDir, CheckpointError, load, rng_state, save, set_rng_state
+from core.runner import run_local
+from tracking.base import NullTracker
+
+
+def test_roundtrip_and_rng_restore(tmp_path):
+    torch.manual_seed(3)
+    state = rng_state()
+    expected = torch.rand(3)
+    path = save({"rng": state, "w": torch.arange(4.0), "meta": {"epoch": 2, "best": None}},
+                tmp_path / "c.ckpt")
+    payload = load(path)
+    assert payload["meta"] == {"epoch": 2, "best": None}
+    set_rng_state(payload["rng"])
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header", "empty"])
+def test_damaged_checkpoints_give_a_clear_error(tmp_path, damage):
+    path = save({"w": torch.randn(100)}, tmp_path / "c.ckpt")
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        i = len(raw) - 50
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1 :])
+    elif damage == "header":
+        path.write_bytes(b"PK" + raw[2:])
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="c.ckpt: (checkpoint is corrupt|not an atoll)"):
+        load(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load(tmp_path / "none.ckpt")
+
+
+class Evil:
+    """Any class outside torch's weights_only allow-list."""
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    path = save({"obj": Evil()}, tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load(path)
+
+
+def test_keep_last_n_and_no_temp_files(tmp_path):
+    d = CheckpointDir(tmp_path / "run", keep=2)
+    for e in range(1, 6):
+        d.save({"e": e}, e)
+    assert [p.name for p in d.all()] == ["epoch-000004.ckpt", "epoch-000005.ckpt"]
+    assert load(d.latest())["e"] == 5
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [p.name for p in d.all()]
+
+
+def test_resume_after_epoch_k_equals_uninterrupted_run(tiny_spec, tmp_path):
+    """Stopped after epoch 2 of 4 and resumed: bit-for-bit the uninterrupted result. Dropout,
+    augmentation, a warm-up + cosine schedule and Adam state all have to come back."""
+    common = ["train.epochs=4", "train.keep_checkpoints=10", "model.dropout=0.2",
+              "data.augment.shift=1", "data.augment.noise_std=0.05", "optim.scheduler.name=cosine",
+              "optim.scheduler.warmup_epochs=1", "data.limit=300"]
+    full = run_local(tiny_spec(*common, "train.checkpoint_dir=a"), tracker=NullTracker())
+    assert full.epochs == 4
+    # "stop after epoch 2": the second run finds only the first two checkpoints
+    (tmp_path / "b" / "atoll").mkdir(parents=True)
+    for e in (1, 2):
+        shutil.copy(tmp_path / f"a/atoll/epoch-00000{e}.ckpt", tmp_path / "b/atoll")
+    resumed = run_local(tiny_spec(*common, "train.checkpoint_dir=b"), tracker=NullTracker())
+    a, b = load(full.checkpoint), load(resumed.checkpoint)
+    assert resumed.checkpoint.name == "epoch-000004.ckpt"
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    timing = {"seconds", "samples_per_s"}
+    strip = lambda hist: [{k: v for k, v in h.items() if k not in timing} for h in hist]  # noqa: E731
+    assert strip(a["state"]["history"]) == strip(b["state"]["history"])
+    assert full.metrics == resumed.metrics
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_spec, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "atoll")
+    spec = tiny_spec("train.epochs=3", "train.keep_checkpoints=3", "data.limit=200")
+    run_local(spec, tracker=NullTracker())
+    ckdir = tmp_path / ".atoll/checkpoints/atoll"
+    (ckdir / "epoch-000003.ckpt").unlink()
+    latest = ckdir / "epoch-000002.ckpt"
+    latest.write_bytes(latest.read_bytes()[:-100])
+    result = run_local(spec, tracker=NullTracker())
+    assert "skipping checkpoint" in caplog.text and "epoch-000002.ckpt" in caplog.text
+    assert "resumed from" in caplog.text and "epoch-000001.ckpt" in caplog.text
+    assert result.epochs == 3
+
+
+def test_all_checkpoints_corrupt_is_an_error(tiny_spec, tmp_path):
+    spec = tiny_spec("train.epochs=2", "data.limit=100")
+    ckdir = tmp_path / ".atoll/checkpoints/atoll"
+    ckdir.mkdir(parents=True)
+    (ckdir / "epoch-000001.ckpt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no checkpoint .* verifies"):
+        run_local(spec, tracker=NullTracker())

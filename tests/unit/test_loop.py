@@ -1,0 +1,187 @@
+"""The training loop, losses, metrics and schedules against hand-computed expectations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+from continual.base import BaseStrategy
+from core.data import Batches, Split
+from core.loop import LoopConfig, NonFiniteLoss, TrainState, evaluate, train_epoch, train_task
+from core.metrics import FocalLoss, build_loss, class_weights, confusion, from_confusion
+from core.optim import build_optimizer, lr_factor
+from core.spec import LossSpec, OptimSpec, SchedulerSpec
+
+
+def _toy(n: int = 32, d: int = 5, k: int = 3, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randn(n, d, generator=g), torch.randint(0, k, (n,), generator=g))
+
+
+def test_macro_metrics_match_scikit_learn():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 4, (200,), generator=g)
+    p = torch.where(torch.rand(200, generator=g) < 0.7, y, torch.randint(0, 4, (200,),
+                                                                          generator=g))
+    m = from_confusion(confusion(p, y, 4))
+    assert m["accuracy"] == pytest.approx((p == y).float().mean().item())
+    assert m["precision"] == pytest.approx(precision_score(y, p, average="macro"))
+    assert m["recall"] == pytest.approx(recall_score(y, p, average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, p, average="macro"))
+
+
+def test_confusion_by_hand():
+    cm = confusion(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    m = from_confusion(cm)
+    assert m["accuracy"] == 0.75
+    assert m["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["precision"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+    logits, y = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    torch.testing.assert_close(FocalLoss(0.0)(logits, y), F.cross_entropy(logits, y))
+    assert FocalLoss(2.0)(logits, y) < F.cross_entropy(logits, y)
+
+
+def test_balanced_class_weights():
+    y = torch.tensor([0, 0, 0, 1])
+    w = class_weights(LossSpec(class_weights="balanced"), y, 2)
+    torch.testing.assert_close(w, torch.tensor([4 / 6, 4 / 2]))
+    with pytest.raises(ValueError, match="exactly 2"):
+        build_loss(LossSpec(class_weights=[1.0]), y, 2)
+    loss = build_loss(LossSpec(label_smoothing=0.1, class_weights=[1.0, 3.0]), y, 2)
+    assert isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing == 0.1
+
+
+def test_schedules():
+    cos = SchedulerSpec(name="cosine", warmup_epochs=1)
+    assert lr_factor(cos, 0, 10, 5) == pytest.approx(0.1)
+    assert lr_factor(cos, 9, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(cos, 10, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(cos, 30, 10, 5) == pytest.approx(0.5)
+    assert lr_factor(cos, 50, 10, 5) == pytest.approx(0.0)
+    step = SchedulerSpec(name="step", step_epochs=2, gamma=0.5)
+    assert [lr_factor(step, s, 10, 6) for s in (0, 19, 20, 45)] == [1, 1, 0.5, 0.25]
+    lin = SchedulerSpec(name="linear", min_lr_ratio=0.2)
+    assert lr_factor(lin, 25, 10, 5) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_factor(SchedulerSpec(), 123, 10, 5) == 1.0
+
+
+def test_optimizers():
+    p = [nn.Parameter(torch.zeros(2))]
+    sgd = build_optimizer(p, OptimSpec(name="sgd", lr=0.1, momentum=0.9, nesterov=True))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    assert isinstance(build_optimizer(p, OptimSpec(name="adamw")), torch.optim.AdamW)
+
+
+def _sgd_run(model: nn.Module, batch: int, accum: int, clip: float | None = None) -> nn.Module:
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = LoopConfig(grad_accum_steps=accum, grad_clip=clip, progress="off")
+    train_epoch(model, Batches(_toy(), batch, shuffle=False), opt, nn.CrossEntropyLoss(), cfg,
+                TrainState())
+    return model
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    big = _sgd_run(model, 16, 1)
+    small = _sgd_run(model, 8, 2)
+    for a, b in zip(big.parameters(), small.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    uneven = _sgd_run(model, 6, 3)  # 32 = 18 + 14: the last group is shorter
+    assert all(torch.isfinite(p).all() for p in uneven.parameters())
+
+
+def test_grad_clip_limits_the_update():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    clipped = _sgd_run(model, 32, 1, clip=1e-3)
+    delta = torch.cat([(a - b).flatten() for a, b in zip(clipped.parameters(),
+                                                         model.parameters(), strict=True)])
+    assert delta.norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)
+
+
+def test_non_finite_loss_raises_before_the_step():
+    model = nn.Linear(5, 3)
+    before = copy.deepcopy(model.state_dict())
+    data = _toy()
+    data.x[3] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState(epoch=2, global_step=7)
+    with pytest.raises(NonFiniteLoss, match="epoch 3, step 7"):
+        train_epoch(model, Batches(data, 4, shuffle=False), opt, nn.CrossEntropyLoss(),
+                    LoopConfig(progress="off"), state)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+class _Recorder(BaseStrategy):
+    """Counts hook calls and adds a known penalty: 0.5·||w||²."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def before_task(self, model, task):
+        self.calls.append("before_task")
+
+    def batches(self, loader, task):
+        self.calls.append("batches")
+        return loader
+
+    def penalty(self, model):
+        return 0.5 * sum((p**2).sum() for p in model.parameters())
+
+    def after_backward(self, model):
+        self.calls.append("after_backward")
+
+    def after_task(self, model, task, loader):
+        self.calls.append("after_task")
+
+
+def test_strategy_hooks_and_penalty_gradient():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    ref = copy.deepcopy(model)
+    s = _Recorder()
+    data = _toy(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = LoopConfig(epochs=1, progress="off")
+    train_task(model, Batches(data, 8, shuffle=False), None, opt, nn.CrossEntropyLoss(), cfg,
+               TrainState(), 3, strategy=s)
+    assert s.calls == ["before_task", "batches", "after_backward", "after_task"]
+    # one SGD step on CE + 0.5||w||² moves w by -lr·(∇CE + w)
+    loss = F.cross_entropy(ref(data.x), data.y)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for p, p0, g in zip(model.parameters(), ref.parameters(), grads, strict=True):
+        torch.testing.assert_close(p, p0 - 0.1 * (g + p0))
+
+
+def test_early_stopping_and_history():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing improves
+    cfg = LoopConfig(epochs=10, patience=2, progress="off")
+    val = Batches(_toy(seed=1), 16, shuffle=False)
+    state = train_task(model, Batches(_toy(), 8), val, opt, nn.CrossEntropyLoss(), cfg,
+                       TrainState(), 3)
+    assert state.stopped_early and state.epoch == 3 and state.best_epoch == 1
+    assert [h["epoch"] for h in state.history] == [1.0, 2.0, 3.0]
+    assert {"train_loss", "val_loss", "val_f1", "lr"} <= set(state.history[0])
+
+
+def test_evaluate_reports_all_metrics_and_restores_mode():
+    model = nn.Sequential(nn.Linear(5, 3), nn.Dropout(0.5)).train()
+    out = evaluate(model, Batches(_toy(), 10, shuffle=False), nn.CrossEntropyLoss(), 3,
+                   prefix="test")
+    assert set(out) == {"test_loss", "test_accuracy", "test_precision", "test_recall",
+                        "test_f1"}
+    assert model.training

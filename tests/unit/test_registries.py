@@ -1,0 +1,18 @@
+"""The names the spec accepts are exactly the ones the registries build."""
+
+from core import spec
+from core.data import DATASETS
+from core.spec import EPOCH_METRICS
+from models import MODELS
+from models.common import ACTIVATIONS
+
+
+def test_spec_names_match_registries():
+    from continual import STRATEGIES
+
+    assert set(spec.DATASETS) == set(DATASETS)
+    assert set(spec.MODELS) == set(MODELS)
+    assert set(spec.ACTIVATIONS) == set(ACTIVATIONS)
+    assert set(spec.STRATEGIES) == set(STRATEGIES)
+    assert set(spec.IMAGE_SHAPES) == set(DATASETS) - {"synthetic"}
+    assert {"val_loss", "val_accuracy", "val_f1"} <= set(EPOCH_METRICS)
