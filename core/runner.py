@@ -38,21 +38,68 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def resume_latest(ckpts: CheckpointDir, c: Components, state: TrainState) -> dict[str, Any] | None:
-    """Restore the newest checkpoint that verifies; a corrupt one is skipped with a warning."""
+# Fields that may change between a run and its resumption (how long, how it is shown and
+# where it is logged); anything else would silently train a different experiment.
+RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.log_every_n_steps", "train.resume",
+                     "train.threads", "train.keep_checkpoints", "train.checkpoint_dir",
+                     "train.early_stopping.", "data.data_dir", "data.cache_dir", "data.mirror",
+                     "data.download", "tracking.", "cluster.address")
+
+
+def check_resume_compatible(saved: dict[str, Any], spec: ExperimentSpec, path: Path) -> None:
+    from core.spec import SpecError, flatten
+
+    now = spec.flat()
+    problems = [
+        f"{k}: {now.get(k)!r} differs from {v!r} in the checkpointed run ({path}); resume "
+        "with the same value or set train.resume: false"
+        for k, v in flatten(saved).items()
+        if now.get(k) != v and not k.startswith(RESUMABLE_CHANGES)]
+    if problems:
+        raise SpecError(problems)
+
+
+def latest_valid(ckpts: CheckpointDir) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies; a corrupt one is skipped with a warning."""
     for path in reversed(ckpts.all()):
         try:
-            payload = load(path)
+            return path, load(path)
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
-            continue
-        restore(c, state, payload)
-        log.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
-        return payload
     if ckpts.all():
         raise CheckpointError(f"no checkpoint in {ckpts.root} verifies; delete the directory "
                               "or set train.resume: false to start over")
     return None
+
+
+def resume(ckpts: CheckpointDir, c: Components, state: TrainState, spec: ExperimentSpec
+           ) -> dict[str, Any] | None:
+    """Restore the latest checkpoint of an unfinished run under this name, if any.
+
+    A finished run (all epochs done, or stopped early) is not resumed: its model is in
+    MLflow, and re-running the name trains anew. Its checkpoints are then cleared so the
+    new run's epoch numbering starts clean.
+    """
+    found = latest_valid(ckpts) if spec.train.resume else None
+    payload = None
+    if found is not None:
+        path, saved = found
+        done = saved["state"]["epoch"] >= spec.train.epochs or saved["state"]["stopped_early"]
+        if done:
+            log.info("run %s already completed %d epochs; starting a new run", spec.name,
+                     saved["state"]["epoch"])
+        else:
+            check_resume_compatible(saved.get("spec", {}), spec, path)
+            restore(c, state, saved)
+            log.info("resumed from %s (epoch %d, step %d)", path, state.epoch,
+                     state.global_step)
+            payload = saved
+    if payload is None and ckpts.all():
+        log.info("removing %d checkpoints of the previous run in %s", len(ckpts.all()),
+                 ckpts.root)
+        for old in ckpts.all():
+            old.unlink()
+    return payload
 
 
 def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
@@ -66,17 +113,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     c = build_components(spec, data, len(train))
     state = TrainState()
     ckpts = CheckpointDir(Path(spec.train.checkpoint_dir) / spec.name, spec.train.keep_checkpoints)
-    payload = resume_latest(ckpts, c, state) if spec.train.resume else None
-    if payload is not None and (state.epoch >= spec.train.epochs or state.stopped_early):
-        # The previous run under this name finished (its model is in MLflow): train anew
-        # rather than re-registering the same weights into a closed run.
-        log.info("run %s already completed %d epochs; starting a new run", spec.name,
-                 state.epoch)
-        payload = None
-    if payload is None and ckpts.all():
-        for old in ckpts.all():
-            old.unlink()
-        c, state = build_components(spec, data, len(train)), TrainState()
+    payload = resume(ckpts, c, state, spec)
     if tracker is None:
         from tracking import make_tracker
 
@@ -93,7 +130,8 @@ def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "samples"}, step=st.epoch)
         tracker.flush()
-        ckpts.save(checkpoint_payload(c, st, run_id=tracker.run_id), st.epoch)
+        ckpts.save(checkpoint_payload(c, st, run_id=tracker.run_id,
+                                       spec=spec.model_dump(mode="json")), st.epoch)
 
     try:
         train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state, data.num_classes,

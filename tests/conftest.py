@@ -23,6 +23,7 @@ CONFIGS = ROOT / "configs"
 def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Default stores (./mlruns.db, ./.atoll) land in the test's own directory."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
 
 

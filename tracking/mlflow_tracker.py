@@ -8,7 +8,10 @@ benchmarks/tracking_overhead.py).
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,25 @@ MAX_BATCH = 1000  # MLflow's per-request limit on metrics
 PARAM_VALUE_LIMIT = 6000
 
 
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model needs it) at `uri` only for the block.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI into os.environ, which
+    would leak this run's store into every later run in the process and its children.
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
+
+
 class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
                  artifact_root: Path | None = None, tags: dict[str, str] | None = None):
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
         if run_id is None:
@@ -94,15 +111,16 @@ class MlflowTracker:
         """
         self.flush()
         model = model.eval()
-        with mlflow.start_run(run_id=self.run_id):
+        with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pt2",
                 input_example=input_example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            self.client.update_run(self.run_id, status="RUNNING")
+            if registered_name is not None:
+                version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit closed it
         if registered_name is None:
             return None
-        version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
         self.client.set_registered_model_alias(registered_name, alias, version.version)
         return RegisteredModel(registered_name, str(version.version), alias,
                                f"models:/{registered_name}@{alias}")

@@ -113,3 +113,16 @@ def test_all_checkpoints_corrupt_is_an_error(tiny_spec, tmp_path):
     (ckdir / "epoch-000001.ckpt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no checkpoint .* verifies"):
         run_local(spec, tracker=NullTracker())
+
+
+def test_resume_with_a_changed_spec_is_refused(tiny_spec):
+    from core.spec import SpecError
+
+    base = ["train.epochs=3", "data.limit=100"]
+    first = tiny_spec(*base, "train.epochs=1")
+    run_local(first, tracker=NullTracker())
+    with pytest.raises(SpecError, match="optim.lr: 0.5 differs from 0.001"):
+        run_local(tiny_spec(*base, "optim.lr=0.5"), tracker=NullTracker())
+    # more epochs is a legitimate change: the run continues from epoch 1
+    result = run_local(tiny_spec(*base), tracker=NullTracker())
+    assert result.epochs == 3

@@ -1,0 +1,81 @@
+"""The `atoll` command as a user runs it: real processes, real stores."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS
+from tests.integration import procs
+
+pytestmark = pytest.mark.integration
+
+ATOLL = [sys.executable, "-m", "core.cli"]
+
+
+def _atoll(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*ATOLL, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, check=False)
+
+
+def test_demo_trains_registers_and_explains_the_ui(tmp_path):
+    out = _atoll("demo", "--set", "train.epochs=3", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "registered: digits-mlp version 1 as @candidate" in out.stdout
+    assert "mlflow run id: " in out.stdout and "make ui" in out.stdout
+    assert "epoch 3/3" in out.stderr  # plain log lines when not on a terminal
+    assert (tmp_path / "mlruns.db").is_file() and (tmp_path / "mlartifacts").is_dir()
+    again = _atoll("demo", "--set", "train.epochs=3", cwd=tmp_path)
+    assert again.returncode == 0
+    assert "already completed 3 epochs; starting a new run" in again.stderr
+    assert "registered: digits-mlp version 2 as @candidate" in again.stdout
+
+
+def test_run_reports_mode_not_available_yet(tmp_path):
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "mode 'cluster' is not available yet" in out.stderr
+
+
+def test_every_command_has_help(tmp_path):
+    for cmd in ([], ["run"], ["validate"], ["demo"], ["ui"]):
+        out = _atoll(*cmd, "--help", cwd=tmp_path)
+        assert out.returncode == 0 and "usage: atoll" in out.stdout, cmd
+
+
+def test_validate_prints_the_resolved_spec(tmp_path):
+    out = _atoll("validate", str(CONFIGS / "cnn.yaml"), "--set", "train.epochs=3", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "valid" in out.stdout and "epochs: 3" in out.stdout
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on `port`, read from /proc/net/tcp(6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                if len(addr) == 8:
+                    found.add(".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.add(f"ipv6:{addr}")
+    return found
+
+
+def test_ui_serves_the_default_store_on_loopback(tmp_path):
+    shutil.copy(CONFIGS / "demo.yaml", tmp_path)
+    port = procs.free_port()
+    log = tmp_path / "ui.log"
+    proc = procs.start([*ATOLL, "ui", "--port", str(port)], log, cwd=tmp_path)
+    try:
+        procs.wait_http(f"http://127.0.0.1:{port}/health", proc, log)
+        assert _listen_addresses(port) == {"127.0.0.1"}
+    finally:
+        procs.stop(proc)
+    assert proc.poll() is not None
