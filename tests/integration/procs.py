@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,10 +37,9 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
             proc.wait(timeout=timeout)
         except ProcessLookupError:
             pass
-    try:  # forked workers may outlive the leader: clean the group up either way
+    # forked workers may outlive the leader: clean the group up either way
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def test_run_is_fully_recorded_in_mlflow(demo_run):
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert plots == {"plots/curves.png"}
     png = client.download_artifacts(result.run_id, "plots/curves.png", str(where))
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (where / "mlartifacts").is_dir()  # artifacts next to the store, not elsewhere
 
 
