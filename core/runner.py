@@ -36,6 +36,7 @@ class RunResult:
     checkpoint: Path | None
     registered: Any = None  # tracking.RegisteredModel
     history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0  # inside the training loop (per-step/epoch logging included)
 
 
 # Fields that may change between a run and its resumption (how long, how it is shown and
@@ -129,10 +130,10 @@ def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
 
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "samples"}, step=st.epoch)
-        tracker.flush()
         ckpts.save(checkpoint_payload(c, st, run_id=tracker.run_id,
                                        spec=spec.model_dump(mode="json")), st.epoch)
 
+    t_train = time.perf_counter()
     try:
         train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state, data.num_classes,
                    scheduler=c.scheduler, strategy=c.strategy,
@@ -150,7 +151,10 @@ def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     except Exception:
         tracker.finish("FAILED")
         raise
-    return finish_run(spec, data, c, state, tracker, ckpts.latest(), t0)
+    t_train_end = time.perf_counter()
+    result = finish_run(spec, data, c, state, tracker, ckpts.latest(), t0)
+    result.train_seconds = t_train_end - t_train
+    return result
 
 
 def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: TrainState,
@@ -165,11 +169,10 @@ def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: Tra
     tracker.set_tags({"atoll.epochs": str(state.epoch),
                       "atoll.stopped_early": str(state.stopped_early)})
     if state.history:
-        from tracking.plots import close, curves
+        from tracking.plots import curves
 
-        fig = curves(state.history, f"{spec.name} ({spec.model.name} on {spec.data.name})")
-        tracker.log_figure(fig, "plots/curves.png")
-        close(fig)
+        title = f"{spec.name} ({spec.model.name} on {spec.data.name})"
+        tracker.log_plot("plots/curves.png", lambda: curves(state.history, title))
     registered = None
     if spec.tracking.log_model:
         example = data.test.x[:4].to(c.device).cpu().numpy()

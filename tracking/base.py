@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
-    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+    def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None: ...
     def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
                   alias: str, tags: dict[str, str]) -> RegisteredModel | None: ...
     def flush(self) -> None: ...
@@ -49,8 +50,8 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        pass
+    def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None:
+        pass  # the figure is never drawn: plotting costs nothing when nothing records it
 
     def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
                   alias: str, tags: dict[str, str]) -> RegisteredModel | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def _fluent_uri(uri: str) -> Iterator[None]:
 
 class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
-                 artifact_root: Path | None = None, tags: dict[str, str] | None = None):
+                 artifact_root: Path | None = None, tags: dict[str, str] | None = None,
+                 flush_every_s: float = 5.0):
         self.uri = uri
         self.client = MlflowClient(uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
@@ -58,6 +60,14 @@ class MlflowTracker:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id: str | None = run_id
         self._buffer: list[Metric] = []
+        # Each store write has a fixed cost (~8 ms on sqlite): batch by time, not by epoch,
+        # so fast epochs do not pay it every time; the UI still sees data within seconds.
+        self.flush_every_s = flush_every_s
+        self._last_flush = time.time()
+        # One writer thread keeps store latency (a sqlite transaction, an HTTP round trip)
+        # off the training loop; writes stay in order because there is only one.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-mlflow")
+        self._pending: list[Future] = []
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -85,21 +95,39 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
+        now = time.time()
+        ts = int(now * 1000)
         self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-        if len(self._buffer) >= MAX_BATCH:
+        if len(self._buffer) >= MAX_BATCH or now - self._last_flush >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
+        """Hand buffered metrics to the writer thread; `wait` makes them durable."""
+        self._last_flush = time.time()
         while self._buffer:
             chunk, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+            self._pending.append(
+                self._writer.submit(self.client.log_batch, self.run_id, metrics=chunk))
+
+    def wait(self) -> None:
+        """Block until every queued write has landed; re-raise the first failure."""
+        self.flush()
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            fut.result()
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+    def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None:
+        """Draw (only now), save as an artifact, and free the figure."""
+        from tracking.plots import close
+
+        fig = make()
+        try:
+            self.client.log_figure(self.run_id, fig, artifact_file)
+        finally:
+            close(fig)
 
     def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
                   alias: str, tags: dict[str, str]) -> RegisteredModel | None:
@@ -109,7 +137,7 @@ class MlflowTracker:
         default) and needs no atoll import to serve; it loads back as a GraphModule with
         a dynamic batch dimension.
         """
-        self.flush()
+        self.wait()
         model = model.eval()
         with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
@@ -127,7 +155,8 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         try:
-            self.flush()
+            self.wait()
         finally:
+            self._writer.shutdown(wait=True)
             self.client.set_terminated(self.run_id, status=status)
 
