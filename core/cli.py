@@ -93,7 +93,8 @@ def dispatch(spec: ExperimentSpec):  # -> RunResult | None
 def _report(spec: ExperimentSpec, result) -> None:
     m = result.metrics
     print(f"run: {spec.name}  mlflow run id: {result.run_id}")
-    print(f"epochs: {result.epochs}  time: {result.seconds:.1f}s")
+    print(f"model: {spec.model.name} ({result.parameters:,} parameters)  epochs: "
+          f"{result.epochs}  time: {result.seconds:.1f}s")
     print("test: " + "  ".join(f"{k.removeprefix('test_')}={v:.4f}" for k, v in m.items()))
     if result.registered is not None:
         r = result.registered

@@ -103,7 +103,6 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     strategy: Strategy | None = None,
     task: Any = None,
-    num_classes: int | None = None,
     reduce: Reducer | None = None,
     on_step: StepHook | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -242,8 +241,8 @@ def train_task(
         if hasattr(train, "set_epoch"):
             train.set_epoch(state.epoch)
         metrics = train_epoch(model, train, optimizer, loss_fn, cfg, state, scheduler=scheduler,
-                              strategy=strategy, task=task, num_classes=num_classes,
-                              reduce=reduce, on_step=on_step, no_sync=no_sync)
+                              strategy=strategy, task=task, reduce=reduce, on_step=on_step,
+                              no_sync=no_sync)
         if val is not None:
             metrics.update(evaluate(model, val, loss_fn, num_classes, reduce=reduce,
                                     autocast_dtype=cfg.autocast_dtype))

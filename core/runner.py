@@ -36,6 +36,7 @@ class RunResult:
     checkpoint: Path | None
     registered: Any = None  # tracking.RegisteredModel
     history: list[dict[str, float]] = field(default_factory=list)
+    parameters: int = 0
     train_seconds: float = 0.0  # inside the training loop (per-step/epoch logging included)
 
 
@@ -120,11 +121,11 @@ def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
 
         tracker = make_tracker(spec.tracking, spec.name, mode="local",
                                run_id=payload.get("run_id") if payload else None)
+    from models import count_parameters
+
     if payload is None:
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
-        from models import count_parameters
-
         tracker.log_params({"model.parameters": count_parameters(c.model),
                             "data.train_samples": len(data.train), "device": str(c.device)})
 
@@ -154,6 +155,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     t_train_end = time.perf_counter()
     result = finish_run(spec, data, c, state, tracker, ckpts.latest(), t0)
     result.train_seconds = t_train_end - t_train
+    result.parameters = count_parameters(c.model)
     return result
 
 
