@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from continual.base import Composite, Naive, Strategy
+from continual.ewc import EWC
+from continual.replay import Replay
 from core.spec import ExperimentSpec
 
 STRATEGIES: dict[str, Callable[[ExperimentSpec], Strategy]] = {
     "naive": lambda spec: Naive(),
+    "ewc": lambda spec: EWC(spec.continual.ewc, seed=spec.seed),
+    "replay": lambda spec: Replay(spec.continual.replay, seed=spec.seed),
 }
 
 

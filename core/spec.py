@@ -22,7 +22,7 @@ MODELS = ("mlp", "cnn", "resnet", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "tanh", "sigmoid")
-STRATEGIES = ("naive",)
+STRATEGIES = ("naive", "ewc", "replay")
 EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
                  "train_loss", "train_accuracy")
 # Per-sample input shapes of the built-in datasets, so shape errors surface at validation.
@@ -195,8 +195,33 @@ class TrainSpec(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
 
 
+class EwcSpec(_Section):
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017) and its online variant."""
+
+    lam: float = Field(100.0, ge=0.0, description="λ, penalty strength: (λ/2)·Σ F (θ−θ*)²")
+    mode: Literal["separate", "online"] = "separate"
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="online: decay of the old Fisher")
+    fisher_samples: int = Field(512, ge=1, description="training samples used per Fisher")
+    fisher_labels: Literal["empirical", "sampled"] = "empirical"
+    per_sample: bool = Field(False, description="exact per-sample squared grads (slower)")
+
+
+class ReplaySpec(_Section):
+    size: int = Field(200, ge=1, description="memory capacity in samples")
+    policy: Literal["reservoir", "balanced"] = "balanced"
+    batch: int = Field(32, ge=1, description="memory samples mixed into each batch")
+
+
 class ContinualSpec(_Section):
     strategy: list[str] = Field(["naive"], description=f"composable: {', '.join(STRATEGIES)}")
+    stream: Literal["none", "split", "permuted", "rotated"] = Field(
+        "none", description="none: one task, the whole dataset")
+    scenario: Literal["task", "domain", "class"] = "class"
+    n_tasks: int = Field(5, ge=1)
+    class_order: list[int] | None = Field(None, description="split: class order; default seeded")
+    max_angle: float = Field(90.0, description="rotated: angle of the last task, degrees")
+    ewc: EwcSpec = EwcSpec()
+    replay: ReplaySpec = ReplaySpec()
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -207,6 +232,15 @@ class ContinualSpec(_Section):
     @classmethod
     def _known_strategies(cls, v: list[str]) -> list[str]:
         return [_one_of(s, STRATEGIES) for s in v]
+
+    @model_validator(mode="after")
+    def _scenario_fits_stream(self) -> ContinualSpec:
+        allowed = {"split": ("task", "class"), "permuted": ("domain",),
+                   "rotated": ("domain",)}.get(self.stream)
+        if allowed and self.scenario not in allowed:
+            raise ValueError(f"scenario: {self.scenario!r} does not fit stream {self.stream!r}; "
+                             f"allowed: {', '.join(allowed)}")
+        return self
 
 
 class ClusterSpec(_Section):
