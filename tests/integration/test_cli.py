@@ -79,3 +79,10 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
     finally:
         procs.stop(proc)
     assert proc.poll() is not None
+
+
+def test_task_streams_are_refused_until_trained(tmp_path):
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "continual.stream=split",
+                 cwd=tmp_path)
+    assert out.returncode == 2
+    assert "continual.stream: 'split'" in out.stderr and "allowed now: none" in out.stderr
