@@ -7,7 +7,6 @@ benchmarks/tracking_overhead.py).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +23,6 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from tracking.base import RegisteredModel
-
-log = logging.getLogger("atoll.tracking")
 
 MAX_BATCH = 1000  # MLflow's per-request limit on metrics
 PARAM_VALUE_LIMIT = 6000

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-log = logging.getLogger("atoll.tracking")
 
 
 class TrackingUnavailable(RuntimeError):
