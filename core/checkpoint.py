@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 MAGIC = b"ATOLL-CKPT 1 "
-_NAME = re.compile(r"^epoch-(\d{6})\.ckpt$")
 
 
 class CheckpointError(RuntimeError):
@@ -96,18 +95,19 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 
 
 class CheckpointDir:
-    """`epoch-000003.ckpt` files in one directory, keeping the newest `keep`."""
+    """`epoch-000003.ckpt` (or `round-…`) files in one directory, keeping the newest `keep`."""
 
-    def __init__(self, root: Path, keep: int = 2):
-        self.root, self.keep = Path(root), keep
+    def __init__(self, root: Path, keep: int = 2, prefix: str = "epoch"):
+        self.root, self.keep, self.prefix = Path(root), keep, prefix
+        self._name = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.ckpt$")
 
     def path_for(self, epoch: int) -> Path:
-        return self.root / f"epoch-{epoch:06d}.ckpt"
+        return self.root / f"{self.prefix}-{epoch:06d}.ckpt"
 
     def all(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if _NAME.match(p.name))
+        return sorted(p for p in self.root.iterdir() if self._name.match(p.name))
 
     def latest(self) -> Path | None:
         found = self.all()

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the spec. Re-running the same `name` resumes from its "
                        "latest checkpoint (train.resume).")
     _spec_args(p)
+    p.add_argument("--resume", metavar="RUN_ID_OR_DIR", default=None,
+                   help="federated: continue from a checkpoint directory/file, 'latest', or "
+                   "the MLflow run id of an interrupted run")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a spec and print it with defaults filled in",
@@ -74,13 +77,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
-    result = dispatch(spec)
+    result = dispatch(spec, resume=args.resume)
     if result is not None:
         _report(spec, result)
     return 0
 
 
-def dispatch(spec: ExperimentSpec):  # -> RunResult | None
+def dispatch(spec: ExperimentSpec, resume: str | None = None):  # -> RunResult | None
     if spec.continual.stream != "none":
         print(f"atoll: continual.stream: {spec.continual.stream!r} task streams are built "
               "(continual/streams.py) but not yet trained by `atoll run`; allowed now: none",
@@ -90,16 +93,22 @@ def dispatch(spec: ExperimentSpec):  # -> RunResult | None
         from core.runner import run_local
 
         return run_local(spec)
+    if spec.mode == "federated":
+        from federated.simulation import run_federated
+
+        return run_federated(spec, resume=resume)
     print(f"atoll: mode {spec.mode!r} is not available yet in this version; "
-          "allowed now: local", file=sys.stderr)
+          "allowed now: local, federated", file=sys.stderr)
     raise SystemExit(EXIT_SPEC)
 
 
 def _report(spec: ExperimentSpec, result) -> None:
     m = result.metrics
     print(f"run: {spec.name}  mlflow run id: {result.run_id}")
-    print(f"model: {spec.model.name} ({result.parameters:,} parameters)  epochs: "
-          f"{result.epochs}  time: {result.seconds:.1f}s")
+    unit = "rounds" if spec.mode == "federated" else "epochs"
+    params = f" ({result.parameters:,} parameters)" if result.parameters else ""
+    print(f"model: {spec.model.name}{params}  {unit}: {result.epochs}  time: "
+          f"{result.seconds:.1f}s")
     print("test: " + "  ".join(f"{k.removeprefix('test_')}={v:.4f}" for k, v in m.items()))
     if result.registered is not None:
         r = result.registered

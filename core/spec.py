@@ -250,11 +250,100 @@ class ClusterSpec(_Section):
     strategy: Literal["ddp", "fsdp", "pipeline", "hybrid"] = "ddp"
 
 
+FL_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                 "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
+PARTITIONS = ("iid", "dirichlet", "shard", "pathological")
+ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "scaling")
+DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+
+
+class PartitionSpec(_Section):
+    """How the training split is divided among clients (flwr-datasets partitioners)."""
+
+    method: Literal["iid", "dirichlet", "shard", "pathological"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, description="dirichlet concentration; small = skewed")
+    shards_per_client: int = Field(2, ge=1, description="shard: shards of sorted labels each")
+    classes_per_client: int = Field(2, ge=1, description="pathological: classes each")
+    min_partition_size: int = Field(10, ge=0, description="dirichlet: resample until met")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="client-side validation")
+
+
+class FaultSpec(_Section):
+    """Seeded, per (round, client) faults for robustness experiments."""
+
+    dropout: float = Field(0.0, ge=0.0, le=1.0, description="client leaves the round")
+    crash: float = Field(0.0, ge=0.0, le=1.0, description="client raises inside train")
+    straggler: float = Field(0.0, ge=0.0, le=1.0, description="client sleeps straggler_delay")
+    straggler_delay: float = Field(5.0, ge=0.0, description="seconds; compare round_timeout")
+
+
+class ByzantineSpec(_Section):
+    """A fixed, seeded set of malicious clients and what they send."""
+
+    fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    attack: Literal["none", "sign_flip", "gaussian", "label_flip", "scaling"] = "none"
+    scale: float = Field(10.0, description="sign_flip/scaling: update multiplied by -scale/scale")
+    noise_std: float = Field(1.0, ge=0.0, description="gaussian: std of the noise sent")
+
+
+class PrivacySpec(_Section):
+    """Flower's DP wrappers (server side) or clipping mods (client side)."""
+
+    mode: Literal["none", "server-fixed", "server-adaptive", "client-fixed",
+                  "client-adaptive"] = "none"
+    noise_multiplier: float = Field(1.0, ge=0.0)
+    clipping_norm: float = Field(1.0, gt=0.0, description="fixed: norm; adaptive: initial")
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0, description="adaptive clipping")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="for the reported epsilon")
+
+
 class FederatedSpec(_Section):
-    num_clients: int = Field(10, ge=1)
+    num_clients: int = Field(10, ge=1, description="simulated SuperNodes (one partition each)")
     rounds: int = Field(5, ge=1)
-    fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="clients sampled to train")
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="0 = no federated eval")
+    min_fit_clients: int = Field(2, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="client batch; default data's")
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="client lr × lr_decay^(round-1)")
     strategy: str = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0.0, description="fedprox")
+    server_lr: float = Field(1.0, gt=0.0, description="fedavgm / fedadam/yogi/adagrad eta")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm")
+    tau: float = Field(1e-3, gt=0.0, description="fedadam/yogi/adagrad adaptivity")
+    trim_beta: float = Field(0.2, gt=0.0, lt=0.5, description="fedtrimmedavg cut per side")
+    num_malicious: int | None = Field(
+        None, ge=0, description="krum/bulyan f; default: byzantine.fraction × num_clients")
+    num_selected: int = Field(3, ge=1, description="multikrum: updates averaged")
+    partition: PartitionSpec = PartitionSpec()
+    faults: FaultSpec = FaultSpec()
+    byzantine: ByzantineSpec = ByzantineSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    round_timeout: float = Field(600.0, gt=0.0, description="seconds to wait for replies")
+    client_cpus: int = Field(1, ge=1, description="Ray CPUs per simulated client (threads)")
+    client_gpus: float = Field(0.0, ge=0.0)
+    concurrency: int | None = Field(None, ge=1, description="CPUs Ray may use; default all")
+    checkpoint_every: int = Field(1, ge=1, description="server checkpoint every k rounds")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        return _one_of(v, FL_STRATEGIES)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedSpec:
+        if self.min_fit_clients > self.num_clients:
+            raise ValueError(f"federated.min_fit_clients: {self.min_fit_clients} exceeds "
+                             f"num_clients {self.num_clients}; allowed: <= {self.num_clients}")
+        if self.byzantine.fraction > 0 and self.byzantine.attack == "none":
+            raise ValueError("federated.byzantine.attack: 'none' with fraction "
+                             f"{self.byzantine.fraction}; allowed: {', '.join(ATTACKS[1:])}")
+        if self.privacy.mode != "none" and self.strategy not in ("fedavg", "fedprox",
+                                                                 "fedavgm"):
+            raise ValueError(f"federated.privacy.mode: {self.privacy.mode!r} with strategy "
+                             f"{self.strategy!r}; DP wrappers need an averaging strategy, "
+                             "allowed: fedavg, fedprox, fedavgm")
+        return self
 
 
 class TrackingSpec(_Section):
@@ -353,6 +442,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{path}: unknown key{near}; allowed: {', '.join(names)}"
     if kind == "value_error":
         msg = str(ctx.get("error", err["msg"]))
+        if isinstance(value, dict) and msg.split(":")[0].startswith(path.replace("spec", "")):
+            return msg  # a cross-field check that names its own field
         if isinstance(value, dict) or "allowed" not in msg:
             return f"{path}: {msg}"
         return f"{path}: {shown} is not valid; {msg}"

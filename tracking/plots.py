@@ -35,3 +35,40 @@ def curves(history: list[dict[str, float]], title: str) -> Any:
 
 def close(fig: Any) -> None:
     plt.close(fig)
+
+
+def label_heatmap(hist: Any, title: str) -> Any:
+    """clients × classes sample counts: how non-IID a partition is, at a glance."""
+    import numpy as np
+
+    hist = np.asarray(hist)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * hist.shape[1], 1.2 + 0.3 * hist.shape[0]))
+    im = ax.imshow(hist, aspect="auto", cmap="viridis")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_xticks(range(hist.shape[1]))
+    if hist.shape[0] <= 40:
+        ax.set_yticks(range(hist.shape[0]))
+    fig.colorbar(im, ax=ax, label="samples")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def rounds(history: list[dict[str, float]], title: str) -> Any:
+    """Per-round accuracy/loss: centralized (server test set) vs federated (client val)."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [h["round"] for h in history]
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for kind in ("central", "federated_val"):
+            ys = [h.get(f"{kind}_{metric}") for h in history]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
+                        label=kind.replace("_val", ""))
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

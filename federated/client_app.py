@@ -1,0 +1,93 @@
+"""Flower ClientApp: unpack the message, call `federated/task.py`, pack the reply.
+
+Import-safe: this module runs inside Ray workers, so it does nothing at import functools
+import time
+beyond building the app object.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+from federated import records as R
+from federated import task
+from federated.faults import InjectedFault, round_fault
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_spec(items: tuple):
+    spec = R.spec_from_run_config(dict(items))
+    task.cpu_threads(spec)
+    return spec
+
+
+def _spec(context: Context):
+    return _cached_spec(tuple(sorted(context.run_config.items())))
+
+
+def _who(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    return int(cfg[R.NODE_PARTITION_ID]), int(cfg[R.NODE_NUM_PARTITIONS])
+
+
+def privacy_mod(msg: Message, context: Context, call_next):
+    """Client-side DP clipping when the spec asks for it (Flower's own mods)."""
+    mode = _spec(context).federated.privacy.mode
+    if mode == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if mode == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[privacy_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    spec = _spec(context)
+    partition, num_clients = _who(context)
+    cfg = msg.content[R.CONFIG]
+    rnd = int(cfg[R.ROUND])
+    fault = round_fault(spec.federated.faults, spec.seed, rnd, partition)
+    if fault in ("dropout", "crash"):  # becomes an error reply the server counts
+        raise InjectedFault(f"{R.FAILURE_PREFIX}{fault} (client {partition}, round {rnd})")
+    if fault == "straggler":
+        time.sleep(spec.federated.faults.straggler_delay)
+    data = task.client_data(spec, partition, num_clients)
+    global_state = R.arrays_to_state(msg.content[R.ARRAYS])
+    weights, metrics, attack = task.local_train(
+        spec, data, global_state, server_round=rnd, partition=partition,
+        num_clients=num_clients, lr=float(cfg[R.LR]), local_epochs=int(cfg[R.LOCAL_EPOCHS]),
+        proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)))
+    return Message(RecordDict({
+        R.ARRAYS: R.state_to_arrays(weights),
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(data.train), **metrics}),
+        R.CLIENT: ConfigRecord({R.PARTITION_ID: partition, R.BYZANTINE: attack}),
+    }), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    spec = _spec(context)
+    partition, num_clients = _who(context)
+    data = task.client_data(spec, partition, num_clients)
+    metrics, n = task.local_evaluate(spec, data, R.arrays_to_state(msg.content[R.ARRAYS]))
+    return Message(RecordDict({
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: n, **metrics}),
+        R.CLIENT: ConfigRecord({R.PARTITION_ID: partition}),
+    }), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who is this node? The server maps node ids to partitions once per run."""
+    partition, _ = _who(context)
+    return Message(RecordDict({R.CLIENT: ConfigRecord({R.PARTITION_ID: partition})}),
+                   reply_to=msg)
+

@@ -1,0 +1,117 @@
+"""Every key that crosses the Flower boundary, and the one mapping spec <-> run_config.
+
+Flower carries configuration as flat `run_config` values (from `[tool.flwr.app.config]` in
+pyproject.toml, `flwr run --run-config`, or `atoll run`) and per-round values in
+ConfigRecords. Keeping all of those names here means the server, the clients and the
+launcher cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.spec import ExperimentSpec, load_spec, validate
+
+# --- run_config keys (must exist in [tool.flwr.app.config] to be overridable) ---------
+SPEC_PATH = "spec"  # YAML path, relative to the app directory or absolute
+SPEC_JSON = "spec-json"  # the whole spec as JSON; wins over SPEC_PATH (atoll run sets it)
+OVERRIDES = "overrides"  # "federated.rounds=3; federated.strategy=fedmedian"
+NUM_ROUNDS = "num-server-rounds"  # 0 = from the spec
+RUN_DIR = "run-dir"  # checkpoints and the result file; "" = train.checkpoint_dir/<name>
+TRACKING_URI = "tracking-uri"  # absolute MLflow URI; "" = spec / env / default
+MLFLOW_RUN_ID = "mlflow-run-id"  # continue logging into this run (resume)
+RESUME = "resume"  # "" = fresh, "latest" = newest checkpoint in run-dir, or a path
+
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    SPEC_PATH: "configs/federated.yaml", SPEC_JSON: "", OVERRIDES: "", NUM_ROUNDS: 0,
+    RUN_DIR: "", TRACKING_URI: "", MLFLOW_RUN_ID: "", RESUME: ""}
+
+# --- message content keys (Flower's strategy defaults for arrays/config) --------------
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CLIENT = "client"  # ConfigRecord in a reply: who answered and what happened to it
+NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
+
+# --- per-round ConfigRecord keys (server -> client) ------------------------------------
+ROUND = "server-round"  # set by Flower's configure_train/evaluate
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"
+PROXIMAL_MU = "proximal-mu"
+
+# --- reply ConfigRecord keys (client -> server) ----------------------------------------
+PARTITION_ID = "partition-id"
+BYZANTINE = "byzantine"  # the attack this client applied ("" when honest)
+FAILURE_PREFIX = "atoll-fault:"  # error reasons that start with this are injected faults
+
+# --- node_config (simulation sets these; deployment SuperNodes pass them) -------------
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+
+def app_dir() -> Path:
+    """The installed app's root (the project root under `flwr run .`)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def spec_from_run_config(run_config: dict[str, Any]) -> ExperimentSpec:
+    """The experiment spec a Flower run was started with (validated, mode forced)."""
+    cfg = {**RUN_CONFIG_DEFAULTS, **run_config}
+    overrides = [o.strip() for o in str(cfg[OVERRIDES]).replace("\n", ";").split(";")
+                 if o.strip()]
+    if cfg[SPEC_JSON]:
+        from core.spec import apply_overrides
+
+        data = json.loads(str(cfg[SPEC_JSON]))
+        spec = validate(apply_overrides(data, overrides) if overrides else data)
+    else:
+        path = Path(str(cfg[SPEC_PATH]))
+        spec = load_spec(path if path.is_absolute() else app_dir() / path, overrides)
+    rounds = int(cfg[NUM_ROUNDS])
+    changes: dict[str, Any] = {"mode": "federated"}
+    if rounds > 0:
+        changes["federated"] = spec.federated.model_copy(update={"rounds": rounds})
+    return spec.model_copy(update=changes)
+
+
+def run_config_for(spec: ExperimentSpec, *, run_dir: Path, tracking_uri: str | None,
+                   mlflow_run_id: str | None, resume: str) -> dict[str, Any]:
+    """What `atoll run` hands to `flwr run` for this spec (JSON keeps every field exact)."""
+    # Only the fields the user set: defaults fill in the same way on the other side, and
+    # "was this field set" stays meaningful (models warn about set-but-ignored fields).
+    dumped = spec.model_dump(mode="json", exclude_unset=True)
+    return {**RUN_CONFIG_DEFAULTS, SPEC_JSON: json.dumps(dumped),
+            RUN_DIR: str(run_dir), TRACKING_URI: tracking_uri or "",
+            MLFLOW_RUN_ID: mlflow_run_id or "", RESUME: resume}
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A flat TOML table for `flwr run --run-config FILE` (strings JSON-escaped)."""
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            lines.append(f'"{k}" = {str(v).lower()}')
+        elif isinstance(v, int | float):
+            lines.append(f'"{k}" = {v!r}')
+        else:
+            lines.append(f'"{k}" = {json.dumps(str(v))}')
+    return "\n".join(lines) + "\n"
+
+
+def state_to_arrays(state: dict[str, torch.Tensor]) -> Any:
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def arrays_to_state(arrays: Any) -> dict[str, torch.Tensor]:
+    return dict(arrays.to_torch_state_dict())
+
+
+def nbytes(arrays: Any) -> int:
+    """Payload size of an ArrayRecord (what a message carries over the wire)."""
+    return sum(len(a.data) for a in arrays.values())

@@ -1,0 +1,273 @@
+"""The federation's server side: rounds, centralized evaluation, checkpoints, tracking.
+
+Runs inside the ServerApp process (`server_app.py` is its glue). Only the server logs to
+MLflow — one run per simulation, never one per client. A checkpoint every k rounds holds
+everything the next round depends on (global weights, strategy state such as FedAdam's
+moments, the sampler's and every RNG's state), so a resumed federation ends with the same
+global model as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.checkpoint import CheckpointDir, rng_state, set_rng_state
+from core.components import seed_everything
+from core.data import DataBundle, eval_batches, load_data
+from core.loop import evaluate
+from core.metrics import build_loss
+from core.runner import latest_valid
+from core.spec import ExperimentSpec
+from federated import records as R
+from federated.driver import ClientSampler, SampledGrid, discover, exchange, spread
+from federated.faults import byzantine_clients
+from federated.partition import label_histogram, partition_indices
+from federated.strategies import build_strategy, epsilon, load_strategy_state, strategy_state
+
+log = logging.getLogger("atoll.federated")
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class ServerState:
+    round: int = 0  # completed rounds
+    run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_dir_for(spec: ExperimentSpec, run_config: dict[str, Any]) -> Path:
+    given = str(run_config.get(R.RUN_DIR, "") or "")
+    return Path(given) if given else Path(spec.train.checkpoint_dir).resolve() / spec.name
+
+
+def serve(grid: Any, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Run the federation described by `run_config`; returns (and writes) the result."""
+    spec = R.spec_from_run_config(run_config)
+    run_dir = run_dir_for(spec, run_config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path = run_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    try:
+        result = _serve(grid, spec, run_config, run_dir)
+    except BaseException as e:
+        result_path.write_text(json.dumps({"status": "FAILED", "error": f"{type(e).__name__}: "
+                                           f"{e}"}))
+        raise
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir: Path
+           ) -> dict[str, Any]:
+    from flwr.app import ConfigRecord
+
+    from models import build_model, count_parameters
+
+    t0 = time.perf_counter()
+    f = spec.federated
+    if spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
+    seed_everything(spec.seed)
+    data: DataBundle = load_data(spec.data, spec.seed)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes)
+    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes)
+    test = eval_batches(data.test, spec.data)
+
+    partitions = discover(grid, f.num_clients)
+    population = sorted(partitions)
+    node_to_partition = {n: p for p, n in partitions.items()}
+    sampler = ClientSampler(spec.seed)
+    per_round = ClientSampler.size(len(population), f.fraction_fit, f.min_fit_clients)
+    strategy = build_strategy(spec, per_round)
+
+    ckpts = CheckpointDir(run_dir / "checkpoints", spec.train.keep_checkpoints, prefix="round")
+    st = ServerState(run_id=str(run_config.get(R.MLFLOW_RUN_ID, "") or "") or None)
+    arrays = R.state_to_arrays(model.state_dict())
+    resume = str(run_config.get(R.RESUME, "") or "")
+    if resume:
+        found = _find_checkpoint(ckpts, resume)
+        if found is not None:
+            path, saved = found
+            arrays = R.state_to_arrays(saved["model"])
+            load_strategy_state(strategy, saved["strategy"])
+            sampler.load_state_dict(saved["sampler"])
+            set_rng_state(saved["rng"])
+            st = ServerState(round=int(saved["round"]), run_id=saved.get("run_id") or st.run_id,
+                             history=list(saved["history"]))
+            log.info("resumed the federation from %s (round %d)", path, st.round)
+    else:
+        for old in ckpts.all():
+            old.unlink()
+
+    tracker = _tracker(spec, run_config, st.run_id)
+    st.run_id = tracker.run_id
+    tracker.set_tags({"atoll.run_dir": str(run_dir)})
+    if st.round == 0:
+        _log_setup(spec, tracker, data, population, len(population) != f.num_clients,
+                   count_parameters(model))
+
+    bad = byzantine_clients(f.byzantine, len(population), spec.seed)
+    try:
+        for rnd in range(st.round + 1, f.rounds + 1):
+            t_round = time.perf_counter()
+            lr = spec.optim.lr * f.lr_decay ** (rnd - 1)
+            train_cfg = ConfigRecord({R.LR: lr, R.LOCAL_EPOCHS: f.local_epochs,
+                                      R.PROXIMAL_MU: f.proximal_mu
+                                      if f.strategy == "fedprox" else 0.0})
+            chosen = sampler.sample(population, f.fraction_fit, f.min_fit_clients)
+            view = SampledGrid(grid, [partitions[p] for p in chosen])
+            fit = exchange(grid, strategy.configure_train(rnd, arrays, train_cfg, view),
+                           node_to_partition, f.round_timeout)
+            new_arrays, fit_metrics = strategy.aggregate_train(rnd, fit.ok)
+            if new_arrays is not None:
+                arrays = new_arrays
+            row: dict[str, float] = {"round": float(rnd), "lr": lr,
+                                     "participants": float(len(fit.ok)),
+                                     "sampled": float(len(fit.sampled)),
+                                     "byzantine_participants": float(sum(
+                                         1 for r in fit.ok
+                                         if r.content[R.CLIENT][R.BYZANTINE])),
+                                     "aggregated": float(new_arrays is not None)}
+            kinds = fit.failures_by_kind()
+            row["failures"] = float(len(fit.sampled) - len(fit.ok))
+            row.update({f"failures_{k}": float(v) for k, v in kinds.items()})
+            row.update({f"train_{k}": float(v) for k, v in (fit_metrics or {}).items()
+                        if not k.startswith("train_")})
+            row.update({k: float(v) for k, v in (fit_metrics or {}).items()
+                        if k.startswith("train_")})
+            row.update(spread(fit.ok, "train_accuracy"))
+            sent, received = fit.bytes_sent, fit.bytes_received
+            if f.fraction_evaluate > 0:
+                chosen_e = sampler.sample(population, f.fraction_evaluate, 1)
+                view_e = SampledGrid(grid, [partitions[p] for p in chosen_e])
+                ev = exchange(grid, strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
+                                                                view_e),
+                              node_to_partition, f.round_timeout)
+                fed = strategy.aggregate_evaluate(rnd, ev.ok) if ev.ok else None
+                row.update({f"federated_{k}": float(v) for k, v in (fed or {}).items()})
+                row.update(spread(ev.ok, "val_accuracy"))
+                sent, received = sent + ev.bytes_sent, received + ev.bytes_received
+            model.load_state_dict(R.arrays_to_state(arrays))
+            central = evaluate(model, test, loss_fn, data.num_classes, prefix="central")
+            row.update(central)
+            eps = epsilon(strategy)
+            if eps is not None:
+                row["dp_epsilon"] = eps
+            row.update({"bytes_sent": float(sent), "bytes_received": float(received),
+                        "round_seconds": time.perf_counter() - t_round})
+            st.history.append(row)
+            st.round = rnd
+            tracker.log_metrics({k: v for k, v in row.items() if k != "round"}, step=rnd)
+            _report(rnd, f.rounds, row, kinds, bad)
+            if rnd % f.checkpoint_every == 0 or rnd == f.rounds:
+                ckpts.save({"model": R.arrays_to_state(arrays), "round": rnd,
+                            "strategy": strategy_state(strategy),
+                            "sampler": _encode_state(sampler.state_dict()),
+                            "rng": rng_state(), "history": st.history, "run_id": st.run_id,
+                            "spec": spec.model_dump(mode="json")}, rnd)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
+
+
+def _encode_state(state: dict[str, Any]) -> dict[str, Any]:
+    """numpy bit-generator state holds 128-bit ints; strings survive weights_only loads."""
+    return json.loads(json.dumps(state), parse_int=str)
+
+
+def _decode_state(state: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(state), object_hook=lambda d: {
+        k: int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v
+        for k, v in d.items()})
+
+
+def _find_checkpoint(ckpts: CheckpointDir, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    if resume in ("latest", "true", "1"):
+        found = latest_valid(ckpts)
+    else:
+        p = Path(resume)
+        found = latest_valid(CheckpointDir(p, 1, prefix="round")) if p.is_dir() else \
+            latest_valid(CheckpointDir(p.parent, 1, prefix="round"))
+    if found is not None:
+        found[1]["sampler"] = _decode_state(found[1]["sampler"])
+    return found
+
+
+def _tracker(spec: ExperimentSpec, run_config: dict[str, Any], run_id: str | None) -> Any:
+    from tracking import make_tracker
+
+    uri = str(run_config.get(R.TRACKING_URI, "") or "") or spec.tracking.uri
+    return make_tracker(spec.tracking.model_copy(update={"uri": uri}), spec.name,
+                        mode="federated", run_id=run_id)
+
+
+def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population: list[int],
+               mismatch: bool, parameters: int) -> None:
+    f = spec.federated
+    tracker.log_params(spec.flat())
+    tracker.log_text(spec.to_yaml(), "spec.yaml")
+    labels = data.train.y.numpy()
+    parts = partition_indices(labels, f.partition, len(population), spec.seed)
+    sizes = [len(p) for p in parts]
+    tracker.log_params({"model.parameters": parameters, "data.train_samples": len(labels),
+                        "federated.clients_connected": len(population),
+                        "federated.partition_sizes": ",".join(map(str, sizes))})
+    tracker.set_tags({"atoll.strategy": f.strategy, "atoll.partition": f.partition.method})
+    if mismatch:
+        log.warning("%d clients connected but federated.num_clients is %d; partitions follow "
+                    "the federation's size", len(population), f.num_clients)
+    from tracking.plots import label_heatmap
+
+    hist = label_histogram(labels, parts, data.num_classes)
+    title = f"{f.partition.method} partition of {spec.data.name} over {len(parts)} clients"
+    tracker.log_plot("plots/partition.png", lambda: label_heatmap(hist, title))
+
+
+def _report(rnd: int, total: int, row: dict[str, float], kinds: dict[str, int],
+            bad: set[int]) -> None:
+    failed = ", ".join(f"{k}={v}" for k, v in kinds.items() if v)
+    log.info("round %d/%d central_accuracy=%.4f central_loss=%.4f participants=%d%s (%.1fs)",
+             rnd, total, row.get("central_accuracy", float("nan")),
+             row.get("central_loss", float("nan")), int(row["participants"]),
+             f" failures: {failed}" if failed else "", row["round_seconds"])
+
+
+def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: DataBundle,
+            st: ServerState, ckpts: CheckpointDir, seconds: float) -> dict[str, Any]:
+    f = spec.federated
+    last = st.history[-1] if st.history else {}
+    test = {k.replace("central_", "test_"): v for k, v in last.items()
+            if k.startswith("central_")}
+    tracker.log_metrics(test, step=st.round)
+    tracker.set_tags({"atoll.rounds": str(st.round)})
+    if st.history:
+        from tracking.plots import rounds
+
+        tracker.log_plot("plots/rounds.png", lambda: rounds(
+            st.history, f"{spec.name}: {f.strategy} on {f.num_clients} clients"))
+    registered = None
+    if spec.tracking.log_model:
+        registered = tracker.log_model(
+            model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
+            alias=spec.tracking.alias,
+            tags={"mode": "federated", "strategy": f.strategy, "rounds": str(st.round),
+                  "partition": f.partition.method,
+                  "test_accuracy": f"{test.get('test_accuracy', 0):.4f}"})
+    tracker.finish("FINISHED")
+    latest = ckpts.latest()
+    return {"status": "FINISHED", "run_id": st.run_id, "metrics": test, "rounds": st.round,
+            "seconds": seconds, "checkpoint": str(latest) if latest else None,
+            "registered": None if registered is None else {
+                "name": registered.name, "version": registered.version,
+                "alias": registered.alias, "uri": registered.uri},
+            "history": st.history}

@@ -1,0 +1,168 @@
+"""`atoll run` for `mode: federated`: the same path as `flwr run .`, managed end to end.
+
+`flwr.simulation.run_simulation` is deprecated in the pinned Flower; the supported path
+is a SuperLink in simulation mode plus `flwr run`. This module starts a private SuperLink
+(free loopback port, its own FLWR_HOME and Ray temp dir), submits the app with the spec
+as run config, streams the logs, reads the server's result file, and stops every process
+it started — the SuperLink, Flower's SuperExec and the simulation's Ray — by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from core.procs import free_port, start, stop, wait_http
+from core.runner import RunFailed, RunResult
+from core.spec import ExperimentSpec
+from federated import records as R
+from federated.server import RESULT_FILE, run_dir_for
+
+log = logging.getLogger("atoll.federated")
+FEDERATION = "atoll-local"
+
+
+def _bin(name: str) -> str:
+    """A console script from this interpreter's environment (the venv), else PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _tracking_uri(spec: ExperimentSpec) -> str | None:
+    """Resolved (absolute) before anything starts, so an unreachable server fails fast."""
+    if not spec.tracking.enabled:
+        return None
+    from tracking import TrackingUnavailable, default_uri, resolve_uri
+    from tracking.uri import check_reachable
+
+    uri = resolve_uri(spec.tracking.uri)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as e:
+        if spec.tracking.fallback != "local":
+            raise
+        log.warning("%s — logging to the local store %s instead", e, default_uri())
+        uri = default_uri()
+    return uri
+
+
+def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None) -> str:
+    """'' (fresh), 'latest' or a path. An unfinished run under this name resumes."""
+    if explicit:
+        return explicit
+    if not spec.train.resume or not (run_dir / "checkpoints").is_dir():
+        return ""
+    result = run_dir / RESULT_FILE
+    if result.is_file():
+        try:
+            if json.loads(result.read_text()).get("status") == "FINISHED":
+                return ""
+        except (OSError, json.JSONDecodeError):
+            pass
+    return "latest" if any((run_dir / "checkpoints").glob("round-*.ckpt")) else ""
+
+
+def _resolve_resume(resume: str | None, uri: str | None) -> str | None:
+    """A checkpoint dir/file, 'latest', or an MLflow run id (its `atoll.run_dir` tag)."""
+    if not resume or resume == "latest" or Path(resume).exists():
+        return str(Path(resume).resolve()) if resume and resume != "latest" else resume
+    if uri is None:
+        raise ValueError(f"--resume: {resume!r} is not a path and tracking is off; allowed: "
+                         "a checkpoint directory or file, or 'latest'")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        tags = MlflowClient(uri).get_run(resume).data.tags
+    except MlflowException:
+        raise ValueError(f"--resume: {resume!r} is neither a path nor an MLflow run id in "
+                         f"{uri}; allowed: a checkpoint directory or file, 'latest', or a "
+                         "run id") from None
+    where = tags.get("atoll.run_dir")
+    if not where:
+        raise ValueError(f"--resume: run {resume} has no atoll.run_dir tag; allowed: a "
+                         "federated run's id")
+    return str(Path(where) / "checkpoints")
+
+
+def federation_config(spec: ExperimentSpec) -> str:
+    f = spec.federated
+    parts = [f"num-supernodes={f.num_clients}", f"client-resources-num-cpus={f.client_cpus}",
+             f"client-resources-num-gpus={f.client_gpus}"]
+    cpus = f.concurrency or os.cpu_count() or 1
+    parts.append(f"init-args-num-cpus={max(cpus, f.client_cpus)}")
+    return " ".join(parts)
+
+
+def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
+    """Simulate the federation in `spec`; returns once every process is gone again."""
+    t0 = time.perf_counter()
+    run_dir = run_dir_for(spec, {})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = _tracking_uri(spec)
+    mode = _resume_mode(run_dir, spec, _resolve_resume(resume, uri))
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only this run's result counts
+    work = Path(tempfile.mkdtemp(prefix="atoll-flwr-"))
+    port = free_port()
+    home = work / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
+                                  resume=mode)
+    (work / "run_config.toml").write_text(R.to_toml(run_config))
+    env = {"FLWR_HOME": str(home), "RAY_TMPDIR": str(work / "ray"),
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    (work / "ray").mkdir()
+    link_log = work / "superlink.log"
+    link = start([_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+                  "--port", str(port), "--disable-runtime-dependency-installation"],
+                 link_log, env=env, cwd=Path.cwd())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", link, link_log, timeout=60)
+        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d%s)",
+                 spec.federated.num_clients, spec.federated.rounds, spec.federated.strategy,
+                 port, f", resuming {mode}" if mode else "")
+        cmd = [_bin("flwr"), "run", str(R.app_dir()), FEDERATION, "--stream",
+               "--run-config", str(work / "run_config.toml"),
+               "--federation-config", federation_config(spec)]
+        proc = subprocess.run(cmd, env={**os.environ, **env}, check=False,
+                              stdout=None if spec.train.progress != "off" else subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        result = _read_result(run_dir, proc.returncode, link_log)
+    finally:
+        stop(link)
+        shutil.rmtree(work, ignore_errors=True)
+    registered = None
+    if result.get("registered"):
+        from tracking.base import RegisteredModel
+
+        registered = RegisteredModel(**result["registered"])
+    history = result.get("history", [])
+    return RunResult(result.get("run_id"), result.get("metrics", {}), int(result["rounds"]),
+                     time.perf_counter() - t0,
+                     Path(result["checkpoint"]) if result.get("checkpoint") else None,
+                     registered, history)
+
+
+def _read_result(run_dir: Path, returncode: int, link_log: Path) -> dict:
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        tail = link_log.read_text(errors="replace")[-2000:] if link_log.is_file() else ""
+        raise RunFailed(f"the federation ended (flwr run exit {returncode}) without a result; "
+                        f"SuperLink log tail:\n{tail}")
+    result = json.loads(path.read_text())
+    if result.get("status") != "FINISHED":
+        raise RunFailed(f"federated server failed: {result.get('error')}; checkpoints kept in "
+                        f"{run_dir / 'checkpoints'}")
+    return result
