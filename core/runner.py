@@ -45,7 +45,9 @@ class RunResult:
 RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.log_every_n_steps", "train.resume",
                      "train.threads", "train.keep_checkpoints", "train.checkpoint_dir",
                      "train.early_stopping.", "data.data_dir", "data.cache_dir", "data.mirror",
-                     "data.download", "tracking.", "cluster.address")
+                     "data.download", "tracking.", "cluster.address", "federated.rounds",
+                     "federated.checkpoint_every", "federated.round_timeout",
+                     "federated.concurrency")
 
 
 def check_resume_compatible(saved: dict[str, Any], spec: ExperimentSpec, path: Path) -> None:

@@ -65,9 +65,12 @@ def train(msg: Message, context: Context) -> Message:
         spec, data, global_state, server_round=rnd, partition=partition,
         num_clients=num_clients, lr=float(cfg[R.LR]), local_epochs=int(cfg[R.LOCAL_EPOCHS]),
         proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)))
+    # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
+    weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
     return Message(RecordDict({
         R.ARRAYS: R.state_to_arrays(weights),
-        R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(data.train), **metrics}),
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: weight, "samples": len(data.train),
+                                 **metrics}),
         R.CLIENT: ConfigRecord({R.PARTITION_ID: partition, R.BYZANTINE: attack}),
     }), reply_to=msg)
 

@@ -33,12 +33,23 @@ class SampledGrid:
         return getattr(self._grid, name)
 
 
-def discover(grid: Any, expected: int, timeout: float = 120.0) -> dict[int, int]:
-    """partition id -> node id, by asking every node once (node ids change per run)."""
+def discover(grid: Any, expected: int, minimum: int = 1, timeout: float = 120.0,
+             settle: float = 5.0) -> dict[int, int]:
+    """partition id -> node id, by asking every node once (node ids change per run).
+
+    Waits for `expected` nodes; a federation of another size (e.g. `flwr run` with its
+    own num-supernodes) is accepted once at least `minimum` nodes have been connected
+    and unchanged for `settle` seconds.
+    """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
     while len(nodes := list(grid.get_node_ids())) < expected:
+        if len(nodes) != last:
+            last, since = len(nodes), time.monotonic()
+        elif len(nodes) >= minimum and time.monotonic() - since >= settle:
+            break
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(nodes)} of {expected} clients connected within "
                                f"{timeout:.0f}s")

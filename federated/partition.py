@@ -42,8 +42,11 @@ def partition_indices(labels: np.ndarray, spec: PartitionSpec, num_clients: int,
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_dict({"idx": np.arange(len(labels), dtype=np.int64),
-                                     "label": np.asarray(labels, dtype=np.int64)})
+    # IidPartitioner takes contiguous chunks (FederatedDataset shuffles first); shuffle
+    # here too, so a dataset stored sorted by class still splits IID.
+    order = np.random.default_rng([seed, 7]).permutation(len(labels))
+    labels = np.asarray(labels, dtype=np.int64)
+    ds = datasets.Dataset.from_dict({"idx": order, "label": labels[order]})
     p = partitioner(spec, num_clients, seed)
     p.dataset = ds
     try:

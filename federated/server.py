@@ -82,7 +82,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes)
     test = eval_batches(data.test, spec.data)
 
-    partitions = discover(grid, f.num_clients)
+    partitions = discover(grid, f.num_clients, minimum=f.min_fit_clients)
     population = sorted(partitions)
     node_to_partition = {n: p for p, n in partitions.items()}
     sampler = ClientSampler(spec.seed)
@@ -138,6 +138,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                                          if r.content[R.CLIENT][R.BYZANTINE])),
                                      "aggregated": float(new_arrays is not None)}
             kinds = fit.failures_by_kind()
+            for p, reason in sorted(fit.errors.items())[:1]:
+                log.warning("round %d: client %d failed: %s", rnd, p, reason.strip()[-300:])
             row["failures"] = float(len(fit.sampled) - len(fit.ok))
             row.update({f"failures_{k}": float(v) for k, v in kinds.items()})
             row.update({f"train_{k}": float(v) for k, v in (fit_metrics or {}).items()
@@ -163,7 +165,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             if eps is not None:
                 row["dp_epsilon"] = eps
             row.update({"bytes_sent": float(sent), "bytes_received": float(received),
-                        "round_seconds": time.perf_counter() - t_round})
+                        "round_seconds": time.perf_counter() - t_round,
+                        "server_peak_rss_mb": _peak_rss_mb()})
             st.history.append(row)
             st.round = rnd
             tracker.log_metrics({k: v for k, v in row.items() if k != "round"}, step=rnd)
@@ -178,6 +181,12 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
         tracker.finish("FAILED")
         raise
     return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _encode_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,19 @@ def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None) -> s
     return "latest" if any((run_dir / "checkpoints").glob("round-*.ckpt")) else ""
 
 
+def _check_compatible(run_dir: Path, spec: ExperimentSpec, mode: str) -> None:
+    """Refuse (exit 2) before starting anything if the resumed run trained another spec."""
+    from core.checkpoint import CheckpointDir
+    from core.runner import check_resume_compatible, latest_valid
+
+    where = run_dir / "checkpoints" if mode == "latest" else Path(mode)
+    found = latest_valid(CheckpointDir(where if where.is_dir() else where.parent, 1, "round"))
+    if found is None:
+        raise ValueError(f"--resume: no round checkpoint in {where}; allowed: a directory "
+                         "holding round-*.ckpt files")
+    check_resume_compatible(found[1].get("spec", {}), spec, found[0])
+
+
 def _resolve_resume(resume: str | None, uri: str | None) -> str | None:
     """A checkpoint dir/file, 'latest', or an MLflow run id (its `atoll.run_dir` tag)."""
     if not resume or resume == "latest" or Path(resume).exists():
@@ -92,67 +105,96 @@ def _resolve_resume(resume: str | None, uri: str | None) -> str | None:
     return str(Path(where) / "checkpoints")
 
 
-def federation_config(spec: ExperimentSpec) -> str:
-    f = spec.federated
-    parts = [f"num-supernodes={f.num_clients}", f"client-resources-num-cpus={f.client_cpus}",
-             f"client-resources-num-gpus={f.client_gpus}"]
-    cpus = f.concurrency or os.cpu_count() or 1
-    parts.append(f"init-args-num-cpus={max(cpus, f.client_cpus)}")
-    return " ".join(parts)
+class Federation:
+    """A private simulation SuperLink on a free loopback port; `run()` submits apps to it.
+
+    Its FLWR_HOME and Ray temp dir live in a temp directory that is removed on exit, and
+    on exit every process below the SuperLink (SuperExec, flwr-simulation, Ray) is stopped.
+    """
+
+    def __init__(self, num_clients: int, client_cpus: int = 1, client_gpus: float = 0.0,
+                 concurrency: int | None = None, cwd: Path | None = None):
+        self.num_clients, self.client_cpus, self.client_gpus = num_clients, client_cpus, \
+            client_gpus
+        self.concurrency, self.cwd = concurrency, cwd or Path.cwd()
+        self.work = Path(tempfile.mkdtemp(prefix="atoll-flwr-"))  # short: Ray socket paths
+        self.port = free_port()
+        self.log = self.work / "superlink.log"
+        home = self.work / "home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (self.work / "ray").mkdir()
+        self.env = {
+            "FLWR_HOME": str(home), "RAY_TMPDIR": str(self.work / "ray"),
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Federation:
+        self.proc = start([_bin("flower-superlink"), "--insecure", "--simulation", "--host",
+                           "127.0.0.1", "--port", str(self.port),
+                           "--disable-runtime-dependency-installation"],
+                          self.log, env=self.env, cwd=self.cwd)
+        try:
+            wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, self.log, timeout=60)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def federation_config(self) -> str:
+        cpus = max(self.concurrency or os.cpu_count() or 1, self.client_cpus)
+        return (f"num-supernodes={self.num_clients} "
+                f"client-resources-num-cpus={self.client_cpus} "
+                f"client-resources-num-gpus={self.client_gpus} init-args-num-cpus={cpus}")
+
+    def run(self, app: Path, run_config: dict, quiet: bool = False) -> int:
+        """`flwr run APP --stream` with `run_config`; returns flwr's exit status."""
+        cfg = self.work / f"run_config-{time.monotonic_ns()}.toml"
+        cfg.write_text(R.to_toml(run_config))
+        cmd = [_bin("flwr"), "run", str(app), FEDERATION, "--stream", "--run-config", str(cfg),
+               "--federation-config", self.federation_config()]
+        return subprocess.run(cmd, env={**os.environ, **self.env}, check=False,
+                              stdout=subprocess.DEVNULL if quiet else None,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
 
 
 def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
     """Simulate the federation in `spec`; returns once every process is gone again."""
     t0 = time.perf_counter()
+    f = spec.federated
     run_dir = run_dir_for(spec, {})
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(spec)
     mode = _resume_mode(run_dir, spec, _resolve_resume(resume, uri))
+    if mode:
+        _check_compatible(run_dir, spec, mode)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only this run's result counts
-    work = Path(tempfile.mkdtemp(prefix="atoll-flwr-"))
-    port = free_port()
-    home = work / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
                                   resume=mode)
-    (work / "run_config.toml").write_text(R.to_toml(run_config))
-    env = {"FLWR_HOME": str(home), "RAY_TMPDIR": str(work / "ray"),
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    (work / "ray").mkdir()
-    link_log = work / "superlink.log"
-    link = start([_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-                  "--port", str(port), "--disable-runtime-dependency-installation"],
-                 link_log, env=env, cwd=Path.cwd())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", link, link_log, timeout=60)
+    with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency) as fed:
         log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d%s)",
-                 spec.federated.num_clients, spec.federated.rounds, spec.federated.strategy,
-                 port, f", resuming {mode}" if mode else "")
-        cmd = [_bin("flwr"), "run", str(R.app_dir()), FEDERATION, "--stream",
-               "--run-config", str(work / "run_config.toml"),
-               "--federation-config", federation_config(spec)]
-        proc = subprocess.run(cmd, env={**os.environ, **env}, check=False,
-                              stdout=None if spec.train.progress != "off" else subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        result = _read_result(run_dir, proc.returncode, link_log)
-    finally:
-        stop(link)
-        shutil.rmtree(work, ignore_errors=True)
+                 f.num_clients, f.rounds, f.strategy, fed.port,
+                 f", resuming {mode}" if mode else "")
+        code = fed.run(R.app_dir(), run_config, quiet=spec.train.progress == "off")
+        result = _read_result(run_dir, code, fed.log)
     registered = None
     if result.get("registered"):
         from tracking.base import RegisteredModel
 
         registered = RegisteredModel(**result["registered"])
-    history = result.get("history", [])
     return RunResult(result.get("run_id"), result.get("metrics", {}), int(result["rounds"]),
                      time.perf_counter() - t0,
                      Path(result["checkpoint"]) if result.get("checkpoint") else None,
-                     registered, history)
+                     registered, result.get("history", []))
 
 
 def _read_result(run_dir: Path, returncode: int, link_log: Path) -> dict:

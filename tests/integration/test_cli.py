@@ -23,16 +23,28 @@ def _atoll(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPro
 
 
 def test_demo_trains_registers_and_explains_the_ui(tmp_path):
-    out = _atoll("demo", "--set", "train.epochs=3", cwd=tmp_path)
+    out = _atoll("demo", "--set", "train.epochs=3", "--set", "federated.rounds=3",
+                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "registered: digits-mlp version 1 as @candidate" in out.stdout
+    assert "== digits-fedavg: federated" in out.stdout  # the federated part follows
+    assert "registered: digits-fed version 1 as @candidate" in out.stdout
+    assert "rounds: 3" in out.stdout
     assert "mlflow run id: " in out.stdout and "make ui" in out.stdout
     assert "epoch 3/3" in out.stderr  # plain log lines when not on a terminal
     assert (tmp_path / "mlruns.db").is_file() and (tmp_path / "mlartifacts").is_dir()
-    again = _atoll("demo", "--set", "train.epochs=3", cwd=tmp_path)
+    again = _atoll("demo", "--local-only", "--set", "train.epochs=3", cwd=tmp_path)
     assert again.returncode == 0
     assert "already completed 3 epochs; starting a new run" in again.stderr
     assert "registered: digits-mlp version 2 as @candidate" in again.stdout
+
+
+def test_federated_spec_errors_exit_2_before_anything_starts(tmp_path):
+    out = _atoll("run", str(CONFIGS / "federated.yaml"), "--set", "federated.strategy=fedmean",
+                 cwd=tmp_path)
+    assert out.returncode == 2
+    assert "federated.strategy: 'fedmean' is not valid" in out.stderr
+    assert "did you mean 'fedmedian'?" in out.stderr
 
 
 def test_run_reports_mode_not_available_yet(tmp_path):

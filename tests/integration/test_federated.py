@@ -1,0 +1,217 @@
+"""Real Flower simulations (SuperLink + flwr run + Ray), tracked in a real sqlite MLflow.
+
+Each `run_federated` call starts and stops its own SuperLink; every test checks that no
+process it started is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from core.checkpoint import load
+from core.procs import free_port, start, stop, wait_http
+from core.spec import load_spec
+from federated.simulation import run_federated
+from tests.conftest import CONFIGS, ROOT
+
+pytestmark = pytest.mark.integration
+
+MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp",
+           "raylet", "gcs_server", "ray::", "default_worker.py")
+
+
+def _ours() -> dict[int, str]:
+    """Flower/Ray processes on this machine owned by this user, by pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmd for m in MARKERS):
+            found[int(entry.name)] = cmd[:120]
+    return found
+
+
+@pytest.fixture
+def no_leftovers():
+    """Fail if a Flower/Ray process that the test started is still running afterwards."""
+    before = set(_ours())
+    yield
+    import time
+
+    deadline = time.monotonic() + 10
+    while (left := {p: c for p, c in _ours().items() if p not in before}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {left}"
+
+
+def fl_spec(*overrides: str):
+    base = ["train.progress=off", "tracking.experiment=tests-fl"]
+    return load_spec(CONFIGS / "federated.yaml", base + list(overrides))
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_fedavg_dirichlet_reaches_90_percent(no_leftovers):
+    spec = fl_spec()  # 10 clients, Dirichlet α=0.5, FedAvg, 20 rounds
+    result = run_federated(spec)
+    assert result.metrics["test_accuracy"] >= 0.90, result.metrics
+    central = metric_history(result.run_id, "central_accuracy")
+    assert [s for s, _ in central] == list(range(1, 21))
+    assert len(metric_history(result.run_id, "federated_val_accuracy")) == 20
+    assert all(v == 10 for _, v in metric_history(result.run_id, "participants"))
+    assert all(v > 0 for _, v in metric_history(result.run_id, "bytes_received"))
+    client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")
+    arts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert {"plots/partition.png", "plots/rounds.png"} <= arts
+    mv = client.get_model_version_by_alias("digits-fed", "candidate")
+    assert mv.run_id == result.run_id
+    assert mv.tags["strategy"] == "fedavg" and mv.tags["partition"] == "dirichlet"
+    assert mv.tags["rounds"] == "20"
+
+
+def test_failing_clients_are_counted_and_rounds_complete(no_leftovers):
+    spec = fl_spec("federated.rounds=4", "federated.faults.dropout=0.15",
+                   "federated.faults.crash=0.15",
+                   "federated.fraction_evaluate=0", "tracking.registered_model=null")
+    result = run_federated(spec)
+    assert result.epochs == 4
+    h = result.history
+    injected = [r.get("failures_dropout", 0) + r.get("failures_crash", 0) for r in h]
+    assert sum(injected) > 0
+    assert [r["failures"] for r in h] == injected  # nothing else failed, nothing hung
+    assert [r["participants"] for r in h] == [10 - i for i in injected]
+    assert [v for _, v in metric_history(result.run_id, "failures")] == injected
+    assert result.metrics["test_accuracy"] > 0.6  # rounds completed with who answered
+
+
+def test_stragglers_miss_the_round_timeout(no_leftovers):
+    spec = fl_spec("federated.rounds=2", "federated.num_clients=4", "federated.local_epochs=1",
+                   "federated.faults.straggler=0.3", "federated.faults.straggler_delay=4",
+                   "federated.round_timeout=2", "federated.fraction_evaluate=0",
+                   "tracking.log_model=false")
+    result = run_federated(spec)
+    assert result.epochs == 2
+    assert sum(r["failures_timeout"] for r in result.history) > 0
+    assert all(r["round_seconds"] < 4 for r in result.history)  # the server did not wait
+
+
+@pytest.fixture(scope="module")
+def attacked():
+    """Clean FedAvg vs 20 % sign-flip attackers under FedAvg, FedMedian and Krum."""
+    base = ["federated.rounds=15", "federated.local_epochs=2", "federated.partition.method=iid",
+            "federated.fraction_evaluate=0", "tracking.log_model=false",
+            "federated.byzantine.scale=4"]
+    attack = ["federated.byzantine.fraction=0.2", "federated.byzantine.attack=sign_flip"]
+    runs = {"clean": base, "fedavg": base + attack,
+            "fedmedian": base + attack + ["federated.strategy=fedmedian"],
+            "krum": base + attack + ["federated.strategy=krum"]}
+    return {k: run_federated(fl_spec(*v, f"name=byz-{k}")).metrics["test_accuracy"]
+            for k, v in runs.items()}
+
+
+def test_robust_aggregation_resists_sign_flip(attacked):
+    print(f"\ntest accuracy under 20% sign-flip: {attacked}")
+    assert attacked["clean"] >= 0.9
+    assert attacked["fedmedian"] >= attacked["clean"] - 0.05
+    assert attacked["krum"] >= attacked["clean"] - 0.05
+    assert attacked["fedavg"] < attacked["clean"] - 0.05  # the attack does bite FedAvg
+
+
+def test_resume_equals_uninterrupted_run(no_leftovers):
+    common = ["federated.strategy=fedadam", "federated.server_lr=0.05",
+              "federated.fraction_fit=0.5", "federated.local_epochs=1",
+              "federated.fraction_evaluate=0", "tracking.log_model=false"]
+    full = run_federated(fl_spec(*common, "federated.rounds=4", "name=full"))
+    part = run_federated(fl_spec(*common, "federated.rounds=2", "name=part"))
+    assert part.epochs == 2
+    resumed = run_federated(fl_spec(*common, "federated.rounds=4", "name=part"),
+                            resume="latest")
+    assert resumed.run_id == part.run_id  # same MLflow run continues
+    a, b = load(full.checkpoint)["model"], load(resumed.checkpoint)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = [s for s, _ in metric_history(resumed.run_id, "central_accuracy")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_with_a_changed_spec_is_refused(tmp_path):
+    from core.spec import SpecError
+
+    spec = fl_spec("federated.rounds=1", "federated.num_clients=3", "name=r",
+                   "federated.fraction_evaluate=0", "tracking.log_model=false")
+    run_federated(spec)
+    with pytest.raises(SpecError, match="federated.strategy"):
+        run_federated(spec.model_copy(update={"federated": spec.federated.model_copy(
+            update={"strategy": "fedmedian"})}), resume="latest")
+
+
+def test_server_side_dp_records_epsilon(no_leftovers):
+    spec = fl_spec("federated.rounds=3", "federated.num_clients=5",
+                   "federated.privacy.mode=server-fixed",
+                   "federated.privacy.noise_multiplier=0.3",
+                   "federated.privacy.clipping_norm=5", "federated.fraction_evaluate=0",
+                   "tracking.log_model=false")
+    result = run_federated(spec)
+    eps = [r["dp_epsilon"] for r in result.history]
+    assert len(eps) == 3 and 0 < eps[0] < eps[1] < eps[2]
+    params = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}").get_run(
+        result.run_id).data.params
+    assert params["federated.privacy.noise_multiplier"] == "0.3"
+
+
+def test_flwr_run_dot_works_and_leaves_nothing_behind(tmp_path, no_leftovers):
+    """The plain Flower CLI path: our SuperLink, `flwr run .` from the project root."""
+    port = free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "t"\n\n[superlink.t]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n")
+    bin_dir = Path(sys.executable).parent
+    ray_tmp = tempfile.mkdtemp(prefix="atoll-ray-")  # Ray's socket paths must stay short
+    env = {"FLWR_HOME": str(home), "RAY_TMPDIR": ray_tmp,
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "superlink.log"
+    link = start([str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host",
+                  "127.0.0.1", "--port", str(port)], log, env=env, cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", link, log)
+        uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+        run_dir = tmp_path / "run"
+        cfg = (f'num-server-rounds=2 run-dir="{run_dir}" tracking-uri="{uri}" '
+               'overrides="federated.local_epochs=1;tracking.log_model=false"')
+        out = subprocess.run(
+            [str(bin_dir / "flwr"), "run", ".", "t", "--stream", "--run-config", cfg,
+             "--federation-config", "num-supernodes=4 client-resources-num-cpus=1"],
+            cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        assert (run_dir / "result.json").is_file(), out.stdout[-3000:] + out.stderr[-3000:]
+        result = json.loads((run_dir / "result.json").read_text())
+    finally:
+        stop(link)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result["status"] == "FINISHED" and result["rounds"] == 2
+    assert result["history"][-1]["participants"] == 4  # the federation's size, not the spec's
+    runs = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("atoll-federated").experiment_id])
+    assert [r.info.run_id for r in runs] == [result["run_id"]]
