@@ -113,10 +113,14 @@ class Federation:
     """
 
     def __init__(self, num_clients: int, client_cpus: int = 1, client_gpus: float = 0.0,
-                 concurrency: int | None = None, cwd: Path | None = None):
+                 concurrency: int | None = None, cwd: Path | None = None,
+                 ray_address: str | None = None):
         self.num_clients, self.client_cpus, self.client_gpus = num_clients, client_cpus, \
             client_gpus
         self.concurrency, self.cwd = concurrency, cwd or Path.cwd()
+        # An existing Ray cluster hosts the clients (Flower's backend calls ray.init(),
+        # which connects to RAY_ADDRESS); otherwise the simulation starts its own Ray.
+        self.ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
         self.work = Path(tempfile.mkdtemp(prefix="atoll-flwr-"))  # short: Ray socket paths
         self.port = free_port()
         self.log = self.work / "superlink.log"
@@ -131,6 +135,8 @@ class Federation:
             "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        if self.ray_address:
+            self.env["RAY_ADDRESS"] = self.ray_address
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Federation:
@@ -151,10 +157,12 @@ class Federation:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def federation_config(self) -> str:
+        cfg = (f"num-supernodes={self.num_clients} client-resources-num-cpus={self.client_cpus} "
+               f"client-resources-num-gpus={self.client_gpus}")
+        if self.ray_address:  # the cluster's resources are what they are
+            return cfg
         cpus = max(self.concurrency or os.cpu_count() or 1, self.client_cpus)
-        return (f"num-supernodes={self.num_clients} "
-                f"client-resources-num-cpus={self.client_cpus} "
-                f"client-resources-num-gpus={self.client_gpus} init-args-num-cpus={cpus}")
+        return f"{cfg} init-args-num-cpus={cpus}"
 
     def run(self, app: Path, run_config: dict, quiet: bool = False) -> int:
         """`flwr run APP --stream` with `run_config`; returns flwr's exit status."""
@@ -180,9 +188,11 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only this run's result counts
     run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
                                   resume=mode)
-    with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency) as fed:
-        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d%s)",
+    with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency,
+                    ray_address=os.environ.get("RAY_ADDRESS") or spec.cluster.address) as fed:
+        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d, Ray %s%s)",
                  f.num_clients, f.rounds, f.strategy, fed.port,
+                 fed.ray_address or "started for this run",
                  f", resuming {mode}" if mode else "")
         code = fed.run(R.app_dir(), run_config, quiet=spec.train.progress == "off")
         result = _read_result(run_dir, code, fed.log)

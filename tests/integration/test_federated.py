@@ -215,3 +215,54 @@ def test_flwr_run_dot_works_and_leaves_nothing_behind(tmp_path, no_leftovers):
     runs = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("atoll-federated").experiment_id])
     assert [r.info.run_id for r in runs] == [result["run_id"]]
+
+
+def test_federation_reuses_an_existing_ray_cluster(tmp_path, no_leftovers):
+    """RAY_ADDRESS set: the clients run on that cluster, which outlives the federation."""
+    ray_tmp = tempfile.mkdtemp(prefix="atoll-rh-")
+    port = free_port()
+    log = tmp_path / "ray-head.log"
+    bin_dir = Path(sys.executable).parent
+    head = start([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2",
+                  "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={ray_tmp}",
+                  "--include-dashboard=false", "--disable-usage-stats"], log)
+    try:
+        address = f"127.0.0.1:{port}"
+        _wait_ray(address, head, log)
+        os.environ["RAY_ADDRESS"] = address
+        try:
+            spec = fl_spec("federated.rounds=2", "federated.num_clients=3",
+                           "federated.fraction_evaluate=0", "tracking.log_model=false")
+            result = run_federated(spec)
+        finally:
+            del os.environ["RAY_ADDRESS"]
+        assert result.epochs == 2 and result.history[-1]["participants"] == 3
+        assert head.poll() is None  # the cluster we were given is still up
+        assert "ClientAppActor" in _ray_log_text(ray_tmp)  # clients ran on it
+    finally:
+        stop(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_ray(address: str, head: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address="
+                                f"'{address}', log_to_driver=False); ray.shutdown()"],
+                               capture_output=True, timeout=60, check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+def _ray_log_text(ray_tmp: str) -> str:
+    text = []
+    for p in Path(ray_tmp).glob("session_*/logs/*"):
+        if p.is_file() and p.suffix in (".out", ".err", ".log"):
+            text.append(p.read_text(errors="replace"))
+    return "\n".join(text)
