@@ -94,6 +94,10 @@ def dispatch(spec: ExperimentSpec, resume: str | None = None):  # -> RunResult |
               "(continual/streams.py) but not yet trained by `atoll run`; allowed now: none",
               file=sys.stderr)
         raise SystemExit(EXIT_SPEC)
+    if resume is not None and spec.mode != "federated":
+        print(f"atoll: --resume: applies to federated runs; a {spec.mode} run resumes by "
+              "re-running its name (train.resume); allowed: drop --resume", file=sys.stderr)
+        raise SystemExit(EXIT_SPEC)
     if spec.mode == "local":
         from core.runner import run_local
 

@@ -64,6 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     weights, metrics, attack = task.local_train(
         spec, data, global_state, server_round=rnd, partition=partition,
         num_clients=num_clients, lr=float(cfg[R.LR]), local_epochs=int(cfg[R.LOCAL_EPOCHS]),
+        batch_size=int(cfg[R.BATCH_SIZE]),
         proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)))
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
     weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)

@@ -41,6 +41,7 @@ NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
 ROUND = "server-round"  # set by Flower's configure_train/evaluate
 LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
 
 # --- reply ConfigRecord keys (client -> server) ----------------------------------------

@@ -121,6 +121,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             t_round = time.perf_counter()
             lr = spec.optim.lr * f.lr_decay ** (rnd - 1)
             train_cfg = ConfigRecord({R.LR: lr, R.LOCAL_EPOCHS: f.local_epochs,
+                                      R.BATCH_SIZE: f.batch_size or spec.data.batch_size,
                                       R.PROXIMAL_MU: f.proximal_mu
                                       if f.strategy == "fedprox" else 0.0})
             chosen = sampler.sample(population, f.fraction_fit, f.min_fit_clients)

@@ -89,16 +89,14 @@ def _resolve_resume(resume: str | None, uri: str | None) -> str | None:
     if uri is None:
         raise ValueError(f"--resume: {resume!r} is not a path and tracking is off; allowed: "
                          "a checkpoint directory or file, or 'latest'")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from tracking import run_tag
 
     try:
-        tags = MlflowClient(uri).get_run(resume).data.tags
-    except MlflowException:
+        where = run_tag(uri, resume, "atoll.run_dir")
+    except KeyError:
         raise ValueError(f"--resume: {resume!r} is neither a path nor an MLflow run id in "
                          f"{uri}; allowed: a checkpoint directory or file, 'latest', or a "
                          "run id") from None
-    where = tags.get("atoll.run_dir")
     if not where:
         raise ValueError(f"--resume: run {resume} has no atoll.run_dir tag; allowed: a "
                          "federated run's id")

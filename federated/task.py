@@ -70,7 +70,7 @@ def _seed(spec: ExperimentSpec, server_round: int, partition: int) -> int:
 
 def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, torch.Tensor],
                 *, server_round: int, partition: int, num_clients: int, lr: float,
-                local_epochs: int, proximal_mu: float = 0.0
+                local_epochs: int, batch_size: int, proximal_mu: float = 0.0
                 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
     """Train from the global weights; returns (weights to send, metrics, attack applied)."""
     seed = _seed(spec, server_round, partition)
@@ -80,7 +80,6 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
     train = data.train
     if attack == "label_flip":
         train = Split(train.x, flip_labels(train.y, data.bundle.num_classes))
-    batch_size = spec.federated.batch_size or spec.data.batch_size
     batches = Batches(train, batch_size, shuffle=True, seed=seed)
     local = spec.model_copy(update={"train": spec.train.model_copy(update={
         "epochs": local_epochs, "progress": "off", "device": "cpu"})})

@@ -19,7 +19,18 @@ from tracking.uri import TrackingUnavailable, check_reachable, default_uri, reso
 log = logging.getLogger("atoll.tracking")
 
 __all__ = ["NullTracker", "RegisteredModel", "Tracker", "TrackingUnavailable", "default_uri",
-           "make_tracker", "resolve_uri", "run_tags"]
+           "make_tracker", "resolve_uri", "run_tag", "run_tags"]
+
+
+def run_tag(uri: str, run_id: str, key: str) -> str | None:
+    """A tag of an existing run; KeyError when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(run_id).data.tags.get(key)
+    except MlflowException:
+        raise KeyError(run_id) from None
 
 
 def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,

@@ -47,6 +47,11 @@ def test_federated_spec_errors_exit_2_before_anything_starts(tmp_path):
     assert "did you mean 'fedmedian'?" in out.stderr
 
 
+def test_resume_flag_is_for_federated_runs(tmp_path):
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--resume", "latest", cwd=tmp_path)
+    assert out.returncode == 2 and "--resume: applies to federated runs" in out.stderr
+
+
 def test_run_reports_mode_not_available_yet(tmp_path):
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster", cwd=tmp_path)
     assert out.returncode == 2

@@ -145,7 +145,7 @@ def test_resume_equals_uninterrupted_run(no_leftovers):
     part = run_federated(fl_spec(*common, "federated.rounds=2", "name=part"))
     assert part.epochs == 2
     resumed = run_federated(fl_spec(*common, "federated.rounds=4", "name=part"),
-                            resume="latest")
+                            resume=part.run_id)  # by MLflow run id (its atoll.run_dir tag)
     assert resumed.run_id == part.run_id  # same MLflow run continues
     a, b = load(full.checkpoint)["model"], load(resumed.checkpoint)["model"]
     for k in a:
