@@ -34,7 +34,7 @@ def atoll_once(clients: int, rounds: int, work: Path, i: int) -> dict:
         "data.val_fraction=0", "data.test_fraction=0.2", "model.name=mlp",
         "model.hidden=[128, 64]", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9",
         f"federated.num_clients={clients}", f"federated.rounds={rounds}",
-        "federated.local_epochs=1", "federated.partition.method=iid",
+        "federated.local_epochs=3", "federated.partition.method=iid",
         "federated.partition.val_fraction=0", "federated.min_fit_clients=2",
         "train.progress=off", f"train.checkpoint_dir={work / 'ckpt'}",
         f"tracking.uri=sqlite:///{work / 'mlruns.db'}", "tracking.log_model=false"])
@@ -51,7 +51,8 @@ def plain_once(clients: int, rounds: int, work: Path, i: int) -> dict:
     out = work / f"plain-{i}.json"
     t0 = time.perf_counter()
     with Federation(num_clients=clients, client_cpus=1) as fed:
-        fed.run(PLAIN, {"num-server-rounds": rounds, "result-file": str(out)}, quiet=True)
+        fed.run(PLAIN, {"num-server-rounds": rounds, "local-epochs": 3, "result-file": str(out)},
+                quiet=True)
     wall = time.perf_counter() - t0
     r = json.loads(out.read_text())
     return {"wall": wall, "first_round": r["round_seconds"][0], "rounds": r["round_seconds"][1:],

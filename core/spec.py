@@ -308,7 +308,8 @@ class FederatedSpec(_Section):
     lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="client lr × lr_decay^(round-1)")
     strategy: str = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0, description="fedprox")
-    server_lr: float = Field(1.0, gt=0.0, description="fedavgm / fedadam/yogi/adagrad eta")
+    server_lr: float | None = Field(
+        None, gt=0.0, description="fedavgm lr / fedadam,yogi,adagrad eta; default Flower's")
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm")
     tau: float = Field(1e-3, gt=0.0, description="fedadam/yogi/adagrad adaptivity")
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5, description="fedtrimmedavg cut per side")

@@ -37,11 +37,14 @@ def build_strategy(spec: ExperimentSpec, sampled: int) -> Any:
                   weighted_by_key=R.NUM_EXAMPLES, arrayrecord_key=R.ARRAYS,
                   configrecord_key=R.CONFIG)
     name = f.strategy
-    opt = dict(eta=f.server_lr, eta_l=spec.optim.lr, tau=f.tau)
+    # server_lr unset: Flower's own defaults (FedAvgM 1.0, FedAdam/FedAdagrad 0.1, FedYogi 0.01)
+    opt: dict[str, Any] = dict(eta_l=spec.optim.lr, tau=f.tau)
+    if f.server_lr is not None:
+        opt["eta"] = f.server_lr
     if name == "fedavg":
         s = fs.FedAvg(**common)
     elif name == "fedavgm":
-        s = fs.FedAvgM(**common, server_learning_rate=f.server_lr,
+        s = fs.FedAvgM(**common, server_learning_rate=f.server_lr or 1.0,
                        server_momentum=f.server_momentum)
     elif name == "fedprox":
         s = fs.FedProx(**common, proximal_mu=f.proximal_mu)
