@@ -58,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-only", action="store_true", help="skip the federated part")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("submit", help="submit a spec to a Ray cluster as a job",
+                       description="Submit `atoll run SPEC` to a Ray cluster's Job API. The "
+                       "spec is validated and resolved here (absolute MLflow store and Ray "
+                       "storage path) and shipped in the job's working directory (the current "
+                       "directory, without .venv, .git, mlruns*, mlartifacts, data caches).")
+    _spec_args(p)
+    _address_arg(p)
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs",
+                       description="Ray jobs on a cluster: list | status ID | logs ID "
+                       "[--follow] | stop ID.")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    for name, hlp in (("list", "all jobs"), ("status", "one job's status"),
+                      ("logs", "one job's logs"), ("stop", "stop a job")):
+        q = jobs.add_parser(name, help=hlp, description=f"{hlp.capitalize()}.")
+        _address_arg(q)
+        if name != "list":
+            q.add_argument("job_id", help="submission id (as printed by atoll submit)")
+        if name == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends")
+        q.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store (127.0.0.1)",
                        description="Serve the MLflow UI for the default store (./mlruns.db) or "
                        "MLFLOW_TRACKING_URI, bound to 127.0.0.1 unless --host says otherwise.")
@@ -66,6 +90,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=None, help="backend store URI (default ./mlruns.db)")
     p.set_defaults(func=cmd_ui)
     return parser
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    default = os.environ.get("RAY_ADDRESS", "")
+    p.add_argument("--address", default=default if default.startswith("http") else
+                   "http://127.0.0.1:8265",
+                   help="Ray dashboard/Job API address (default $RAY_ADDRESS if it is an "
+                   "http URL, else http://127.0.0.1:8265)")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    spec = _load(args)
+    job_id = jobs.submit(spec, args.address)
+    print(f"submitted: {job_id}  ({spec.name}, mode {spec.mode}) to {args.address}")
+    print(f"follow it: atoll jobs logs {job_id} --follow --address {args.address}")
+    if args.wait:
+        final = jobs.wait(args.address, job_id)
+        jobs.logs(args.address, job_id)
+        print(f"job {job_id}: {final}")
+        return 0 if final == "SUCCEEDED" else EXIT_FAILED
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if args.jobs_command == "list":
+        for row in jobs.listing(args.address):
+            print(f"{row['id']:<28} {row['status']:<10} {row['name']:<20} {row['entrypoint']}")
+    elif args.jobs_command == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.jobs_command == "logs":
+        jobs.logs(args.address, args.job_id, follow=args.follow)
+    else:
+        print("stopped" if jobs.stop(args.address, args.job_id) else "not running")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> ExperimentSpec:
@@ -106,9 +168,9 @@ def dispatch(spec: ExperimentSpec, resume: str | None = None):  # -> RunResult |
         from federated.simulation import run_federated
 
         return run_federated(spec, resume=resume)
-    print(f"atoll: mode {spec.mode!r} is not available yet in this version; "
-          "allowed now: local, federated", file=sys.stderr)
-    raise SystemExit(EXIT_SPEC)
+    from cluster.runner import run_cluster
+
+    return run_cluster(spec)
 
 
 def _report(spec: ExperimentSpec, result) -> None:

@@ -244,10 +244,38 @@ class ContinualSpec(_Section):
 
 
 class ClusterSpec(_Section):
+    """Ray Train: where, how many workers, and how the model is parallelised."""
+
     address: str | None = Field(None, description="Ray address; RAY_ADDRESS wins if set")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     strategy: Literal["ddp", "fsdp", "pipeline", "hybrid"] = "ddp"
+    schedule: Literal["gpipe", "1f1b"] = Field("gpipe", description="pipeline schedule")
+    microbatches: int = Field(4, ge=1, description="pipeline microbatches per batch")
+    pipeline_stages: int | None = Field(
+        None, ge=2, description="hybrid: stages per replica; default 2 (pipeline: all workers)")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
+    storage_path: str | None = Field(None, description="absolute; default .atoll/ray_results")
+    checkpoint_metric: str | None = Field(
+        None, description="keep the best checkpoints by this epoch metric (else the newest)")
+    checkpoint_mode: Literal["min", "max"] = "max"
+
+    @model_validator(mode="after")
+    def _layout(self) -> ClusterSpec:
+        if self.strategy == "hybrid":
+            pp = self.pipeline_stages or 2
+            if self.num_workers % pp or self.num_workers // pp < 2:
+                raise ValueError(f"cluster.num_workers: {self.num_workers} is not dp × pp with "
+                                 f"dp ≥ 2 and pp = {pp}; allowed: multiples of {pp}, at least "
+                                 f"{2 * pp}")
+        if self.strategy == "pipeline" and self.num_workers < 2:
+            raise ValueError("cluster.num_workers: 1 cannot hold a pipeline; allowed: >= 2")
+        if self.checkpoint_metric is not None and self.checkpoint_metric not in EPOCH_METRICS:
+            raise ValueError(f"cluster.checkpoint_metric: {self.checkpoint_metric!r} is not an "
+                             f"epoch metric; allowed: {', '.join(EPOCH_METRICS)}")
+        return self
 
 
 FL_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",

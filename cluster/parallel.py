@@ -1,0 +1,109 @@
+"""How one worker holds the model under each `cluster.strategy`: DDP or FSDP2.
+
+A Layout gives the loop what it needs (the module to call, `reduce` for metrics, `no_sync`
+for gradient accumulation) and gives checkpoints a full, unsharded state dict — gathered
+collectively, so every rank must call `full_state`/`full_optim_state` together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class Layout:
+    model: nn.Module  # what the loop calls
+    base: nn.Module  # the user's module (parameters may be sharded)
+    dp_rank: int
+    dp_size: int
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None
+    full_state: Callable[[], dict[str, torch.Tensor]]
+    full_optim_state: Callable[[torch.optim.Optimizer], dict[str, Any]]
+    load_full_state: Callable[[dict[str, torch.Tensor]], None]
+    load_full_optim_state: Callable[[torch.optim.Optimizer, dict[str, Any]], None]
+    description: dict[str, Any]
+
+
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum across ranks (float64 metric stats stay on CPU for gloo; moved for nccl)."""
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        moved = t.cuda()
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+        return moved.to(t.device)
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def ddp(model: nn.Module, device: torch.device) -> Layout:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def load_optim(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        opt.load_state_dict(state)
+
+    return Layout(
+        model=wrapped, base=model, dp_rank=dist.get_rank(), dp_size=dist.get_world_size(),
+        reduce=all_reduce_sum, no_sync=wrapped.no_sync,
+        full_state=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        full_optim_state=lambda opt: opt.state_dict(),
+        load_full_state=model.load_state_dict, load_full_optim_state=load_optim,
+        description={"parallel": "ddp", "dp": dist.get_world_size()})
+
+
+def fsdp(model: nn.Module, device: torch.device) -> Layout:
+    """FSDP2: every child with parameters is its own shard unit, then the root."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+    def load_state(state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(model, state, options=load)
+
+    def optim_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+        return get_optimizer_state_dict(model, opt, options=full)
+
+    def load_optim(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(model, opt, state, options=load)
+
+    return Layout(
+        model=model, base=model, dp_rank=dist.get_rank(), dp_size=world, reduce=all_reduce_sum,
+        no_sync=None, full_state=lambda: get_model_state_dict(model, options=full),
+        full_optim_state=optim_state, load_full_state=load_state,
+        load_full_optim_state=load_optim,
+        description={"parallel": "fsdp2", "dp": world, "shard_units": sum(
+            1 for c in model.children() if any(True for _ in c.parameters())) + 1})
+
+
+def build(strategy: str, model: nn.Module, device: torch.device) -> Layout:
+    if strategy == "ddp":
+        return ddp(model, device)
+    if strategy == "fsdp":
+        return fsdp(model, device)
+    raise ValueError(f"cluster.strategy: {strategy!r} is not implemented in this version; "
+                     "allowed: ddp, fsdp")

@@ -1,0 +1,133 @@
+"""The function every Ray Train worker runs: thin glue around `core/loop.py`.
+
+Re-validates the spec, builds the data shard and the parallel layout, restores the
+latest Ray Train checkpoint (after a worker died, or when a job name is re-run), trains
+with the one loop, and reports each epoch with a checkpoint from rank 0. Only rank 0 logs,
+into the MLflow run the driver created.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_FILE = "state.ckpt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from cluster.parallel import build
+    from core.checkpoint import load, save
+    from core.components import build_components, checkpoint_payload, seed_everything
+    from core.data import Batches, Split, eval_batches, load_data
+    from core.loop import TrainState, train_task
+    from core.spec import validate
+    from models import build_model
+
+    spec = validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = torch.device("cuda", ctx.get_local_rank()) if spec.cluster.use_gpu \
+        else torch.device("cpu")
+    torch.set_num_threads(spec.cluster.cpus_per_worker)
+    _record_pid(Path(config["run_dir"]), rank)
+    seed_everything(spec.seed)
+    data = load_data(spec.data, spec.seed)
+    torch.manual_seed(spec.seed)  # every rank starts from the same weights
+    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    layout = build(spec.cluster.strategy, model, device)
+    per_rank = spec.data.batch_size // layout.dp_size
+    aug = spec.data.augment if data.is_image else None
+    train = Batches(data.train, per_rank, shuffle=True, seed=spec.seed, rank=layout.dp_rank,
+                    world=layout.dp_size, shift=aug.shift if aug else 0,
+                    noise_std=aug.noise_std if aug else 0.0)
+    val_shard = Split(data.val.x[layout.dp_rank::layout.dp_size],
+                      data.val.y[layout.dp_rank::layout.dp_size])
+    val = eval_batches(val_shard, spec.data) if len(data.val) else None
+    c = build_components(spec, data, len(train), device=device, model=layout.model)
+    state = TrainState()
+
+    found = ray.train.get_checkpoint()
+    if found is not None:
+        with found.as_directory() as d:
+            payload = load(Path(d) / CKPT_FILE)
+        layout.load_full_state(payload["model"])
+        restore_rest(c, state, payload, layout)
+
+    tracker = _tracker(spec, config, rank)
+    if rank == 0:
+        _backfill(tracker, state)
+
+    def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
+        full = layout.full_state()  # collective under FSDP: all ranks call it
+        optim = layout.full_optim_state(c.optimizer)
+        shown = {k: v for k, v in metrics.items() if k != "samples"}
+        if rank == 0:
+            staging = Path(config["run_dir"]) / ".staging"
+            staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=staging) as d:
+                payload = checkpoint_payload(c, st, model_state=full, run_id=config["run_id"],
+                                             spec=config["spec"])
+                payload["optimizer"] = optim
+                save(payload, Path(d) / CKPT_FILE)
+                ray.train.report({**shown, "epoch": st.epoch},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d))
+            # logged after the checkpoint is durable: a crash in between is back-filled
+            # from the checkpoint's history on restart, so no epoch is logged twice
+            tracker.log_metrics(shown, step=st.epoch)
+            tracker.wait()
+        else:
+            ray.train.report({**shown, "epoch": st.epoch})
+
+    on_step = (lambda step, m: tracker.log_metrics(m, step=step)) if rank == 0 else None
+    train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state, data.num_classes,
+               scheduler=c.scheduler, strategy=c.strategy, reduce=layout.reduce,
+               on_step=on_step, on_epoch_end=on_epoch_end, no_sync=layout.no_sync)
+    if rank == 0:
+        tracker.wait()
+
+
+def restore_rest(c: Any, state: Any, payload: dict[str, Any], layout: Any) -> None:
+    """Optimizer (through the layout), scheduler, strategy, counters and RNGs."""
+    from core.checkpoint import set_rng_state
+
+    layout.load_full_optim_state(c.optimizer, payload["optimizer"])
+    c.scheduler.load_state_dict(payload["scheduler"])
+    c.strategy.load_state_dict(payload["strategy"])
+    state.load_state_dict(payload["state"])
+    set_rng_state(payload["rng"])
+
+
+def _record_pid(run_dir: Path, rank: int) -> None:
+    """`workers/rank-N.pid`: which process is which rank (operators, fault tests)."""
+    d = run_dir / "workers"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"rank-{rank}.pid").write_text(str(os.getpid()))
+
+
+def _tracker(spec: Any, config: dict[str, Any], rank: int) -> Any:
+    from tracking import NullTracker, make_tracker
+
+    if rank != 0 or not config.get("run_id"):
+        return NullTracker()
+    tracking = spec.tracking.model_copy(update={"uri": config["tracking_uri"]})
+    return make_tracker(tracking, spec.name, mode="cluster", run_id=config["run_id"])
+
+
+def _backfill(tracker: Any, state: Any) -> None:
+    """Log epochs the checkpoint has but MLflow lacks (a worker died between the two)."""
+    client = getattr(tracker, "client", None)
+    if client is None or not state.history:
+        return
+    logged = {m.step for m in client.get_metric_history(tracker.run_id, "train_loss")}
+    for row in state.history:
+        epoch = int(row["epoch"])
+        if epoch not in logged:
+            tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "samples")},
+                                step=epoch)
+    tracker.wait()

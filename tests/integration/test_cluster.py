@@ -1,0 +1,121 @@
+"""Cluster mode against a real `ray start --head` on 127.0.0.1 that this module starts.
+
+The head runs in its own session with its own ports and temp dir, with the venv first on
+PATH (a job's `atoll` is whatever the head's PATH has), and is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cluster import jobs
+from core.procs import free_port, start, stop, wait_http
+from core.spec import load_spec
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    tmp = tempfile.mkdtemp(prefix="atoll-rc-")  # short: Ray's socket paths
+    port, dash, agent, agent_grpc, env_agent, metrics = (free_port() for _ in range(6))
+    log = Path(tmp) / "head.log"
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = start([str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
+                  "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+                  f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats",
+                  # own ports for every agent: another Ray on this machine (a Flower
+                  # simulation, a second test run) must not take the job agent's default
+                  f"--dashboard-agent-listen-port={agent}",
+                  f"--dashboard-agent-grpc-port={agent_grpc}",
+                  f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
+                 log, env=env, cwd=Path(tmp))
+    try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version", head, log, timeout=120)
+        yield {"gcs": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{dash}", "tmp": tmp}
+    finally:
+        stop(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _store(cwd: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{cwd / 'mlruns.db'}")
+
+
+def _run_of(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name("tests-cluster")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_submitted_ddp_job_trains_tracks_and_registers(ray_head, tmp_path):
+    out = subprocess.run(
+        [str(BIN / "atoll"), "submit", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster",
+         "--set", "name=job-ddp", "--set", "train.epochs=3", "--set", "train.progress=off",
+         "--set", "tracking.experiment=tests-cluster", "--address", ray_head["http"], "--wait"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "SUCCEEDED" in out.stdout and "registered: digits-mlp version 1" in out.stdout
+    job_id = out.stdout.split("submitted: ")[1].split()[0]
+    assert any(r["id"] == job_id and r["status"] == "SUCCEEDED"
+               for r in jobs.listing(ray_head["http"]))
+    client = _store(tmp_path)
+    run = _run_of(client, "job-ddp")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["cluster.per_rank_batch"] == "16"  # global 32 over 2 workers
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == [1, 2, 3]
+    assert run.data.metrics["test_accuracy"] > 0.9
+    assert run.data.metrics["samples_per_s"] > 0
+    mv = client.get_model_version_by_alias("digits-mlp", "candidate")
+    assert mv.run_id == run.info.run_id and mv.tags["mode"] == "cluster"
+
+
+def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypatch):
+    """SIGKILL rank 1 mid-training: the worker group restarts from the last checkpoint."""
+    overrides = ["mode=cluster", "train.epochs=40", "train.progress=off",
+                 "tracking.experiment=tests-cluster", "tracking.log_model=false",
+                 "cluster.max_failures=2"]
+    spec = load_spec(CONFIGS / "demo.yaml", [*overrides, "name=killed"])
+    job = jobs.submit(spec, ray_head["http"], working_dir=tmp_path,
+                      entrypoint_cmd=str(BIN / "atoll"))
+    run_dir = tmp_path / ".atoll" / "ray_results" / "killed"
+    pid_file = run_dir / "workers" / "rank-1.pid"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 3:
+        assert jobs.status(ray_head["http"], job) in ("PENDING", "RUNNING"), \
+            jobs.client(ray_head["http"]).get_job_logs(job)[-3000:]
+        time.sleep(0.1)
+    victim = int(pid_file.read_text())
+    os.kill(victim, signal.SIGKILL)
+    final = jobs.wait(ray_head["http"], job, timeout=600)
+    logs = jobs.client(ray_head["http"]).get_job_logs(job)
+    assert final == "SUCCEEDED", logs[-4000:]
+    assert int(pid_file.read_text()) != victim  # a new worker took rank 1
+    client = _store(tmp_path)
+    run = _run_of(client, "killed")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 41))  # every epoch once, in order: no gaps, no repeats
+    # the same spec without the kill, in this process against the same head
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["gcs"])
+    monkeypatch.chdir(tmp_path)
+    from cluster.runner import run_cluster
+
+    clean = run_cluster(load_spec(CONFIGS / "demo.yaml", [*overrides, "name=clean"]))
+    assert abs(run.data.metrics["test_accuracy"] - clean.metrics["test_accuracy"]) <= 0.02
+    assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 40
