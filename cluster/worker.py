@@ -52,16 +52,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     c = build_components(spec, data, len(train), device=device, model=layout.model)
     state = TrainState()
 
-    found = ray.train.get_checkpoint()
-    if found is not None:
-        with found.as_directory() as d:
-            payload = load(Path(d) / CKPT_FILE)
+    payload = _newest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]), load)
+    if payload is not None:
         layout.load_full_state(payload["model"])
         restore_rest(c, state, payload, layout)
 
     tracker = _tracker(spec, config, rank)
     if rank == 0:
         _backfill(tracker, state)
+        if state.epoch == 0:
+            tracker.log_params({f"cluster.layout.{k}": v for k, v in layout.description.items()}
+                               | {"cluster.world_size": layout.dp_size,
+                                  "cluster.device": str(device)})
 
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
         full = layout.full_state()  # collective under FSDP: all ranks call it
@@ -90,6 +92,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                on_step=on_step, on_epoch_end=on_epoch_end, no_sync=layout.no_sync)
     if rank == 0:
         tracker.wait()
+
+
+def _newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any] | None:
+    """Ray's latest registered checkpoint, or a newer one already on disk.
+
+    Ray registers a reported checkpoint asynchronously; a worker killed right after a
+    report can be restored from the one before, although the newer file is complete (our
+    SHA-256-verified payload) and its epoch already logged. Resuming from the newest
+    verified file keeps every epoch in MLflow exactly once.
+    """
+    from cluster.runner import _checkpoints
+
+    payload = None
+    if ray_ckpt is not None:
+        with ray_ckpt.as_directory() as d:
+            payload = load(Path(d) / CKPT_FILE)
+    on_disk = _checkpoints(run_dir)
+    if on_disk and (payload is None or on_disk[-1][0] > payload["state"]["epoch"]):
+        payload = on_disk[-1][2]
+    return payload
 
 
 def restore_rest(c: Any, state: Any, payload: dict[str, Any], layout: Any) -> None:
