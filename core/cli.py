@@ -152,10 +152,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def dispatch(spec: ExperimentSpec, resume: str | None = None):  # -> RunResult | None
     if spec.continual.stream != "none":
-        print(f"atoll: continual.stream: {spec.continual.stream!r} task streams are built "
-              "(continual/streams.py) but not yet trained by `atoll run`; allowed now: none",
-              file=sys.stderr)
-        raise SystemExit(EXIT_SPEC)
+        if spec.mode != "local":
+            print(f"atoll: continual.stream: {spec.continual.stream!r} trains in local mode in "
+                  f"this version, not {spec.mode!r}; allowed with mode {spec.mode}: none",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_SPEC)
+        from core.continual_runner import run_continual
+
+        return run_continual(spec)
     if resume is not None and spec.mode != "federated":
         print(f"atoll: --resume: applies to federated runs; a {spec.mode} run resumes by "
               "re-running its name (train.resume); allowed: drop --resume", file=sys.stderr)
@@ -181,6 +185,10 @@ def _report(spec: ExperimentSpec, result) -> None:
     print(f"model: {spec.model.name}{params}  {unit}: {result.epochs}  time: "
           f"{result.seconds:.1f}s")
     print("test: " + "  ".join(f"{k.removeprefix('test_')}={v:.4f}" for k, v in m.items()))
+    if "matrix" in result.details:
+        print("accuracy matrix R[i][j] (after task i, on task j):")
+        for i, row in enumerate(result.details["matrix"]):
+            print(f"  after T{i}: " + " ".join(f"{a:.3f}" for a in row))
     if result.registered is not None:
         r = result.registered
         print(f"registered: {r.name} version {r.version} as @{r.alias}  ({r.uri})")

@@ -29,6 +29,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 # Sums a tensor across ranks in place (cluster mode); identity in a single process.
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 StepHook = Callable[[int, dict[str, float]], None]
+# Per-sample allowed classes (task-incremental learning): labels -> bool[batch, classes].
+MaskFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,6 +88,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _masked(logits: torch.Tensor, y: torch.Tensor, mask: MaskFn | None) -> torch.Tensor:
+    """Logits of classes outside a sample's task set to -inf (they get no probability)."""
+    if mask is None:
+        return logits
+    return logits.masked_fill(~mask(y).to(logits.device), float("-inf"))
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -106,6 +115,7 @@ def train_epoch(
     reduce: Reducer | None = None,
     on_step: StepHook | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    logit_mask: MaskFn | None = None,
 ) -> dict[str, float]:
     """One pass over `batches`; returns train_loss/train_accuracy/samples/seconds.
 
@@ -130,8 +140,8 @@ def train_epoch(
         ctx = no_sync() if (no_sync is not None and not last_micro) else contextlib.nullcontext()
         with ctx:
             with _autocast(device, cfg.autocast_dtype):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
+                logits = _masked(model(x).float(), y, logit_mask)
+                loss = loss_fn(logits, y)
                 extra = strategy.penalty(unwrap(model)) if strategy is not None else None
                 objective = loss + extra if extra is not None else loss
             value = float(objective.detach())
@@ -178,6 +188,7 @@ def evaluate(
     prefix: str = "val",
     reduce: Reducer | None = None,
     autocast_dtype: torch.dtype | None = None,
+    logit_mask: MaskFn | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and macro precision/recall/F1 of `model` on `batches`."""
     was_training = model.training
@@ -188,7 +199,7 @@ def evaluate(
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with _autocast(device, autocast_dtype):
-            logits = model(x).float()
+            logits = _masked(model(x).float(), y, logit_mask)
         loss_sum += float(loss_fn(logits, y)) * y.shape[0]
         cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
     if reduce is not None:
@@ -228,6 +239,7 @@ def train_task(
     on_step: StepHook | None = None,
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    logit_mask: MaskFn | None = None,
 ) -> TrainState:
     """Epochs `state.epoch .. cfg.epochs` on one task, with validation and early stopping.
 
@@ -242,10 +254,10 @@ def train_task(
             train.set_epoch(state.epoch)
         metrics = train_epoch(model, train, optimizer, loss_fn, cfg, state, scheduler=scheduler,
                               strategy=strategy, task=task, reduce=reduce, on_step=on_step,
-                              no_sync=no_sync)
+                              no_sync=no_sync, logit_mask=logit_mask)
         if val is not None:
             metrics.update(evaluate(model, val, loss_fn, num_classes, reduce=reduce,
-                                    autocast_dtype=cfg.autocast_dtype))
+                                    autocast_dtype=cfg.autocast_dtype, logit_mask=logit_mask))
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         state.epoch += 1
         watched = metrics.get(cfg.early_stopping_metric)

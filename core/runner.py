@@ -38,6 +38,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     parameters: int = 0
     train_seconds: float = 0.0  # inside the training loop (per-step/epoch logging included)
+    details: dict[str, Any] = field(default_factory=dict)  # mode-specific (e.g. CL matrix)
 
 
 # Fields that may change between a run and its resumption (how long, how it is shown and

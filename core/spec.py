@@ -402,6 +402,11 @@ class ExperimentSpec(_Section):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> ExperimentSpec:
+        if self.continual.scenario == "task" and self.continual.stream == "split" and \
+                self.train.loss.label_smoothing > 0:
+            raise ValueError(f"train.loss.label_smoothing: {self.train.loss.label_smoothing} "
+                             "would put probability on classes a task-incremental model may "
+                             "not predict; allowed with continual.scenario task: 0")
         shape = IMAGE_SHAPES.get(self.data.name)
         if self.model.name in ("cnn", "resnet", "transformer") and shape is None:
             raise ValueError(f"model.name: {self.model.name!r} needs image data but "

@@ -72,3 +72,41 @@ def rounds(history: list[dict[str, float]], title: str) -> Any:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def accuracy_matrix(r: list[list[float]], names: list[str], metrics: dict[str, float]) -> Any:
+    """R[i][j] as a heatmap: rows = after training task i, columns = evaluated on task j."""
+    import numpy as np
+
+    m = np.asarray(r, dtype=float)
+    t = m.shape[1]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * t, 1.2 + 0.8 * m.shape[0]))
+    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(m.shape[0]):
+        for j in range(t):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center",
+                    color="white" if m[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(t), [f"T{j}" for j in range(t)])
+    ax.set_yticks(range(m.shape[0]), [f"after T{i}" for i in range(m.shape[0])])
+    ax.set_xlabel("evaluated on")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    shown = "  ".join(f"{k.removeprefix('cl_').upper()}={v:+.3f}" for k, v in metrics.items())
+    ax.set_title(shown, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def task_curves(r: list[list[float]], names: list[str]) -> Any:
+    """Accuracy on each task as later tasks are learned (forgetting is a falling line)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = list(range(1, len(r) + 1))
+    for j, name in enumerate(names):
+        ax.plot(steps, [row[j] for row in r], marker="o", label=f"T{j}: {name}")
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("test accuracy")
+    ax.set_xticks(steps)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -52,14 +52,17 @@ def test_resume_flag_is_for_federated_runs(tmp_path):
     assert out.returncode == 2 and "--resume: applies to federated runs" in out.stderr
 
 
-def test_run_reports_mode_not_available_yet(tmp_path):
-    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster", cwd=tmp_path)
+def test_run_refuses_a_parallel_layout_not_built_yet(tmp_path):
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster",
+                 "--set", "cluster.strategy=pipeline", cwd=tmp_path)
     assert out.returncode == 2
-    assert "mode 'cluster' is not available yet" in out.stderr
+    assert "cluster.strategy: 'pipeline' is not implemented in this version" in out.stderr
+    assert not (tmp_path / "mlruns.db").exists()  # refused before anything started
 
 
 def test_every_command_has_help(tmp_path):
-    for cmd in ([], ["run"], ["validate"], ["demo"], ["ui"]):
+    for cmd in ([], ["run"], ["validate"], ["demo"], ["ui"], ["submit"], ["jobs"],
+                ["jobs", "logs"]):
         out = _atoll(*cmd, "--help", cwd=tmp_path)
         assert out.returncode == 0 and "usage: atoll" in out.stdout, cmd
 
@@ -98,8 +101,8 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
     assert proc.poll() is not None
 
 
-def test_task_streams_are_refused_until_trained(tmp_path):
+def test_task_streams_outside_local_mode_are_refused(tmp_path):
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "continual.stream=split",
-                 cwd=tmp_path)
+                 "--set", "mode=federated", cwd=tmp_path)
     assert out.returncode == 2
-    assert "continual.stream: 'split'" in out.stderr and "allowed now: none" in out.stderr
+    assert "continual.stream: 'split' trains in local mode" in out.stderr
