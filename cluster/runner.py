@@ -100,14 +100,16 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
     tracker.flush()
     tracker.set_tags({"atoll.run_dir": str(run_dir)})
     address = os.environ.get("RAY_ADDRESS") or c.address
-    started_ray = False
+    # Connect (or start a local Ray) only if the caller has not; disconnect when done, or
+    # this process stays a driver of that cluster and Ray ends it when the cluster stops.
+    connected = False
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
             ray.init(num_cpus=max(os.cpu_count() or 1, c.num_workers * c.cpus_per_worker),
                      include_dashboard=True, dashboard_host="127.0.0.1")
-            started_ray = True
+        connected = True
     config = {"spec": spec.model_dump(mode="json", exclude_unset=True), "run_id": tracker.run_id,
               "tracking_uri": resolve_uri(spec.tracking.uri) if spec.tracking.enabled else None,
               "run_dir": str(run_dir)}
@@ -132,7 +134,7 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
         tracker.finish("FAILED")
         raise RunFailed(f"cluster training failed: {e}; checkpoints kept in {run_dir}") from e
     finally:
-        if started_ray:
+        if connected:
             ray.shutdown()
     if result.error is not None:
         tracker.finish("FAILED")
