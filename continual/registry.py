@@ -6,13 +6,17 @@ from collections.abc import Callable
 
 from continual.base import Composite, Naive, Strategy
 from continual.ewc import EWC
+from continual.lwf import LwF
 from continual.replay import Replay
+from continual.si import SI
 from core.spec import ExperimentSpec
 
 STRATEGIES: dict[str, Callable[[ExperimentSpec], Strategy]] = {
     "naive": lambda spec: Naive(),
     "ewc": lambda spec: EWC(spec.continual.ewc, seed=spec.seed),
     "replay": lambda spec: Replay(spec.continual.replay, seed=spec.seed),
+    "si": lambda spec: SI(spec.continual.si),
+    "lwf": lambda spec: LwF(spec.continual.lwf),
 }
 
 

@@ -22,7 +22,7 @@ MODELS = ("mlp", "cnn", "resnet", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "tanh", "sigmoid")
-STRATEGIES = ("naive", "ewc", "replay")
+STRATEGIES = ("naive", "ewc", "replay", "si", "lwf")
 EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
                  "train_loss", "train_accuracy")
 # Per-sample input shapes of the built-in datasets, so shape errors surface at validation.
@@ -206,6 +206,20 @@ class EwcSpec(_Section):
     per_sample: bool = Field(False, description="exact per-sample squared grads (slower)")
 
 
+class SiSpec(_Section):
+    """Synaptic Intelligence (Zenke et al. 2017): penalty c·Σ Ω (θ − θ*)²."""
+
+    c: float = Field(1.0, ge=0.0, description="penalty strength")
+    xi: float = Field(1e-3, gt=0.0, description="damping ξ in Ω = ω / (Δθ² + ξ)")
+
+
+class LwfSpec(_Section):
+    """Learning without Forgetting (Li & Hoiem 2017): distillation from the last model."""
+
+    alpha: float = Field(1.0, ge=0.0, description="weight λ of the distillation term")
+    temperature: float = Field(2.0, gt=0.0)
+
+
 class ReplaySpec(_Section):
     size: int = Field(200, ge=1, description="memory capacity in samples")
     policy: Literal["reservoir", "balanced"] = "balanced"
@@ -222,6 +236,8 @@ class ContinualSpec(_Section):
     max_angle: float = Field(90.0, description="rotated: angle of the last task, degrees")
     ewc: EwcSpec = EwcSpec()
     replay: ReplaySpec = ReplaySpec()
+    si: SiSpec = SiSpec()
+    lwf: LwfSpec = LwfSpec()
 
     @field_validator("strategy", mode="before")
     @classmethod

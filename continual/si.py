@@ -1,0 +1,81 @@
+"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017).
+
+During a task each parameter accumulates its contribution to the loss decrease,
+ω += −g·Δθ, summed over optimizer steps (g: the gradient that produced the step). At the
+task's end its importance grows by Ω += ω / ((θ_end − θ_start)² + ξ) and θ_end becomes the
+anchor. The penalty is c·Σ Ω (θ − θ*)² (no ½, as in the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from continual.base import BaseStrategy, Batch
+from core.spec import SiSpec
+
+Params = dict[str, torch.Tensor]
+
+
+class SI(BaseStrategy):
+    name = "si"
+
+    def __init__(self, cfg: SiSpec):
+        self.cfg = cfg
+        self.omega: Params = {}  # Ω, importance so far
+        self.anchor: Params = {}  # θ* at the end of the last task
+        self._w: Params = {}  # ω of the current task
+        self._start: Params = {}
+        self._prev: Params = {}
+        self._grad: Params = {}
+
+    def before_task(self, model: nn.Module, task: Any) -> None:
+        self._start = _snapshot(model)
+        self._w = {n: torch.zeros_like(p) for n, p in self._start.items()}
+        self._prev, self._grad = {}, {}
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Called before each optimizer step: close the previous step's ω, record this g."""
+        self._accumulate(model)
+        self._prev = _snapshot(model)
+        self._grad = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                      if p.requires_grad and p.grad is not None}
+
+    def _accumulate(self, model: nn.Module) -> None:
+        if not self._prev:
+            return
+        for n, p in model.named_parameters():
+            if n in self._grad:
+                self._w[n] -= self._grad[n] * (p.detach() - self._prev[n])
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        if not self.omega or self.cfg.c == 0:
+            return None
+        total = sum((self.omega[n] * (p - self.anchor[n]).pow(2)).sum()
+                    for n, p in model.named_parameters() if n in self.omega)
+        return self.cfg.c * total
+
+    def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None:
+        self._accumulate(model)  # the last step of the task
+        end = _snapshot(model)
+        for n, theta in end.items():
+            if n not in self._start:
+                continue
+            add = self._w[n] / ((theta - self._start[n]).pow(2) + self.cfg.xi)
+            self.omega[n] = self.omega.get(n, torch.zeros_like(theta)) + add.clamp(min=0)
+        self.anchor = end
+        self._prev, self._grad = {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"omega": self.omega, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.omega = dict(state.get("omega", {}))
+        self.anchor = dict(state.get("anchor", {}))
+
+
+def _snapshot(model: nn.Module) -> Params:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
