@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from continual.agem import AGEM
 from continual.base import Composite, Naive, Strategy
 from continual.ewc import EWC
 from continual.lwf import LwF
@@ -17,6 +18,7 @@ STRATEGIES: dict[str, Callable[[ExperimentSpec], Strategy]] = {
     "replay": lambda spec: Replay(spec.continual.replay, seed=spec.seed),
     "si": lambda spec: SI(spec.continual.si),
     "lwf": lambda spec: LwF(spec.continual.lwf),
+    "agem": lambda spec: AGEM(spec.continual.agem, seed=spec.seed),
 }
 
 

@@ -22,7 +22,7 @@ MODELS = ("mlp", "cnn", "resnet", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "tanh", "sigmoid")
-STRATEGIES = ("naive", "ewc", "replay", "si", "lwf")
+STRATEGIES = ("naive", "ewc", "replay", "si", "lwf", "agem")
 EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
                  "train_loss", "train_accuracy")
 # Per-sample input shapes of the built-in datasets, so shape errors surface at validation.
@@ -220,6 +220,13 @@ class LwfSpec(_Section):
     temperature: float = Field(2.0, gt=0.0)
 
 
+class AgemSpec(_Section):
+    """A-GEM (Chaudhry et al. 2019): memory for the reference gradient."""
+
+    size: int = Field(200, ge=1, description="memory capacity in samples")
+    batch: int = Field(64, ge=1, description="memory samples per reference gradient")
+
+
 class ReplaySpec(_Section):
     size: int = Field(200, ge=1, description="memory capacity in samples")
     policy: Literal["reservoir", "balanced"] = "balanced"
@@ -238,6 +245,7 @@ class ContinualSpec(_Section):
     replay: ReplaySpec = ReplaySpec()
     si: SiSpec = SiSpec()
     lwf: LwfSpec = LwfSpec()
+    agem: AgemSpec = AgemSpec()
 
     @field_validator("strategy", mode="before")
     @classmethod

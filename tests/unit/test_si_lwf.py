@@ -95,3 +95,33 @@ def test_state_dict_round_trips_through_a_weights_only_load(make):
         x, _ = next(gen)
         other._x = x
     torch.testing.assert_close(other.penalty(model), s.penalty(model))
+
+
+def test_agem_projection_removes_the_conflict_and_keeps_agreeing_gradients():
+    from continual.agem import project
+
+    g, ref = torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0])
+    p = project(g, ref)
+    assert torch.dot(p, ref).item() == pytest.approx(0.0)
+    torch.testing.assert_close(p, torch.tensor([1.0, 0.0]))
+    agree = torch.tensor([1.0, 3.0])
+    assert project(agree, ref) is agree
+
+
+def test_agem_step_does_not_increase_the_memory_loss_to_first_order():
+    from continual.agem import AGEM
+    from core.spec import AgemSpec
+
+    model, agem = _net(), AGEM(AgemSpec(size=32, batch=32))
+    g = torch.Generator().manual_seed(3)
+    mx, my = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    agem.memory.add(mx, my)
+    x, y = torch.randn(16, 4, generator=g), (my[:16] + 1) % 3  # a conflicting task
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    agem.after_backward(model)
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(model(mx), my),
+                              list(model.parameters()))
+    dot = sum((p.grad * r).sum() for p, r in zip(model.parameters(), ref, strict=True))
+    assert dot.item() >= -1e-5  # the step −η·g cannot raise the memory loss
+    assert agem.projected == 1
