@@ -7,6 +7,7 @@ from collections.abc import Callable
 from continual.agem import AGEM
 from continual.base import Composite, Naive, Strategy
 from continual.ewc import EWC
+from continual.joint import Joint
 from continual.lwf import LwF
 from continual.replay import Replay
 from continual.si import SI
@@ -14,6 +15,7 @@ from core.spec import ExperimentSpec
 
 STRATEGIES: dict[str, Callable[[ExperimentSpec], Strategy]] = {
     "naive": lambda spec: Naive(),
+    "joint": lambda spec: Joint(seed=spec.seed),
     "ewc": lambda spec: EWC(spec.continual.ewc, seed=spec.seed),
     "replay": lambda spec: Replay(spec.continual.replay, seed=spec.seed),
     "si": lambda spec: SI(spec.continual.si),

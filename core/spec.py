@@ -22,7 +22,7 @@ MODELS = ("mlp", "cnn", "resnet", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "tanh", "sigmoid")
-STRATEGIES = ("naive", "ewc", "replay", "si", "lwf", "agem")
+STRATEGIES = ("naive", "joint", "ewc", "replay", "si", "lwf", "agem")
 EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
                  "train_loss", "train_accuracy")
 # Per-sample input shapes of the built-in datasets, so shape errors surface at validation.

@@ -125,3 +125,20 @@ def test_agem_step_does_not_increase_the_memory_loss_to_first_order():
     dot = sum((p.grad * r).sum() for p, r in zip(model.parameters(), ref, strict=True))
     assert dot.item() >= -1e-5  # the step −η·g cannot raise the memory loss
     assert agem.projected == 1
+
+
+def test_joint_epoch_covers_every_stored_sample_once():
+    from continual.joint import Joint
+    from core.data import Batches, Split
+
+    j = Joint(seed=0)
+    old = Split(torch.arange(40, dtype=torch.float32).view(40, 1),
+                torch.zeros(40, dtype=torch.long))
+    j.after_task(None, None, Batches(old, 8, shuffle=False))
+    cur = Split(torch.full((20, 1), -1.0), torch.ones(20, dtype=torch.long))
+    seen = torch.cat([x for x, _ in j.batches(Batches(cur, 5, shuffle=True, seed=1), None)])
+    assert sorted(seen[seen >= 0].tolist()) == list(range(40))  # each old sample once
+    assert (seen < 0).sum() == 20
+    other = Joint(seed=0)
+    other.load_state_dict(j.state_dict())
+    assert torch.equal(other.x, j.x)
