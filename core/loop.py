@@ -240,14 +240,17 @@ def train_task(
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     logit_mask: MaskFn | None = None,
+    task_boundaries: bool = True,
 ) -> TrainState:
     """Epochs `state.epoch .. cfg.epochs` on one task, with validation and early stopping.
 
     `train` is a Batches-like object (`set_epoch(e)` reshuffles). `on_epoch_end` runs after
     the state is updated: the harness checkpoints and logs there, so a checkpoint always
-    holds a consistent (model, optimizer, state) triple.
+    holds a consistent (model, optimizer, state) triple. `task_boundaries=False` leaves
+    the strategy's before_task/after_task to the harness (a federated client trains a task
+    over many rounds).
     """
-    if strategy is not None and state.epoch == 0:
+    if strategy is not None and state.epoch == 0 and task_boundaries:
         strategy.before_task(unwrap(model), task)
     while state.epoch < cfg.epochs and not state.stopped_early:
         if hasattr(train, "set_epoch"):
@@ -279,6 +282,6 @@ def train_task(
                      metrics["seconds"])
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
-    if strategy is not None:
+    if strategy is not None and task_boundaries:
         strategy.after_task(unwrap(model), task, train)
     return state

@@ -377,6 +377,8 @@ class FederatedSpec(_Section):
     client_gpus: float = Field(0.0, ge=0.0)
     concurrency: int | None = Field(None, ge=1, description="CPUs Ray may use; default all")
     checkpoint_every: int = Field(1, ge=1, description="server checkpoint every k rounds")
+    rounds_per_task: int | None = Field(
+        None, ge=1, description="continual stream: rounds per task; default rounds // n_tasks")
 
     @field_validator("strategy")
     @classmethod

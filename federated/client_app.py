@@ -59,13 +59,16 @@ def train(msg: Message, context: Context) -> Message:
         raise InjectedFault(f"{R.FAILURE_PREFIX}{fault} (client {partition}, round {rnd})")
     if fault == "straggler":
         time.sleep(spec.federated.faults.straggler_delay)
-    data = task.client_data(spec, partition, num_clients)
+    cl = _continual_state(spec, context, rnd)
+    data = task.client_data(spec, partition, num_clients, cl.current if cl else None)
     global_state = R.arrays_to_state(msg.content[R.ARRAYS])
     weights, metrics, attack = task.local_train(
         spec, data, global_state, server_round=rnd, partition=partition,
         num_clients=num_clients, lr=float(cfg[R.LR]), local_epochs=int(cfg[R.LOCAL_EPOCHS]),
         batch_size=int(cfg[R.BATCH_SIZE]),
-        proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)))
+        proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)), continual=cl)
+    if cl is not None:  # the strategy's memory survives to this client's next round
+        context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: cl.dump(), R.CL_TASK: cl.current})
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
     weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
     return Message(RecordDict({
@@ -76,11 +79,22 @@ def train(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
+def _continual_state(spec, context: Context, rnd: int) -> task.ContinualState | None:
+    if not task.streaming(spec):
+        return None
+    saved = context.state.get(R.CL_STATE)
+    blob = bytes(saved[R.CL_BLOB]) if saved is not None else None
+    last = int(saved[R.CL_TASK]) if saved is not None else None
+    return task.ContinualState(blob, last, current=task.task_of_round(spec, rnd))
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     spec = _spec(context)
     partition, num_clients = _who(context)
-    data = task.client_data(spec, partition, num_clients)
+    rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
+    current = task.task_of_round(spec, rnd) if task.streaming(spec) else None
+    data = task.client_data(spec, partition, num_clients, current)
     metrics, n = task.local_evaluate(spec, data, R.arrays_to_state(msg.content[R.ARRAYS]))
     return Message(RecordDict({
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: n, **metrics}),

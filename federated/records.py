@@ -49,6 +49,12 @@ PARTITION_ID = "partition-id"
 BYZANTINE = "byzantine"  # the attack this client applied ("" when honest)
 FAILURE_PREFIX = "atoll-fault:"  # error reasons that start with this are injected faults
 
+# --- Context.state (client memory across rounds) ---------------------------------------
+CL_STATE = "atoll-continual"  # ConfigRecord: strategy state bytes + the task it trained
+CL_BLOB = "strategy"
+CL_TASK = "task"
+TASK = "task"  # reply/ConfigRecord: the stream task a round trains
+
 # --- node_config (simulation sets these; deployment SuperNodes pass them) -------------
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"

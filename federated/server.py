@@ -41,6 +41,8 @@ class ServerState:
     round: int = 0  # completed rounds
     run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    matrix: list[list[float]] = field(default_factory=list)  # continual: R[i][j]
+    baseline: list[float] = field(default_factory=list)  # continual: random-init accuracy
 
 
 def run_dir_for(spec: ExperimentSpec, run_config: dict[str, Any]) -> Path:
@@ -92,6 +94,9 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     ckpts = CheckpointDir(run_dir / "checkpoints", spec.train.keep_checkpoints, prefix="round")
     st = ServerState(run_id=str(run_config.get(R.MLFLOW_RUN_ID, "") or "") or None)
     arrays = R.state_to_arrays(model.state_dict())
+    cl = _Stream(spec, data, loss_fn) if spec.continual.stream != "none" else None
+    if cl is not None:
+        st.baseline = cl.row(model)
     resume = str(run_config.get(R.RESUME, "") or "")
     if resume:
         found = _find_checkpoint(ckpts, resume)
@@ -102,7 +107,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             sampler.load_state_dict(saved["sampler"])
             set_rng_state(saved["rng"])
             st = ServerState(round=int(saved["round"]), run_id=saved.get("run_id") or st.run_id,
-                             history=list(saved["history"]))
+                             history=list(saved["history"]), matrix=saved.get("matrix", []),
+                             baseline=saved.get("baseline", st.baseline))
             log.info("resumed the federation from %s (round %d)", path, st.round)
     else:
         for old in ckpts.all():
@@ -162,6 +168,12 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             model.load_state_dict(R.arrays_to_state(arrays))
             central = evaluate(model, test, loss_fn, data.num_classes, prefix="central")
             row.update(central)
+            if cl is not None:
+                accs = cl.row(model)
+                row.update({f"acc_task_{j}": a for j, a in enumerate(accs)})
+                row["task"] = float(cl.task_of(rnd))
+                if cl.closes_task(rnd):
+                    st.matrix.append(accs)
             eps = epsilon(strategy)
             if eps is not None:
                 row["dp_epsilon"] = eps
@@ -177,11 +189,41 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                             "strategy": strategy_state(strategy),
                             "sampler": _encode_state(sampler.state_dict()),
                             "rng": rng_state(), "history": st.history, "run_id": st.run_id,
+                            "matrix": st.matrix, "baseline": st.baseline,
                             "spec": spec.model_dump(mode="json")}, rnd)
     except BaseException:
         tracker.finish("FAILED")
         raise
     return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
+
+
+class _Stream:
+    """The server's view of a task stream: which round trains which task, and the
+    global model's accuracy on every task's test split (a row of R)."""
+
+    def __init__(self, spec: ExperimentSpec, data: DataBundle, loss_fn: torch.nn.Module):
+        from continual.streams import build_stream
+        from core.continual_runner import task_mask
+        from federated.task import rounds_per_task
+
+        self.spec, self.loss_fn, self.num_classes = spec, loss_fn, data.num_classes
+        self.tasks = build_stream(data, spec.continual, spec.seed)
+        self.per_task = rounds_per_task(spec)
+        self.mask = task_mask(self.tasks, data.num_classes) \
+            if spec.continual.scenario == "task" else None
+
+    def task_of(self, rnd: int) -> int:
+        return min((rnd - 1) // self.per_task, len(self.tasks) - 1)
+
+    def closes_task(self, rnd: int) -> bool:
+        """The last round of a task (the final round closes the last task)."""
+        last = self.task_of(rnd) == len(self.tasks) - 1
+        return rnd == self.spec.federated.rounds if last else rnd % self.per_task == 0
+
+    def row(self, model: torch.nn.Module) -> list[float]:
+        return [evaluate(model, eval_batches(t.test, self.spec.data), self.loss_fn,
+                         self.num_classes, prefix="test", logit_mask=self.mask
+                         ).get("test_accuracy", 0.0) for t in self.tasks]
 
 
 def _peak_rss_mb() -> float:
@@ -258,6 +300,17 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
     last = st.history[-1] if st.history else {}
     test = {k.replace("central_", "test_"): v for k, v in last.items()
             if k.startswith("central_")}
+    cl_out = {}
+    if st.matrix and len(st.matrix) == spec.continual.n_tasks:
+        from continual.metrics import summary
+        from tracking.plots import accuracy_matrix, task_curves
+
+        cl_out = summary(st.matrix, st.baseline)
+        names = [f"task {j}" for j in range(len(st.matrix))]
+        tracker.log_plot("plots/accuracy_matrix.png",
+                         lambda: accuracy_matrix(st.matrix, names, cl_out))
+        tracker.log_plot("plots/task_accuracy.png", lambda: task_curves(st.matrix, names))
+        test = {**test, **cl_out}
     tracker.log_metrics(test, step=st.round)
     tracker.set_tags({"atoll.rounds": str(st.round)})
     if st.history:
@@ -280,4 +333,4 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
             "registered": None if registered is None else {
                 "name": registered.name, "version": registered.version,
                 "alias": registered.alias, "uri": registered.uri},
-            "history": st.history}
+            "history": st.history, "matrix": st.matrix, "baseline": st.baseline}

@@ -199,10 +199,13 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
         from tracking.base import RegisteredModel
 
         registered = RegisteredModel(**result["registered"])
-    return RunResult(result.get("run_id"), result.get("metrics", {}), int(result["rounds"]),
-                     time.perf_counter() - t0,
-                     Path(result["checkpoint"]) if result.get("checkpoint") else None,
-                     registered, result.get("history", []))
+    out = RunResult(result.get("run_id"), result.get("metrics", {}), int(result["rounds"]),
+                    time.perf_counter() - t0,
+                    Path(result["checkpoint"]) if result.get("checkpoint") else None,
+                    registered, result.get("history", []))
+    if result.get("matrix"):
+        out.details = {"matrix": result["matrix"], "baseline": result.get("baseline", [])}
+    return out
 
 
 def _read_result(run_dir: Path, returncode: int, link_log: Path) -> dict:

@@ -54,13 +54,53 @@ def _parts(spec_json: str, num_clients: int) -> tuple[np.ndarray, ...]:
     return tuple(partition_indices(labels, spec.federated.partition, num_clients, spec.seed))
 
 
-def client_data(spec: ExperimentSpec, partition: int, num_clients: int) -> ClientData:
-    """This client's train/validation split (cached per process: Ray actors are reused)."""
+@functools.lru_cache(maxsize=4)
+def _tasks(spec_json: str) -> tuple[Any, ...]:
+    from continual.streams import build_stream
+
+    spec = _spec(spec_json)
+    return tuple(build_stream(_bundle(spec_json), spec.continual, spec.seed))
+
+
+@functools.lru_cache(maxsize=32)
+def _task_parts(spec_json: str, task_index: int, num_clients: int) -> tuple[np.ndarray, ...]:
+    spec = _spec(spec_json)
+    labels = _tasks(spec_json)[task_index].train.y.numpy()
+    return tuple(partition_indices(labels, spec.federated.partition, num_clients,
+                                   spec.seed + task_index))
+
+
+def streaming(spec: ExperimentSpec) -> bool:
+    return spec.continual.stream != "none"
+
+
+def rounds_per_task(spec: ExperimentSpec) -> int:
+    f = spec.federated
+    return f.rounds_per_task or max(1, f.rounds // spec.continual.n_tasks)
+
+
+def task_of_round(spec: ExperimentSpec, server_round: int) -> int:
+    """Which task of the stream round r trains (the last task keeps any extra rounds)."""
+    return min((server_round - 1) // rounds_per_task(spec), spec.continual.n_tasks - 1)
+
+
+def stream(spec: ExperimentSpec) -> tuple[Any, ...]:
+    return _tasks(spec_key(spec))
+
+
+def client_data(spec: ExperimentSpec, partition: int, num_clients: int,
+                task_index: int | None = None) -> ClientData:
+    """This client's train/validation split — of task `task_index` when streaming —
+    cached per process (Ray actors are reused across clients and rounds)."""
     key = spec_key(spec)
     bundle = _bundle(key)
-    idx = _parts(key, num_clients)[partition]
-    train, val = client_split(bundle, idx, spec.federated.partition.val_fraction, spec.seed,
-                              partition)
+    if task_index is None:
+        source, idx = bundle.train, _parts(key, num_clients)[partition]
+    else:
+        source = _tasks(key)[task_index].train
+        idx = _task_parts(key, task_index, num_clients)[partition]
+    train, val = client_split(dataclasses.replace(bundle, train=source), idx,
+                              spec.federated.partition.val_fraction, spec.seed, partition)
     return ClientData(dataclasses.replace(bundle, train=train, val=val), train, val)
 
 
@@ -70,9 +110,14 @@ def _seed(spec: ExperimentSpec, server_round: int, partition: int) -> int:
 
 def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, torch.Tensor],
                 *, server_round: int, partition: int, num_clients: int, lr: float,
-                local_epochs: int, batch_size: int, proximal_mu: float = 0.0
+                local_epochs: int, batch_size: int, proximal_mu: float = 0.0,
+                continual: ContinualState | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
-    """Train from the global weights; returns (weights to send, metrics, attack applied)."""
+    """Train from the global weights; returns (weights to send, metrics, attack applied).
+
+    With `continual` (a task stream), the client's strategy state carries over between
+    rounds: at a task boundary the previous task is closed on the received global model
+    (EWC's Fisher, replay's memory, … from this client's data of that task)."""
     seed = _seed(spec, server_round, partition)
     torch.manual_seed(seed)
     bad = partition in byzantine_clients(spec.federated.byzantine, num_clients, spec.seed)
@@ -88,13 +133,17 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
     for group in c.optimizer.param_groups:
         group["lr"] = lr
     c.cfg.patience = 0  # no early stopping inside a round: the server decides
-    strategy = c.strategy
+    strategy, task, mask = c.strategy, None, None
+    if continual is not None:
+        strategy, task, mask = continual.enter(spec, c.model, partition, num_clients,
+                                               batch_size)
     if proximal_mu > 0:
         from continual.base import Composite
 
         strategy = Composite([strategy, Proximal(proximal_mu, global_state)])
     state = train_task(c.model, batches, None, c.optimizer, c.loss_fn, c.cfg, TrainState(),
-                       data.bundle.num_classes, strategy=strategy)
+                       data.bundle.num_classes, strategy=strategy, task=task,
+                       logit_mask=mask, task_boundaries=continual is None)
     last = state.history[-1]
     metrics = {"train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"]}
     weights = {k: v.detach().clone() for k, v in unwrap(c.model).state_dict().items()}
@@ -115,6 +164,52 @@ def local_evaluate(spec: ExperimentSpec, data: ClientData,
     loss_fn = build_loss(spec.train.loss, split.y, data.bundle.num_classes)
     m = evaluate(model, eval_batches(split, spec.data), loss_fn, data.bundle.num_classes)
     return {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}, len(split)
+
+
+@dataclasses.dataclass
+class ContinualState:
+    """A client's continual-learning state between rounds (kept in Flower's Context.state).
+
+    `blob` is the strategy's state_dict as bytes (torch.save, read back weights_only);
+    `task` the task it last trained. `enter` rebuilds the strategy and, on the first round
+    of a new task, closes the old one.
+    """
+
+    blob: bytes | None
+    task: int | None
+    current: int = 0
+    strategy: Any = None
+
+    def enter(self, spec: ExperimentSpec, model: torch.nn.Module, partition: int,
+              num_clients: int, batch_size: int) -> tuple[Any, Any, Any]:
+        import io
+
+        from continual import build_strategy
+        from core.continual_runner import task_mask
+
+        tasks = stream(spec)
+        self.strategy = build_strategy(spec)
+        if self.blob:
+            self.strategy.load_state_dict(torch.load(io.BytesIO(self.blob), weights_only=True))
+        if self.task is not None and self.task < self.current:
+            old = client_data(spec, partition, num_clients, self.task)
+            self.strategy.after_task(model, tasks[self.task], Batches(old.train, batch_size))
+        if self.task != self.current:
+            self.strategy.before_task(model, tasks[self.current])
+        mask = task_mask(list(tasks), model_classes(tasks)) \
+            if spec.continual.scenario == "task" else None
+        return self.strategy, tasks[self.current], mask
+
+    def dump(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(self.strategy.state_dict(), buf)
+        return buf.getvalue()
+
+
+def model_classes(tasks: tuple[Any, ...]) -> int:
+    return max(c for t in tasks for c in t.classes) + 1
 
 
 def read_spec(spec_json: str) -> ExperimentSpec:

@@ -24,12 +24,14 @@ def _atoll(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPro
 
 def test_demo_trains_registers_and_explains_the_ui(tmp_path):
     out = _atoll("demo", "--set", "train.epochs=3", "--set", "federated.rounds=3",
-                 cwd=tmp_path)
+                 "--set", "federated.num_clients=3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "registered: digits-mlp version 1 as @candidate" in out.stdout
     assert "== digits-fedavg: federated" in out.stdout  # the federated part follows
     assert "registered: digits-fed version 1 as @candidate" in out.stdout
     assert "rounds: 3" in out.stdout
+    assert "== digits-fcl: federated" in out.stdout  # the headline: continual + federated
+    assert "after T2:" in out.stdout  # its accuracy matrix is printed
     assert "mlflow run id: " in out.stdout and "make ui" in out.stdout
     assert "epoch 3/3" in out.stderr  # plain log lines when not on a terminal
     assert (tmp_path / "mlruns.db").is_file() and (tmp_path / "mlartifacts").is_dir()
@@ -103,6 +105,6 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
 
 def test_task_streams_outside_local_mode_are_refused(tmp_path):
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "continual.stream=split",
-                 "--set", "mode=federated", cwd=tmp_path)
+                 "--set", "mode=cluster", cwd=tmp_path)
     assert out.returncode == 2
-    assert "continual.stream: 'split' trains in local mode" in out.stderr
+    assert "continual.stream: 'split' trains in local and federated mode" in out.stderr

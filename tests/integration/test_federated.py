@@ -31,7 +31,9 @@ MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serv
 
 
 def _ours() -> dict[int, str]:
-    """Flower/Ray processes on this machine owned by this user, by pid."""
+    """Flower/Ray processes of this checkout's environment (its venv in their command line
+    or PATH), by pid — not other checkouts' or other users' runs on the same machine."""
+    venv_bin = str(Path(sys.executable).parent).encode()
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -39,11 +41,15 @@ def _ours() -> dict[int, str]:
         try:
             if entry.stat().st_uid != os.getuid():
                 continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            raw = (entry / "cmdline").read_bytes()
+            cmd = raw.replace(b"\0", b" ").decode(errors="replace")
+            if not any(m in cmd for m in MARKERS):
+                continue
+            if venv_bin not in raw and venv_bin not in (entry / "environ").read_bytes():
+                continue
         except OSError:
             continue
-        if any(m in cmd for m in MARKERS):
-            found[int(entry.name)] = cmd[:120]
+        found[int(entry.name)] = cmd[:120]
     return found
 
 
@@ -266,3 +272,25 @@ def _ray_log_text(ray_tmp: str) -> str:
         if p.is_file() and p.suffix in (".out", ".err", ".log"):
             text.append(p.read_text(errors="replace"))
     return "\n".join(text)
+
+
+def test_federated_continual_ewc_beats_naive(no_leftovers):
+    """5 clients, 3 permuted tasks, strategy state kept in Context.state across rounds."""
+    base = ["train.progress=off", "tracking.log_model=false", "continual.ewc.lam=1000"]
+    runs = {}
+    for name in ("ewc", "naive"):
+        spec = load_spec(CONFIGS / "fcl.yaml", [*base, f"continual.strategy={name}",
+                                                f"name=fcl-{name}"])
+        runs[name] = run_federated(spec)
+    acc = {k: r.metrics["cl_acc"] for k, r in runs.items()}
+    print(f"\nfederated continual ACC: {acc}")
+    assert acc["ewc"] >= acc["naive"] + 0.04
+    r = runs["ewc"].details["matrix"]
+    assert len(r) == 3 and all(len(row) == 3 for row in r)
+    client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")
+    run = client.get_run(runs["ewc"].run_id)
+    assert {"cl_acc", "cl_bwt", "cl_forgetting", "cl_fwt"} <= set(run.data.metrics)
+    arts = {a.path for a in client.list_artifacts(runs["ewc"].run_id, "plots")}
+    assert "plots/accuracy_matrix.png" in arts
+    # the task advances on the round schedule: 4 rounds per task
+    assert [h["task"] for h in runs["ewc"].history] == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
