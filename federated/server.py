@@ -27,7 +27,6 @@ from core.runner import latest_valid
 from core.spec import ExperimentSpec
 from federated import records as R
 from federated.driver import ClientSampler, SampledGrid, discover, exchange, spread
-from federated.faults import byzantine_clients
 from federated.partition import label_histogram, partition_indices
 from federated.strategies import build_strategy, epsilon, load_strategy_state, strategy_state
 
@@ -121,7 +120,6 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
         _log_setup(spec, tracker, data, population, len(population) != f.num_clients,
                    count_parameters(model))
 
-    bad = byzantine_clients(f.byzantine, len(population), spec.seed)
     try:
         for rnd in range(st.round + 1, f.rounds + 1):
             t_round = time.perf_counter()
@@ -183,7 +181,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             st.history.append(row)
             st.round = rnd
             tracker.log_metrics({k: v for k, v in row.items() if k != "round"}, step=rnd)
-            _report(rnd, f.rounds, row, kinds, bad)
+            _report(rnd, f.rounds, row, kinds)
             if rnd % f.checkpoint_every == 0 or rnd == f.rounds:
                 ckpts.save({"model": R.arrays_to_state(arrays), "round": rnd,
                             "strategy": strategy_state(strategy),
@@ -285,8 +283,7 @@ def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population:
     tracker.log_plot("plots/partition.png", lambda: label_heatmap(hist, title))
 
 
-def _report(rnd: int, total: int, row: dict[str, float], kinds: dict[str, int],
-            bad: set[int]) -> None:
+def _report(rnd: int, total: int, row: dict[str, float], kinds: dict[str, int]) -> None:
     failed = ", ".join(f"{k}={v}" for k, v in kinds.items() if v)
     log.info("round %d/%d central_accuracy=%.4f central_loss=%.4f participants=%d%s (%.1fs)",
              rnd, total, row.get("central_accuracy", float("nan")),

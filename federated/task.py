@@ -196,7 +196,7 @@ class ContinualState:
             self.strategy.after_task(model, tasks[self.task], Batches(old.train, batch_size))
         if self.task != self.current:
             self.strategy.before_task(model, tasks[self.current])
-        mask = task_mask(list(tasks), model_classes(tasks)) \
+        mask = task_mask(list(tasks), _bundle(spec_key(spec)).num_classes) \
             if spec.continual.scenario == "task" else None
         return self.strategy, tasks[self.current], mask
 
@@ -208,18 +208,6 @@ class ContinualState:
         return buf.getvalue()
 
 
-def model_classes(tasks: tuple[Any, ...]) -> int:
-    return max(c for t in tasks for c in t.classes) + 1
-
-
-def read_spec(spec_json: str) -> ExperimentSpec:
-    return _spec(spec_json)
-
-
 def cpu_threads(spec: ExperimentSpec) -> None:
     """One client = `client_cpus` threads; oversubscription makes simulations crawl."""
     torch.set_num_threads(max(1, int(spec.federated.client_cpus)))
-
-
-def describe(spec: ExperimentSpec) -> dict[str, Any]:
-    return {"strategy": spec.federated.strategy, "partition": spec.federated.partition.method}

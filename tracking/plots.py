@@ -14,23 +14,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def curves(history: list[dict[str, float]], title: str) -> Any:
-    """Loss and accuracy per epoch, train vs validation, side by side."""
+def _two_panel(history: list[dict[str, float]], x: str, series: tuple[tuple[str, str], ...],
+               title: str) -> Any:
+    """Loss and accuracy side by side, one line per (key prefix, label) in `series`."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [h["epoch"] for h in history]
+    xs = [h[x] for h in history]
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        for split in ("train", "val"):
-            ys = [h.get(f"{split}_{metric}") for h in history]
+        for prefix, label in series:
+            ys = [h.get(f"{prefix}_{metric}") for h in history]
             if any(y is not None for y in ys):
-                ax.plot(epochs, [float("nan") if y is None else y for y in ys], marker="o",
-                        label=split)
-        ax.set_xlabel("epoch")
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
+                        label=label)
+        ax.set_xlabel(x)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def curves(history: list[dict[str, float]], title: str) -> Any:
+    """Loss and accuracy per epoch, train vs validation, side by side."""
+    return _two_panel(history, "epoch", (("train", "train"), ("val", "val")), title)
 
 
 def close(fig: Any) -> None:
@@ -57,21 +63,8 @@ def label_heatmap(hist: Any, title: str) -> Any:
 
 def rounds(history: list[dict[str, float]], title: str) -> Any:
     """Per-round accuracy/loss: centralized (server test set) vs federated (client val)."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [h["round"] for h in history]
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        for kind in ("central", "federated_val"):
-            ys = [h.get(f"{kind}_{metric}") for h in history]
-            if any(y is not None for y in ys):
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
-                        label=kind.replace("_val", ""))
-        ax.set_xlabel("round")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _two_panel(history, "round", (("central", "central"),
+                                         ("federated_val", "federated")), title)
 
 
 def accuracy_matrix(r: list[list[float]], names: list[str], metrics: dict[str, float]) -> Any:
