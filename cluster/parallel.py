@@ -1,4 +1,5 @@
-"""How one worker holds the model under each `cluster.strategy`: DDP or FSDP2.
+"""How one worker holds the model under each `cluster.strategy`: DDP, FSDP2, or a
+pipeline stage (`cluster/pipeline.py`).
 
 A Layout gives the loop what it needs (the module to call, `reduce` for metrics, `no_sync`
 for gradient accumulation) and gives checkpoints a full, unsharded state dict — gathered
@@ -30,6 +31,7 @@ class Layout:
     load_full_state: Callable[[dict[str, torch.Tensor]], None]
     load_full_optim_state: Callable[[torch.optim.Optimizer, dict[str, Any]], None]
     description: dict[str, Any]
+    pipe: Any = None  # cluster.pipeline.Pipe: the loop runs the schedule instead of model(x)
 
 
 def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -100,10 +102,14 @@ def fsdp(model: nn.Module, device: torch.device) -> Layout:
             1 for c in model.children() if any(True for _ in c.parameters())) + 1})
 
 
-def build(strategy: str, model: nn.Module, device: torch.device) -> Layout:
+def build(strategy: str, model: nn.Module, device: torch.device, **pipeline: Any) -> Layout:
+    """`pipeline` (stages, schedule, microbatches, batch) is used by pipeline/hybrid."""
     if strategy == "ddp":
         return ddp(model, device)
     if strategy == "fsdp":
         return fsdp(model, device)
-    raise ValueError(f"cluster.strategy: {strategy!r} is not implemented in this version; "
-                     "allowed: ddp, fsdp")
+    if strategy in ("pipeline", "hybrid"):
+        from cluster.pipeline import pipeline as pipelined
+
+        return pipelined(model, device, **pipeline)
+    raise ValueError(f"cluster.strategy: {strategy!r}; allowed: ddp, fsdp, pipeline, hybrid")

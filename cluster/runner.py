@@ -60,15 +60,14 @@ def _prepare(spec: ExperimentSpec, run_dir: Path) -> dict[str, Any] | None:
     return payload
 
 
-def _check_layout(spec: ExperimentSpec) -> None:
-    c = spec.cluster
-    if c.strategy in ("pipeline", "hybrid"):
-        raise ValueError(f"cluster.strategy: {c.strategy!r} is not implemented in this version; "
-                         "allowed: ddp, fsdp")
-    if spec.data.batch_size % c.num_workers:
-        raise ValueError(f"data.batch_size: {spec.data.batch_size} (the global batch) does not "
-                         f"split over {c.num_workers} workers; allowed: multiples of "
-                         f"{c.num_workers}")
+def _check_layout(spec: ExperimentSpec, model: Any) -> None:
+    """What the spec alone cannot tell: does the model have a block for every stage."""
+    _, pp = spec.cluster.mesh()
+    blocks = len(list(model.children()))
+    if pp > blocks:
+        raise ValueError(f"cluster.num_workers: {spec.cluster.num_workers} needs {pp} pipeline "
+                         f"stages but {spec.model.name} has {blocks} blocks; allowed: at most "
+                         f"{blocks} stages")
 
 
 def run_cluster(spec: ExperimentSpec) -> RunResult:
@@ -84,8 +83,11 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
     from tracking import make_tracker, resolve_uri
 
     t0 = time.perf_counter()
-    _check_layout(spec)
+    data = load_data(spec.data, spec.seed)
+    comps = build_components(spec, data, 1, device=pick_device(spec))
+    _check_layout(spec, comps.model)
     c = spec.cluster
+    dp, pp = c.mesh()
     root = storage_root(spec)
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir)
@@ -95,7 +97,8 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
         tracker.log_params({"cluster.global_batch": spec.data.batch_size,
-                            "cluster.per_rank_batch": spec.data.batch_size // c.num_workers,
+                            "cluster.per_rank_batch": spec.data.batch_size // dp,
+                            "cluster.dp": dp, "cluster.pp": pp,
                             "cluster.backend": "nccl" if c.use_gpu else "gloo"})
     tracker.flush()
     tracker.set_tags({"atoll.run_dir": str(run_dir)})
@@ -144,8 +147,6 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
         tracker.finish("FAILED")
         raise RunFailed(f"cluster training produced no checkpoint in {run_dir}")
     _, path, payload = found[-1]
-    data = load_data(spec.data, spec.seed)
-    comps = build_components(spec, data, 1, device=pick_device(spec))
     comps.model.load_state_dict(payload["model"])
     state = TrainState()
     state.load_state_dict(payload["state"])

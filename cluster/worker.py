@@ -40,15 +40,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = load_data(spec.data, spec.seed)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
     model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
-    layout = build(spec.cluster.strategy, model, device)
-    per_rank = spec.data.batch_size // layout.dp_size
+    dp, pp = spec.cluster.mesh()
+    per_rank = spec.data.batch_size // dp
+    layout = build(spec.cluster.strategy, model, device, stages=pp,
+                   schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
+                   batch=per_rank)
     aug = spec.data.augment if data.is_image else None
+    # a pipeline's activation shapes are fixed by its first step: no short last batch
     train = Batches(data.train, per_rank, shuffle=True, seed=spec.seed, rank=layout.dp_rank,
                     world=layout.dp_size, shift=aug.shift if aug else 0,
-                    noise_std=aug.noise_std if aug else 0.0)
+                    noise_std=aug.noise_std if aug else 0.0, drop_last=layout.pipe is not None)
     val_shard = Split(data.val.x[layout.dp_rank::layout.dp_size],
                       data.val.y[layout.dp_rank::layout.dp_size])
-    val = eval_batches(val_shard, spec.data) if len(data.val) else None
+    val = None
+    if len(data.val):
+        val = Batches(val_shard, per_rank, shuffle=False) if layout.pipe is not None \
+            else eval_batches(val_shard, spec.data)
     c = build_components(spec, data, len(train), device=device, model=layout.model)
     state = TrainState()
 
@@ -89,7 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     on_step = (lambda step, m: tracker.log_metrics(m, step=step)) if rank == 0 else None
     train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state, data.num_classes,
                scheduler=c.scheduler, strategy=c.strategy, reduce=layout.reduce,
-               on_step=on_step, on_epoch_end=on_epoch_end, no_sync=layout.no_sync)
+               on_step=on_step, on_epoch_end=on_epoch_end, no_sync=layout.no_sync,
+               pipe=layout.pipe)
     if rank == 0:
         tracker.wait()
 

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,22 @@ Reducer = Callable[[torch.Tensor], torch.Tensor]
 StepHook = Callable[[int, dict[str, float]], None]
 # Per-sample allowed classes (task-incremental learning): labels -> bool[batch, classes].
 MaskFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PipelineStep(Protocol):
+    """A model split over ranks (cluster/pipeline.py): the schedule runs forward+backward.
+
+    Every rank of a pipeline calls these with the same batches; only the last stage gets
+    logits back (others None).
+    """
+
+    def train(self, x: torch.Tensor, y: torch.Tensor,
+              crit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> tuple[torch.Tensor | None, torch.Tensor]: ...
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None: ...
+
+    def agree(self, values: torch.Tensor) -> torch.Tensor: ...
 
 
 class NonFiniteLoss(RuntimeError):
@@ -116,13 +132,18 @@ def train_epoch(
     on_step: StepHook | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     logit_mask: MaskFn | None = None,
+    pipe: PipelineStep | None = None,
 ) -> dict[str, float]:
     """One pass over `batches`; returns train_loss/train_accuracy/samples/seconds.
 
     `no_sync` (DDP's `model.no_sync`) skips the gradient all-reduce on accumulation
     micro-steps. The loss is checked before every backward: a non-finite value raises
-    NonFiniteLoss and the optimizer never applies it.
+    NonFiniteLoss and the optimizer never applies it. Under a `pipe` the schedule runs
+    the backward, so the check comes after it and before the optimizer step.
     """
+    if pipe is not None and cfg.grad_accum_steps > 1:
+        raise ValueError("train.grad_accum_steps: pipelines accumulate over "
+                         "cluster.microbatches; allowed: 1")
     model.train()
     device = _device_of(model)
     source = strategy.batches(batches, task) if strategy is not None else batches
@@ -138,27 +159,33 @@ def train_epoch(
         group = min(accum, total - group_start) if total else accum
         last_micro = (i - group_start) == group - 1
         ctx = no_sync() if (no_sync is not None and not last_micro) else contextlib.nullcontext()
-        with ctx:
-            with _autocast(device, cfg.autocast_dtype):
-                logits = _masked(model(x).float(), y, logit_mask)
-                loss = loss_fn(logits, y)
-                extra = strategy.penalty(unwrap(model)) if strategy is not None else None
-                objective = loss + extra if extra is not None else loss
-            value = float(objective.detach())
-            if not math.isfinite(value):
+        if pipe is not None:
+            logits, loss, value = _pipe_step(pipe, model, x, y, loss_fn, strategy, logit_mask)
+            if not math.isfinite(value):  # every rank agrees: all stop before the step
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
-            (objective / group).backward()
-        with torch.no_grad():
-            n = y.shape[0]
-            stats += torch.tensor([float(loss) * n, float((logits.argmax(1) == y).sum()), n],
-                                  dtype=torch.float64)
+        else:
+            with ctx:
+                with _autocast(device, cfg.autocast_dtype):
+                    logits = _masked(model(x).float(), y, logit_mask)
+                    loss = loss_fn(logits, y)
+                    extra = strategy.penalty(unwrap(model)) if strategy is not None else None
+                    objective = loss + extra if extra is not None else loss
+                value = float(objective.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+                (objective / group).backward()
+        if logits is not None:  # a pipeline's earlier stages count nothing
+            with torch.no_grad():
+                n = y.shape[0]
+                stats += torch.tensor([float(loss) * n, float((logits.argmax(1) == y).sum()), n],
+                                      dtype=torch.float64)
         bar.update(1, loss=value)
         if not last_micro:
             continue
         if strategy is not None:
             strategy.after_backward(unwrap(model))
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            _clip(model, cfg.grad_clip, pipe)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -178,6 +205,41 @@ def train_epoch(
     return out
 
 
+def _clip(model: nn.Module, max_norm: float, pipe: PipelineStep | None) -> None:
+    """Clip by the global gradient norm; a pipeline sums its stages' squared norms."""
+    if pipe is None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = sum((g.detach().double().pow(2).sum().cpu() for g in grads),
+                torch.zeros((), dtype=torch.float64))
+    total = float(pipe.agree(local.reshape(1))[0]) ** 0.5
+    if total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+
+
+def _pipe_step(pipe: PipelineStep, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: nn.Module, strategy: Strategy | None, mask: MaskFn | None
+               ) -> tuple[torch.Tensor | None, torch.Tensor, float]:
+    """One pipelined step; the objective every rank agrees on (loss + all stages' penalties).
+
+    A stage's penalty covers its own parameters; its gradient is added to `.grad` directly
+    (autograd.grad), outside the wrapped module's backward hooks.
+    """
+    logits, loss = pipe.train(x, y, lambda out, t: loss_fn(_masked(out.float(), t, mask), t))
+    extra = strategy.penalty(unwrap(model)) if strategy is not None else None
+    penalty = torch.zeros((), dtype=torch.float64)
+    if extra is not None:
+        params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        for p, g in zip(params, torch.autograd.grad(extra, params, allow_unused=True),
+                        strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        penalty = extra.detach().to("cpu", torch.float64)
+    value = float(pipe.agree(torch.stack([loss.reshape(()), penalty])).sum())
+    return logits, loss, value
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -189,8 +251,12 @@ def evaluate(
     reduce: Reducer | None = None,
     autocast_dtype: torch.dtype | None = None,
     logit_mask: MaskFn | None = None,
+    pipe: PipelineStep | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro precision/recall/F1 of `model` on `batches`."""
+    """Loss, accuracy and macro precision/recall/F1 of `model` on `batches`.
+
+    Under a `pipe` only the last stage sees logits; `reduce` brings the counts together.
+    """
     was_training = model.training
     model.eval()
     device = _device_of(model)
@@ -199,7 +265,10 @@ def evaluate(
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with _autocast(device, autocast_dtype):
-            logits = _masked(model(x).float(), y, logit_mask)
+            out = pipe.forward(x, y) if pipe is not None else model(x)
+        if out is None:
+            continue
+        logits = _masked(out.float(), y, logit_mask)
         loss_sum += float(loss_fn(logits, y)) * y.shape[0]
         cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
     if reduce is not None:
@@ -241,6 +310,7 @@ def train_task(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     logit_mask: MaskFn | None = None,
     task_boundaries: bool = True,
+    pipe: PipelineStep | None = None,
 ) -> TrainState:
     """Epochs `state.epoch .. cfg.epochs` on one task, with validation and early stopping.
 
@@ -257,10 +327,11 @@ def train_task(
             train.set_epoch(state.epoch)
         metrics = train_epoch(model, train, optimizer, loss_fn, cfg, state, scheduler=scheduler,
                               strategy=strategy, task=task, reduce=reduce, on_step=on_step,
-                              no_sync=no_sync, logit_mask=logit_mask)
+                              no_sync=no_sync, logit_mask=logit_mask, pipe=pipe)
         if val is not None:
             metrics.update(evaluate(model, val, loss_fn, num_classes, reduce=reduce,
-                                    autocast_dtype=cfg.autocast_dtype, logit_mask=logit_mask))
+                                    autocast_dtype=cfg.autocast_dtype, logit_mask=logit_mask,
+                                    pipe=pipe))
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         state.epoch += 1
         watched = metrics.get(cfg.early_stopping_metric)

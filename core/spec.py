@@ -286,6 +286,15 @@ class ClusterSpec(_Section):
         None, description="keep the best checkpoints by this epoch metric (else the newest)")
     checkpoint_mode: Literal["min", "max"] = "max"
 
+    def mesh(self) -> tuple[int, int]:
+        """(dp, pp): data-parallel replicas × pipeline stages per replica."""
+        if self.strategy == "pipeline":
+            return 1, self.num_workers
+        if self.strategy == "hybrid":
+            pp = self.pipeline_stages or 2
+            return self.num_workers // pp, pp
+        return self.num_workers, 1
+
     @model_validator(mode="after")
     def _layout(self) -> ClusterSpec:
         if self.strategy == "hybrid":
@@ -441,7 +450,25 @@ class ExperimentSpec(_Section):
             ok = [p for p in range(1, shape[1] + 1) if shape[1] % p == 0]
             raise ValueError(f"model.patch_size: {self.model.patch_size} does not divide the "
                              f"{shape[1]}-pixel side of {self.data.name}; allowed: {ok}")
+        if self.mode == "cluster":
+            self._check_cluster_batch()
         return self
+
+    def _check_cluster_batch(self) -> None:
+        c, batch = self.cluster, self.data.batch_size
+        dp, _ = c.mesh()
+        if batch % dp:
+            raise ValueError(f"data.batch_size: {batch} (the global batch) does not split over "
+                             f"{dp} data-parallel replicas; allowed: multiples of {dp}")
+        if c.strategy in ("pipeline", "hybrid"):
+            if self.train.grad_accum_steps != 1:
+                raise ValueError(f"train.grad_accum_steps: {self.train.grad_accum_steps} with "
+                                 f"cluster.strategy {c.strategy!r} (the schedule accumulates "
+                                 "over cluster.microbatches); allowed: 1")
+            if (batch // dp) % c.microbatches:
+                raise ValueError(f"cluster.microbatches: {c.microbatches} does not divide the "
+                                 f"per-replica batch {batch // dp}; allowed: divisors of "
+                                 f"{batch // dp}")
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params and logs."""

@@ -54,11 +54,12 @@ def test_resume_flag_is_for_federated_runs(tmp_path):
     assert out.returncode == 2 and "--resume: applies to federated runs" in out.stderr
 
 
-def test_run_refuses_a_parallel_layout_not_built_yet(tmp_path):
+def test_run_refuses_more_stages_than_model_blocks(tmp_path):
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster",
-                 "--set", "cluster.strategy=pipeline", cwd=tmp_path)
+                 "--set", "cluster.strategy=pipeline", "--set", "cluster.num_workers=8",
+                 "--set", "data.batch_size=64", cwd=tmp_path)
     assert out.returncode == 2
-    assert "cluster.strategy: 'pipeline' is not implemented in this version" in out.stderr
+    assert "cluster.num_workers: 8 needs 8 pipeline stages but mlp has 4 blocks" in out.stderr
     assert not (tmp_path / "mlruns.db").exists()  # refused before anything started
 
 

@@ -119,3 +119,29 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypa
     clean = run_cluster(load_spec(CONFIGS / "demo.yaml", [*overrides, "name=clean"]))
     assert abs(run.data.metrics["test_accuracy"] - clean.metrics["test_accuracy"]) <= 0.02
     assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 12
+
+
+def test_plain_ray_job_submit_runs_a_pipeline_job(ray_head, tmp_path):
+    """The README's `ray job submit ... -- atoll run SPEC`, with a 2-stage 1F1B pipeline."""
+    store, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["http"],
+         "--working-dir", str(tmp_path), "--", "atoll", "run", str(CONFIGS / "demo.yaml"),
+         "--set", "mode=cluster", "--set", "name=job-pipe", "--set", "train.epochs=3",
+         "--set", "cluster.strategy=pipeline", "--set", "cluster.schedule=1f1b",
+         "--set", "train.progress=off", "--set", "tracking.experiment=tests-cluster",
+         "--set", f"tracking.uri=sqlite:///{store}", "--set", f"cluster.storage_path={storage}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout.lower()
+    client = _store(tmp_path)
+    run = _run_of(client, "job-pipe")
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert (p["cluster.layout.parallel"], p["cluster.layout.pp"], p["cluster.layout.schedule"]) \
+        == ("pipeline", "2", "1f1b")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    assert run.data.metrics["test_accuracy"] > 0.85
+    assert client.get_model_version_by_alias("digits-mlp", "candidate").run_id == run.info.run_id
+    assert (storage / "job-pipe" / "atoll-finished.json").is_file()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from core.data import Batches, Split
-from core.loop import LoopConfig, TrainState, train_epoch
+from core.loop import LoopConfig, TrainState, evaluate, train_epoch
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +87,109 @@ def test_fsdp2_matches_ddp(tmp_path):
     assert set(ddp) == set(fsdp)
     for k in ddp:
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
+
+
+def _pipe_worker(rank: int, world: int, init: str, strategy: str, schedule: str, out: str,
+                 epochs: int, clip: float | None) -> None:
+    from cluster.parallel import build
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        stages = 2
+        dp = world // stages
+        lay = build(strategy, _model(), torch.device("cpu"), stages=stages, schedule=schedule,
+                    microbatches=4, batch=BATCH // dp)
+        # one step by hand: the loss and this stage's gradients
+        x, y = _data().x[:BATCH], _data().y[:BATCH]
+        logits, loss = lay.pipe.train(x, y, torch.nn.CrossEntropyLoss())
+        grads = {n: p.grad.clone() for n, p in lay.base.named_parameters()}
+        first = {"loss": float(loss), "logits": logits, "index": lay.pipe.index, "grads": grads}
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, first)
+        for p in lay.model.parameters():
+            p.grad = None
+        # then whole epochs through the one loop (a fresh model: same seed, same split)
+        lay = build(strategy, _model(), torch.device("cpu"), stages=stages, schedule=schedule,
+                    microbatches=4, batch=BATCH // dp)
+        batches = Batches(_data(), BATCH // dp, shuffle=True, seed=3, rank=lay.dp_rank,
+                          world=dp, drop_last=True)
+        opt = torch.optim.SGD(lay.model.parameters(), lr=0.1, momentum=0.9)
+        state = TrainState()
+        metrics = {}
+        for e in range(epochs):
+            batches.set_epoch(e)
+            metrics = train_epoch(lay.model, batches, opt, torch.nn.CrossEntropyLoss(),
+                                  LoopConfig(progress="off", grad_clip=clip), state,
+                                  reduce=lay.reduce, pipe=lay.pipe)
+        # evaluation through the schedule, with a short last batch (padded inside)
+        data = _data()
+        held_out = Split(data.x[:50], data.y[:50])
+        metrics |= evaluate(lay.model, Batches(held_out, BATCH // dp, shuffle=False),
+                            torch.nn.CrossEntropyLoss(), 3, reduce=lay.reduce, pipe=lay.pipe,
+                            prefix="eval")
+        full = lay.full_state()
+        if rank == 0:
+            torch.save({"step": gathered, "state": full, "metrics": metrics}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_pipe(tmp_path: Path, strategy: str, schedule: str, world: int, epochs: int,
+                clip: float | None = None) -> dict:
+    out = tmp_path / f"{strategy}-{schedule}.pt"
+    init = f"file://{tmp_path / f'rdzv-{strategy}-{schedule}'}"
+    mp.spawn(_pipe_worker, args=(world, init, strategy, schedule, str(out), epochs, clip),
+             nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_loss_and_gradients_equal_the_unsplit_model(tmp_path, schedule):
+    got = _spawn_pipe(tmp_path, "pipeline", schedule, world=2, epochs=2, clip=0.5)
+    reference = _model()
+    x, y = _data().x[:BATCH], _data().y[:BATCH]
+    logits = reference(x)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    last = next(s for s in got["step"] if s["logits"] is not None)
+    torch.testing.assert_close(last["loss"], float(loss.detach()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last["logits"], logits.detach(), rtol=1e-5, atol=1e-6)
+    stage_grads = {}
+    for s in got["step"]:  # stage modules number their blocks from 0: map back by stage
+        stage_grads.update({(s["index"], k): v for k, v in s["grads"].items()})
+    ref_grads = dict(reference.named_parameters())
+    assert len(stage_grads) == len(ref_grads)
+    from models.stages import split_stages
+
+    for index, part in enumerate(split_stages(reference, 2)):
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(stage_grads[(index, name)], p.grad, rtol=1e-5, atol=1e-6)
+    # two epochs through the loop (gradient clipping over both stages) = the single process
+    single = _model()
+    batches = Batches(_data(), BATCH, shuffle=True, seed=3, drop_last=True)
+    opt = torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
+    state, metrics = TrainState(), {}
+    for e in range(2):
+        batches.set_epoch(e)
+        metrics = train_epoch(single, batches, opt, torch.nn.CrossEntropyLoss(),
+                              LoopConfig(progress="off", grad_clip=0.5), state)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(got["state"][k], v, rtol=1e-5, atol=1e-6)
+    assert got["metrics"]["samples"] == metrics["samples"] == N
+    assert abs(got["metrics"]["train_loss"] - metrics["train_loss"]) < 1e-5
+    data = _data()
+    single_eval = evaluate(single, Batches(Split(data.x[:50], data.y[:50]), BATCH,
+                                           shuffle=False), torch.nn.CrossEntropyLoss(), 3,
+                           prefix="eval")
+    for k, v in single_eval.items():
+        assert abs(got["metrics"][k] - v) < 1e-5, k
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_hybrid_dp2_pp2_equals_ddp(tmp_path, schedule):
+    """4 ranks as 2 replicas × 2 stages train exactly like 2 DDP ranks."""
+    hybrid = _spawn_pipe(tmp_path, "hybrid", schedule, world=4, epochs=2)
+    ddp = _spawn(tmp_path, "ddp", epochs=2)
+    assert set(hybrid["state"]) == set(ddp)
+    for k in ddp:
+        torch.testing.assert_close(hybrid["state"][k], ddp[k], rtol=1e-5, atol=1e-6)

@@ -48,6 +48,14 @@ BAD = [
     ("- a\n- b\n", (), ["top level is a list"]),
     ("name: x\n", ("epochs",), ["expected KEY=VALUE"]),
     ("name: x\n", ("tracking.alias=has space",), ["tracking.alias: 'has space'"]),
+    ("mode: cluster\ncluster:\n  strategy: hybrid\n  num_workers: 6\n  pipeline_stages: 4\n",
+     (), ["cluster.num_workers: 6 is not dp × pp", "multiples of 4"]),
+    ("mode: cluster\ncluster:\n  strategy: pipeline\ntrain:\n  grad_accum_steps: 2\n", (),
+     ["train.grad_accum_steps: 2 with cluster.strategy 'pipeline'", "allowed: 1"]),
+    ("mode: cluster\ncluster:\n  strategy: pipeline\n  microbatches: 5\n", (),
+     ["cluster.microbatches: 5 does not divide the per-replica batch 64"]),
+    ("mode: cluster\ncluster:\n  num_workers: 3\n", (),
+     ["data.batch_size: 64 (the global batch) does not split over 3"]),
 ]
 
 
@@ -135,3 +143,13 @@ def test_flat_and_roundtrip():
 
 def test_apply_overrides_creates_sections():
     assert apply_overrides({}, ["data.augment.shift=2"]) == {"data": {"augment": {"shift": 2}}}
+
+
+def test_cluster_mesh_is_dp_by_pp():
+    def mesh(**c):
+        return ExperimentSpec.model_validate({"mode": "cluster", "cluster": c}).cluster.mesh()
+
+    assert mesh(strategy="ddp", num_workers=4) == (4, 1)
+    assert mesh(strategy="pipeline", num_workers=3, microbatches=2) == (1, 3)
+    assert mesh(strategy="hybrid", num_workers=4) == (2, 2)
+    assert mesh(strategy="hybrid", num_workers=6, pipeline_stages=3) == (2, 3)
