@@ -76,6 +76,7 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.continual import continual_loop_per_worker
     from cluster.worker import train_loop_per_worker
     from core.components import build_components, pick_device
     from core.data import load_data
@@ -120,8 +121,10 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
                             checkpoint_score_attribute=c.checkpoint_metric,
                             checkpoint_score_order=c.checkpoint_mode) if c.checkpoint_metric \
         else CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)
+    stream = spec.continual.stream != "none"
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
+        continual_loop_per_worker if stream else train_loop_per_worker,
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu,
@@ -148,10 +151,20 @@ def run_cluster(spec: ExperimentSpec) -> RunResult:
         raise RunFailed(f"cluster training produced no checkpoint in {run_dir}")
     _, path, payload = found[-1]
     comps.model.load_state_dict(payload["model"])
-    state = TrainState()
-    state.load_state_dict(payload["state"])
-    out = finish_run(spec, data, comps, state, tracker, path, t0)
-    (run_dir / FINISHED).write_text(json.dumps({"run_id": out.run_id, "epoch": state.epoch}))
+    if stream:
+        from continual.streams import build_stream
+        from core.continual_runner import finish_stream
+
+        out = finish_stream(spec, data, comps.model, build_stream(data, spec.continual, spec.seed),
+                            payload["r"], payload["baseline"], payload["history"], tracker, path,
+                            t0)
+        epoch = int(payload["state"]["epoch"])
+    else:
+        state = TrainState()
+        state.load_state_dict(payload["state"])
+        out = finish_run(spec, data, comps, state, tracker, path, t0)
+        epoch = state.epoch
+    (run_dir / FINISHED).write_text(json.dumps({"run_id": out.run_id, "epoch": epoch}))
     out.parameters = sum(p.numel() for p in comps.model.parameters())
     out.train_seconds = out.seconds
     return out

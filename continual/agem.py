@@ -39,8 +39,8 @@ class AGEM(BaseStrategy):
         device = params[0].device
         x, y = self.memory.x[idx].to(device), self.memory.y[idx].to(device)
         ref = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
-        g_ref = torch.cat([(r if r is not None else torch.zeros_like(p)).reshape(-1)
-                           for r, p in zip(ref, params, strict=True)])
+        g_ref = self._mean(torch.cat([(r if r is not None else torch.zeros_like(p)).reshape(-1)
+                                      for r, p in zip(ref, params, strict=True)]))
         g_new = project(g, g_ref)
         if g_new is g:
             return

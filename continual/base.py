@@ -7,13 +7,17 @@ are the same under DDP (which prefixes `module.`) and in a single process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# Mean of a tensor over data-parallel ranks (cluster mode); strategies whose estimates
+# come from a rank's own data shard (EWC's Fisher, SI's Ω, A-GEM's reference gradient)
+# pass them through it so every rank holds the same penalty and projection.
+Average = Callable[[torch.Tensor], torch.Tensor]
 
 
 @runtime_checkable
@@ -31,6 +35,10 @@ class BaseStrategy:
     """No-op hooks; a strategy overrides only what it needs."""
 
     name = "base"
+    average: Average | None = None  # set by `distribute` in cluster mode
+
+    def _mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.average(t) if self.average is not None else t
 
     def before_task(self, model: nn.Module, task: Any) -> None:
         return None
@@ -95,3 +103,9 @@ class Composite(BaseStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for i, s in enumerate(self.parts):
             s.load_state_dict(state.get(str(i), {}))
+
+
+def distribute(strategy: Strategy, average: Average) -> None:
+    """Make `strategy` (and a composite's parts) average its estimates across ranks."""
+    for part in getattr(strategy, "parts", [strategy]):
+        part.average = average  # type: ignore[attr-defined]

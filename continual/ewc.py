@@ -11,7 +11,7 @@ so batch-norm statistics and dropout stay frozen during the pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -72,10 +72,8 @@ def fisher_diagonal(model: nn.Module, batches: Iterable[Batch], *, max_samples: 
 class EWC(BaseStrategy):
     name = "ewc"
 
-    def __init__(self, cfg: EwcSpec, seed: int = 0,
-                 reduce: Callable[[Params], Params] | None = None):
+    def __init__(self, cfg: EwcSpec, seed: int = 0):
         self.cfg = cfg
-        self.reduce = reduce  # cluster mode: average the Fisher across ranks
         self.anchors: list[Params] = []
         self.fishers: list[Params] = []
         self.generator = torch.Generator().manual_seed(seed)
@@ -94,8 +92,7 @@ class EWC(BaseStrategy):
         fisher = fisher_diagonal(model, loader, max_samples=self.cfg.fisher_samples,
                                  labels=self.cfg.fisher_labels, per_sample=self.cfg.per_sample,
                                  generator=self.generator)
-        if self.reduce is not None:
-            fisher = self.reduce(fisher)
+        fisher = {n: self._mean(f) for n, f in fisher.items()}  # cluster: over every shard
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
         if self.cfg.mode == "online" and self.fishers:
             old = self.fishers[0]

@@ -92,8 +92,10 @@ class Replay(BaseStrategy):
 
 
 def _unaugmented(loader: Iterable[Batch]) -> Iterable[Batch]:
-    """The task's stored samples, not augmented copies, when the loader exposes them."""
-    split = getattr(loader, "split", None)
-    if split is not None:
+    """The task's stored samples (this rank's shard), not augmented copies, when the loader
+    exposes them."""
+    shard = getattr(loader, "shard", None)
+    if shard is not None:
+        split = shard()
         return [(split.x, split.y)]
     return loader

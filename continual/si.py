@@ -64,7 +64,7 @@ class SI(BaseStrategy):
         for n, theta in end.items():
             if n not in self._start:
                 continue
-            add = self._w[n] / ((theta - self._start[n]).pow(2) + self.cfg.xi)
+            add = self._mean(self._w[n]) / ((theta - self._start[n]).pow(2) + self.cfg.xi)
             self.omega[n] = self.omega.get(n, torch.zeros_like(theta)) + add.clamp(min=0)
         self.anchor = end
         self._prev, self._grad = {}, {}

@@ -153,13 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def dispatch(spec: ExperimentSpec, resume: str | None = None):  # -> RunResult | None
-    if spec.continual.stream != "none" and spec.mode != "federated":
-        if spec.mode != "local":
-            print(f"atoll: continual.stream: {spec.continual.stream!r} trains in local and "
-                  f"federated mode in this version, not {spec.mode!r}; allowed with mode "
-                  f"{spec.mode}: none",
-                  file=sys.stderr)
-            raise SystemExit(EXIT_SPEC)
+    if spec.continual.stream != "none" and spec.mode == "local":
         from core.continual_runner import run_continual
 
         return run_continual(spec)

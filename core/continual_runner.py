@@ -20,8 +20,8 @@ from continual.metrics import summary
 from continual.streams import Task, build_stream
 from core.checkpoint import CheckpointDir, rng_state, set_rng_state
 from core.components import build_components, seed_everything
-from core.data import Batches, DataBundle, eval_batches, load_data
-from core.loop import MaskFn, NonFiniteLoss, TrainState, evaluate, train_task
+from core.data import Batches, DataBundle, Split, eval_batches, load_data
+from core.loop import MaskFn, NonFiniteLoss, Reducer, TrainState, evaluate, train_task
 from core.runner import RunFailed, RunResult, check_resume_compatible, latest_valid
 from core.spec import ExperimentSpec
 
@@ -44,10 +44,13 @@ def _batches(spec: ExperimentSpec, data: DataBundle, task: Task) -> Batches:
 
 
 def accuracy_row(model: torch.nn.Module, tasks: list[Task], spec: ExperimentSpec,
-                 num_classes: int, loss_fn: torch.nn.Module, mask: MaskFn | None
-                 ) -> list[float]:
-    return [evaluate(model, eval_batches(t.test, spec.data), loss_fn, num_classes,
-                     prefix="test", logit_mask=mask).get("test_accuracy", 0.0) for t in tasks]
+                 num_classes: int, loss_fn: torch.nn.Module, mask: MaskFn | None,
+                 rank: int = 0, world: int = 1, reduce: Reducer | None = None) -> list[float]:
+    """Accuracy on every task's test split; ranks split each test set and `reduce` sums."""
+    return [evaluate(model, eval_batches(Split(t.test.x[rank::world], t.test.y[rank::world]),
+                                         spec.data),
+                     loss_fn, num_classes, prefix="test", logit_mask=mask,
+                     reduce=reduce).get("test_accuracy", 0.0) for t in tasks]
 
 
 def run_continual(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
@@ -126,12 +129,15 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     except BaseException:
         tracker.finish("FAILED")
         raise
-    return _finish(spec, data, c, tasks, r, baseline, history, tracker, ckpts, t0)
+    return finish_stream(spec, data, c.model, tasks, r, baseline, history, tracker,
+                         ckpts.latest(), t0)
 
 
-def _finish(spec: ExperimentSpec, data: DataBundle, c: Any, tasks: list[Task],
-            r: list[list[float]], baseline: list[float], history: list[dict[str, float]],
-            tracker: Any, ckpts: CheckpointDir, t0: float) -> RunResult:
+def finish_stream(spec: ExperimentSpec, data: DataBundle, model: torch.nn.Module,
+                  tasks: list[Task], r: list[list[float]], baseline: list[float],
+                  history: list[dict[str, float]], tracker: Any, checkpoint: Path | None,
+                  t0: float) -> RunResult:
+    """ACC/BWT/FWT/forgetting, the matrix and curves, the registered model (local, cluster)."""
     from models import count_parameters
     from tracking.plots import accuracy_matrix, task_curves
 
@@ -144,15 +150,15 @@ def _finish(spec: ExperimentSpec, data: DataBundle, c: Any, tasks: list[Task],
     registered = None
     if spec.tracking.log_model:
         registered = tracker.log_model(
-            c.model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
+            model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias,
             tags={"mode": spec.mode, "task": str(len(tasks) - 1),
                   "strategy": "+".join(spec.continual.strategy),
                   "cl_acc": f"{metrics['cl_acc']:.4f}"})
     tracker.finish("FINISHED")
     out = RunResult(tracker.run_id, metrics, len(history), time.perf_counter() - t0,
-                    ckpts.latest(), registered, history)
-    out.parameters = count_parameters(c.model)
+                    checkpoint, registered, history)
+    out.parameters = count_parameters(model)
     out.details = {"matrix": r, "baseline": baseline, "tasks": names}
     return out
 

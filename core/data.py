@@ -189,6 +189,13 @@ class Batches:
             idx = torch.cat([idx, idx[: per_rank * self.world - n]])[self.rank :: self.world]
         return idx
 
+    def shard(self) -> Split:
+        """This rank's samples, unaugmented and unpadded (a replay memory's source)."""
+        if self.world == 1:
+            return self.split
+        idx = torch.arange(len(self.split))[self.rank::self.world]
+        return Split(self.split.x[idx], self.split.y[idx])
+
     def __len__(self) -> int:
         n = -(-len(self.split) // self.world)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -452,6 +452,10 @@ class ExperimentSpec(_Section):
                              f"{shape[1]}-pixel side of {self.data.name}; allowed: {ok}")
         if self.mode == "cluster":
             self._check_cluster_batch()
+            if self.continual.stream != "none" and self.cluster.strategy != "ddp":
+                raise ValueError(f"cluster.strategy: {self.cluster.strategy!r} with a task "
+                                 f"stream (continual.stream {self.continual.stream!r}); "
+                                 "allowed with a stream: ddp")
         return self
 
     def _check_cluster_batch(self) -> None:

@@ -104,8 +104,9 @@ def test_ui_serves_the_default_store_on_loopback(tmp_path):
     assert proc.poll() is not None
 
 
-def test_task_streams_outside_local_mode_are_refused(tmp_path):
-    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "continual.stream=split",
-                 "--set", "mode=cluster", cwd=tmp_path)
+def test_task_streams_in_cluster_mode_need_ddp(tmp_path):
+    out = _atoll("run", str(CONFIGS / "continual.yaml"), "--set", "mode=cluster",
+                 "--set", "cluster.strategy=pipeline", cwd=tmp_path)
     assert out.returncode == 2
-    assert "continual.stream: 'split' trains in local and federated mode" in out.stderr
+    assert "cluster.strategy: 'pipeline' with a task stream (continual.stream 'permuted'); " \
+           "allowed with a stream: ddp" in out.stderr

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cluster import jobs
@@ -145,3 +146,46 @@ def test_plain_ray_job_submit_runs_a_pipeline_job(ray_head, tmp_path):
     assert run.data.metrics["test_accuracy"] > 0.85
     assert client.get_model_version_by_alias("digits-mlp", "candidate").run_id == run.info.run_id
     assert (storage / "job-pipe" / "atoll-finished.json").is_file()
+
+
+def test_continual_stream_on_workers_survives_a_killed_worker(ray_head, tmp_path):
+    """EWC + replay over 3 permuted tasks on 2 DDP workers; rank 1 dies after task 1."""
+    spec = load_spec(CONFIGS / "continual.yaml", [
+        "mode=cluster", "name=cl-killed", "continual.n_tasks=3", "train.progress=off",
+        "tracking.experiment=tests-cluster", "cluster.max_failures=2"])
+    job = jobs.submit(spec, ray_head["http"], working_dir=tmp_path,
+                      entrypoint_cmd=str(BIN / "atoll"))
+    run_dir = tmp_path / ".atoll" / "ray_results" / "cl-killed"
+    pid_file = run_dir / "workers" / "rank-1.pid"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(run_dir.glob("checkpoint_*")):
+        assert jobs.status(ray_head["http"], job) in ("PENDING", "RUNNING"), \
+            jobs.client(ray_head["http"]).get_job_logs(job)[-3000:]
+        time.sleep(0.1)
+    victim = int(pid_file.read_text())
+    os.kill(victim, signal.SIGKILL)
+    final = jobs.wait(ray_head["http"], job, timeout=600)
+    logs = jobs.client(ray_head["http"]).get_job_logs(job)
+    assert final == "SUCCEEDED", logs[-4000:]
+    assert int(pid_file.read_text()) != victim
+    client = _store(tmp_path)
+    run = _run_of(client, "cl-killed")
+    history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
+               for k in ("acc_seen", "train_loss")}
+    assert history == {"acc_seen": [1, 2, 3], "train_loss": list(range(1, 10))}  # each once
+    assert run.data.metrics["cl_acc"] > 0.8 and "cl_bwt" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/accuracy_matrix.png" in artifacts
+    # the final checkpoint: both ranks' strategy state, EWC's Fisher shared, replay per rank
+    from cluster.runner import _checkpoints
+
+    payload = _checkpoints(run_dir)[-1][2]
+    assert payload["next_task"] == 3 and len(payload["r"]) == 3
+    ranks = payload["strategy_per_rank"]
+    assert len(ranks) == 2
+    (ewc0, replay0), (ewc1, replay1) = (ranks[0]["0"], ranks[0]["1"]), (ranks[1]["0"],
+                                                                         ranks[1]["1"])
+    for f0, f1 in zip(ewc0["fishers"], ewc1["fishers"], strict=True):
+        for k in f0:
+            assert torch.equal(f0[k], f1[k])
+    assert not torch.equal(replay0["x"], replay1["x"])

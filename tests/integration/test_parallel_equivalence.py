@@ -193,3 +193,64 @@ def test_hybrid_dp2_pp2_equals_ddp(tmp_path, schedule):
     assert set(hybrid["state"]) == set(ddp)
     for k in ddp:
         torch.testing.assert_close(hybrid["state"][k], ddp[k], rtol=1e-5, atol=1e-6)
+
+
+def _importance_worker(rank: int, world: int, init: str, out: str) -> None:
+    """EWC + SI + A-GEM on DDP with a different data shard per rank."""
+    from cluster.parallel import build
+    from continual.agem import AGEM
+    from continual.base import Composite, distribute
+    from continual.ewc import EWC, fisher_diagonal
+    from continual.si import SI
+    from core.spec import AgemSpec, EwcSpec, SiSpec
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        lay = build("ddp", _model(), torch.device("cpu"))
+        ewc, si, agem = EWC(EwcSpec(lam=10.0)), SI(SiSpec()), AGEM(AgemSpec(size=16, batch=8))
+        strategy = Composite([ewc, si, agem])
+        distribute(strategy, lambda t: lay.reduce(t) / world)
+        opt = torch.optim.SGD(lay.model.parameters(), lr=0.1)
+        state = TrainState()
+        data = _data()
+        for task in range(2):  # the second task (labels moved on) conflicts with the first
+            shard = Batches(Split(data.x, (data.y + task) % 3), BATCH // world, shuffle=True,
+                            seed=3, rank=rank, world=world)
+            strategy.before_task(lay.base, task)
+            train_epoch(lay.model, shard, opt, torch.nn.CrossEntropyLoss(),
+                        LoopConfig(progress="off"), state, strategy=strategy,
+                        reduce=lay.reduce, no_sync=lay.no_sync)
+            if task == 0:
+                first_fisher = fisher_diagonal(lay.base, shard, max_samples=N)
+            strategy.after_task(lay.base, task, shard)
+        penalty = float(strategy.penalty(lay.base))
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, {
+            "first_fisher": first_fisher,
+            "ewc": ewc.fishers[0], "omega": si.omega, "penalty": penalty,
+            "projected": agem.projected, "memory": agem.memory.x.clone(),
+            "weights": lay.full_state()})
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_importances_are_averaged_so_every_rank_holds_the_same_penalty(tmp_path):
+    out = tmp_path / "importance.pt"
+    mp.spawn(_importance_worker, args=(2, f"file://{tmp_path / 'rdzv-imp'}", str(out)),
+             nprocs=2, join=True)
+    a, b = torch.load(out, weights_only=False)
+    # the shards differ, so their own Fishers differ ...
+    assert any(not torch.allclose(a["first_fisher"][k], b["first_fisher"][k]) for k in a["ewc"])
+    for k in a["ewc"]:
+        # ... and EWC holds their mean on both ranks
+        mean = (a["first_fisher"][k] + b["first_fisher"][k]) / 2
+        torch.testing.assert_close(a["ewc"][k], mean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b["ewc"][k], a["ewc"][k], rtol=0, atol=0)
+        torch.testing.assert_close(b["omega"][k], a["omega"][k], rtol=0, atol=0)
+    assert a["penalty"] == b["penalty"] > 0
+    assert a["projected"] == b["projected"] > 0  # the same projection decision every step
+    assert not torch.equal(a["memory"], b["memory"])  # replay memory is per rank
+    for k in a["weights"]:  # and the replicas never drift apart
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=0, atol=0)

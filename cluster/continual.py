@@ -1,0 +1,156 @@
+"""A task stream on Ray Train workers: continual learning in cluster mode (DDP).
+
+Every rank follows the same stream on its own shard of each task. Estimates a strategy
+takes from its shard — EWC's Fisher, SI's Ω, A-GEM's reference gradient — are averaged
+over ranks (`continual.base.distribute`), so every rank holds the same penalty; replay
+memories stay per rank. After each task the ranks evaluate every task's test split
+together (row i of the accuracy matrix) and rank 0 reports a Ray Train checkpoint with the
+model, every rank's strategy state, the matrix so far and the history. A restarted
+worker group (a dead worker, or the same job name run again) resumes at the next task;
+epochs of a task are logged to MLflow once its checkpoint is durable, so a task that is
+re-run after a failure is logged exactly once.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+CKPT_FILE = "state.ckpt"
+
+
+def continual_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from cluster.parallel import build
+    from cluster.worker import _newest_checkpoint, _record_pid, _tracker
+    from continual.base import distribute
+    from continual.streams import build_stream
+    from core.checkpoint import load, rng_state, save, set_rng_state
+    from core.components import build_components, seed_everything
+    from core.continual_runner import accuracy_row, task_mask
+    from core.data import Batches, Split, eval_batches, load_data
+    from core.loop import TrainState, train_task
+    from core.spec import validate
+    from models import build_model
+
+    spec = validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if spec.cluster.use_gpu \
+        else torch.device("cpu")
+    torch.set_num_threads(spec.cluster.cpus_per_worker)
+    run_dir = Path(config["run_dir"])
+    _record_pid(run_dir, rank)
+    seed_everything(spec.seed)
+    data = load_data(spec.data, spec.seed)
+    tasks = build_stream(data, spec.continual, spec.seed)
+    mask = task_mask(tasks, data.num_classes) if spec.continual.scenario == "task" else None
+    torch.manual_seed(spec.seed)  # every rank starts from the same weights
+    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    layout = build(spec.cluster.strategy, model, device)
+    c = build_components(spec, data, 1, device=device, model=layout.model)
+    distribute(c.strategy, lambda t: layout.reduce(t) / world)
+
+    def row() -> list[float]:
+        return accuracy_row(layout.model, tasks, spec, data.num_classes, c.loss_fn, mask,
+                            rank=rank, world=world, reduce=layout.reduce)
+
+    baseline = row()  # the randomly initialised model: FWT's reference
+    r: list[list[float]] = []
+    history: list[dict[str, float]] = []
+    start, epochs_done = 0, 0
+    payload = _newest_checkpoint(ray.train.get_checkpoint(), run_dir, load)
+    if payload is not None:
+        layout.load_full_state(payload["model"])
+        c.strategy.load_state_dict(payload["strategy_per_rank"][rank])
+        set_rng_state(payload["rng"])
+        r, baseline, history = payload["r"], payload["baseline"], payload["history"]
+        start, epochs_done = payload["next_task"], int(payload["state"]["epoch"])
+    tracker = _tracker(spec, config, rank)
+    if rank == 0:
+        if payload is None:
+            tracker.log_params({"continual.tasks": " | ".join(t.name for t in tasks),
+                                "cluster.layout.parallel": "ddp", "cluster.world_size": world,
+                                "cluster.device": str(device)})
+            tracker.log_metrics({f"baseline_task_{j}": a for j, a in enumerate(baseline)},
+                                step=0)
+        _backfill(tracker, history, r)
+
+    per_rank = spec.data.batch_size // world
+    aug = spec.data.augment if data.is_image else None
+    for task in tasks[start:]:
+        train = Batches(task.train, per_rank, shuffle=True, seed=spec.seed + task.index,
+                        rank=rank, world=world, shift=aug.shift if aug else 0,
+                        noise_std=aug.noise_std if aug else 0.0)
+        val_shard = Split(task.val.x[rank::world], task.val.y[rank::world])
+        val = eval_batches(val_shard, spec.data) if len(task.val) else None
+        fresh = build_components(spec, data, len(train), device=device, model=layout.model)
+        state, rows = TrainState(), []
+
+        def on_epoch_end(st: TrainState, m: dict[str, float], base: int = epochs_done,
+                         t: int = task.index, out: list = rows) -> None:
+            shown = {k: v for k, v in m.items() if k != "samples"}
+            out.append({"epoch": float(base + st.epoch), "task": float(t), **shown})
+
+        train_task(layout.model, train, val, fresh.optimizer, c.loss_fn, fresh.cfg, state,
+                   data.num_classes, scheduler=fresh.scheduler, strategy=c.strategy,
+                   task=task, reduce=layout.reduce, no_sync=layout.no_sync,
+                   on_epoch_end=on_epoch_end, logit_mask=mask)
+        epochs_done += state.epoch
+        r.append(row())
+        history.extend(rows)
+        strategies: list[Any] = [None] * world
+        dist.all_gather_object(strategies, _cpu(c.strategy.state_dict()))
+        full = layout.full_state()
+        seen = sum(r[-1][:task.index + 1]) / (task.index + 1)
+        if rank == 0:
+            staging = run_dir / ".staging"
+            staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=staging) as d:
+                save({"model": full, "strategy_per_rank": strategies, "rng": rng_state(),
+                      "r": r, "baseline": baseline, "history": history,
+                      "next_task": task.index + 1, "state": {"epoch": epochs_done},
+                      "run_id": config["run_id"], "spec": config["spec"]}, Path(d) / CKPT_FILE)
+                ray.train.report({"task": task.index + 1, "acc_seen": seen, "epoch": epochs_done},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d))
+            _log_task(tracker, rows, r, task.index)
+        else:
+            ray.train.report({"task": task.index + 1, "acc_seen": seen, "epoch": epochs_done})
+    if rank == 0:
+        tracker.wait()
+
+
+def _cpu(obj: Any) -> Any:
+    """Strategy state with every tensor on the CPU (gathered and saved by rank 0)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _log_task(tracker: Any, rows: list[dict[str, float]], r: list[list[float]], i: int) -> None:
+    for row in rows:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                            step=int(row["epoch"]))
+    tracker.log_metrics({f"acc_task_{j}": a for j, a in enumerate(r[i])}
+                        | {"acc_seen": sum(r[i][:i + 1]) / (i + 1)}, step=i + 1)
+    tracker.wait()
+
+
+def _backfill(tracker: Any, history: list[dict[str, float]], r: list[list[float]]) -> None:
+    """Tasks the checkpoint holds but MLflow lacks (a worker died between the two)."""
+    client = getattr(tracker, "client", None)
+    if client is None or not r:
+        return
+    logged = {m.step for m in client.get_metric_history(tracker.run_id, "acc_seen")}
+    for i in range(len(r)):
+        if i + 1 not in logged:
+            _log_task(tracker, [h for h in history if int(h["task"]) == i], r, i)
