@@ -1,0 +1,178 @@
+"""atoll cluster mode vs a plain `torchrun` DDP script: per-step cost and start-up.
+
+The same model, data, global batch, optimizer and epochs run on 2 gloo workers (a) with
+`torchrun --nproc-per-node 2 benchmarks/plain_ddp/train.py` and (b) with atoll cluster
+mode on a local Ray (2 CPUs) it starts for the purpose; (c) the same hand-written loop in
+a bare Ray Train TorchTrainer shows what Ray itself costs. All report each epoch's training
+seconds (the training pass only: no validation, checkpoint or logging after the epoch);
+time per step is the median over epochs after the first (warm-up). atoll's per-step work
+includes its metric accumulation, the per-step MLflow logging of rank 0 and the
+non-finite-loss check. Start-up is the time from launch to the first training step:
+torchrun's process start, or atoll's Ray worker group, process group, data and MLflow
+run (Ray itself is started before the clock, as a cluster would already be running).
+Runs alternate so machine noise hits both alike. Target: ratio <= 1.05.
+
+    .venv/bin/python benchmarks/ddp_overhead.py [--repeats 3] [--epochs 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _overrides(epochs: int) -> list[str]:
+    return ["mode=cluster", "cluster.num_workers=2", "optim.name=sgd", "optim.lr=0.05",
+            "optim.weight_decay=0", "optim.scheduler.name=none", "data.batch_size=32",
+            f"train.epochs={epochs}", "train.progress=off", "train.resume=false",
+            "tracking.log_model=false", "tracking.experiment=bench-ddp", "model.dropout=0",
+            "model.hidden=[512,512]"]
+
+
+def _per_step(epochs: list[dict[str, float]]) -> float:
+    return statistics.median(e["seconds"] / e["steps"] for e in epochs[1:])
+
+
+def run_torchrun(config: str, overrides: list[str], workdir: Path) -> dict[str, float]:
+    sets = [a for o in overrides for a in ("--set", o)]
+    launch = time.time()
+    out = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), str(ROOT / "benchmarks" / "plain_ddp" / "train.py"),
+         "--config", config, *sets], cwd=workdir, capture_output=True, text=True, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wall = time.time() - launch
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"per_step": _per_step(report["epochs"]), "startup": report["first_step"] - launch,
+            "samples_per_s": _throughput(report["epochs"]), "wall": wall}
+
+
+def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
+    """The torchrun script's loop inside a bare Ray Train TorchTrainer: Ray's own cost."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from core.spec import load_spec
+
+    spec = load_spec(config, overrides)
+
+    def loop(cfg: dict) -> None:
+        import ray.train
+
+        sys.path.insert(0, cfg["root"])
+        from benchmarks.plain_ddp.train import train
+        from core.spec import validate
+
+        report = train(validate(cfg["spec"]))
+        if ray.train.get_context().get_world_rank() == 0:  # metrics need a checkpoint: a file
+            Path(cfg["out"]).write_text(json.dumps(report))
+
+    out = Path(tempfile.mkdtemp(prefix="atoll-bench-ray-"))
+    launch = time.time()
+    TorchTrainer(
+        loop, train_loop_config={"spec": spec.model_dump(mode="json"), "root": str(ROOT),
+                                 "out": str(out / "report.json")},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(out))).fit()
+    wall = time.time() - launch
+    report = json.loads((out / "report.json").read_text())
+    return {"per_step": _per_step(report["epochs"]), "startup": report["first_step"] - launch,
+            "samples_per_s": _throughput(report["epochs"]), "wall": wall}
+
+
+def run_atoll(config: str, overrides: list[str], name: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    from cluster.runner import run_cluster
+    from core.spec import load_spec
+
+    spec = load_spec(config, [*overrides, f"name={name}"])
+    per_rank = -(-_train_size(spec) // 2)  # padded like DistributedSampler
+    steps = -(-per_rank // (spec.data.batch_size // 2))
+    launch = time.time()
+    result = run_cluster(spec)
+    wall = time.time() - launch
+    client = MlflowClient(spec.tracking.uri)
+    seconds = client.get_metric_history(result.run_id, "seconds")
+    epochs = [{"seconds": m.value, "steps": steps} for m in sorted(seconds, key=lambda m: m.step)]
+    first_epoch_end = min(m.timestamp for m in seconds if m.step == 1) / 1000
+    # the first epoch's metrics are logged after its checkpoint: subtract that epoch only
+    first_step = first_epoch_end - epochs[0]["seconds"]
+    samples = client.get_metric_history(result.run_id, "samples_per_s")
+    return {"per_step": _per_step(epochs), "startup": first_step - launch,
+            "samples_per_s": statistics.median(m.value for m in samples if m.step > 1),
+            "wall": wall}
+
+
+def _throughput(epochs: list[dict[str, float]]) -> float:
+    return statistics.median(e["samples"] / e["seconds"] for e in epochs[1:])
+
+
+def _train_size(spec) -> int:
+    from core.data import load_data
+
+    return len(load_data(spec.data, spec.seed).train)
+
+
+def _free_port() -> int:
+    from core.procs import free_port
+
+    return free_port()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="extra spec overrides for both runs")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sys.path.insert(0, str(ROOT))
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="atoll-bench-ddp-"))
+    os.chdir(work)
+    overrides = [*_overrides(args.epochs), f"tracking.uri=sqlite:///{work / 'mlruns.db'}",
+                 *args.overrides]
+    ray.init(num_cpus=2, include_dashboard=False,
+             _temp_dir=tempfile.mkdtemp(prefix="atoll-rb-", dir="/tmp"))
+    try:
+        runs: dict[str, list[dict[str, float]]] = {"torchrun": [], "ray-train": [], "atoll": []}
+        for i in range(args.repeats):
+            runs["torchrun"].append(run_torchrun(args.config, overrides, work))
+            runs["ray-train"].append(run_bare_ray(args.config, overrides))
+            runs["atoll"].append(run_atoll(args.config, overrides, f"bench-{i}"))
+            print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(
+                f"{k} {v[-1]['per_step'] * 1e3:.2f} ms/step" for k, v in runs.items()),
+                flush=True)
+    finally:
+        ray.shutdown()
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    print(f"\n2 gloo workers, {args.epochs} epochs, median of {args.repeats} runs "
+          f"(steady-state epochs 2..{args.epochs})")
+    print(f"{'':10}{'ms/step':>10}{'samples/s':>12}{'start-up s':>12}{'wall s':>9}")
+    for k in runs:
+        m = med[k]
+        print(f"{k:10}{m['per_step'] * 1e3:10.2f}{m['samples_per_s']:12.0f}"
+              f"{m['startup']:12.1f}{m['wall']:9.1f}")
+    print(f"atoll / bare Ray Train per step: "
+          f"{med['atoll']['per_step'] / med['ray-train']['per_step']:.3f}")
+    print(f"ratio: {med['atoll']['per_step'] / med['torchrun']['per_step']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
