@@ -469,6 +469,10 @@ class ExperimentSpec(_Section):
                 raise ValueError(f"train.grad_accum_steps: {self.train.grad_accum_steps} with "
                                  f"cluster.strategy {c.strategy!r} (the schedule accumulates "
                                  "over cluster.microbatches); allowed: 1")
+            _, pp = c.mesh()
+            if c.schedule == "1f1b" and c.microbatches < pp:
+                raise ValueError(f"cluster.microbatches: {c.microbatches} is fewer than the "
+                                 f"{pp} stages 1F1B needs; allowed: at least {pp}")
             if (batch // dp) % c.microbatches:
                 raise ValueError(f"cluster.microbatches: {c.microbatches} does not divide the "
                                  f"per-replica batch {batch // dp}; allowed: divisors of "

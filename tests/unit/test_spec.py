@@ -54,6 +54,8 @@ BAD = [
      ["train.grad_accum_steps: 2 with cluster.strategy 'pipeline'", "allowed: 1"]),
     ("mode: cluster\ncluster:\n  strategy: pipeline\n  microbatches: 5\n", (),
      ["cluster.microbatches: 5 does not divide the per-replica batch 64"]),
+    ("mode: cluster\ncluster:\n  strategy: pipeline\n  schedule: 1f1b\n  microbatches: 1\n",
+     (), ["cluster.microbatches: 1 is fewer than the 2 stages 1F1B needs", "at least 2"]),
     ("mode: cluster\ncluster:\n  num_workers: 3\n", (),
      ["data.batch_size: 64 (the global batch) does not split over 3"]),
 ]
