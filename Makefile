@@ -41,6 +41,8 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tracking_overhead.py
 	$(BIN)/python benchmarks/fl_overhead.py
+	$(BIN)/python benchmarks/ddp_overhead.py
+	$(BIN)/python benchmarks/pipeline_scaling.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
