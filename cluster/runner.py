@@ -26,7 +26,10 @@ FINISHED = "atoll-finished.json"
 
 
 def storage_root(spec: ExperimentSpec) -> Path:
-    return Path(spec.cluster.storage_path or Path(".atoll") / "ray_results").resolve()
+    """Where Ray Train keeps checkpoints: ATOLL_STORAGE_PATH (a cluster's shared volume,
+    set on its nodes) wins, as RAY_ADDRESS and MLFLOW_TRACKING_URI do."""
+    chosen = os.environ.get("ATOLL_STORAGE_PATH") or spec.cluster.storage_path
+    return Path(chosen or Path(".atoll") / "ray_results").resolve()
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:

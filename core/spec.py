@@ -281,7 +281,9 @@ class ClusterSpec(_Section):
     pipeline_stages: int | None = Field(
         None, ge=2, description="hybrid: stages per replica; default 2 (pipeline: all workers)")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
-    storage_path: str | None = Field(None, description="absolute; default .atoll/ray_results")
+    storage_path: str | None = Field(
+        None, description="shared by all nodes; ATOLL_STORAGE_PATH wins; default "
+                          ".atoll/ray_results")
     checkpoint_metric: str | None = Field(
         None, description="keep the best checkpoints by this epoch metric (else the newest)")
     checkpoint_mode: Literal["min", "max"] = "max"
