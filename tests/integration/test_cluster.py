@@ -64,10 +64,13 @@ def _run_of(client: MlflowClient, name: str):
     return runs[0]
 
 
-def test_submitted_ddp_job_trains_tracks_and_registers(ray_head, tmp_path):
+@pytest.mark.parametrize(("strategy", "per_rank"), [("ddp", "16"), ("pipeline", "32")])
+def test_submitted_job_trains_tracks_and_registers(ray_head, tmp_path, strategy, per_rank):
+    """`atoll submit --wait` of a 2-worker DDP job and a 2-stage pipeline job."""
     out = subprocess.run(
         [str(BIN / "atoll"), "submit", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster",
-         "--set", "name=job-ddp", "--set", "train.epochs=3", "--set", "train.progress=off",
+         "--set", f"name=job-{strategy}", "--set", f"cluster.strategy={strategy}",
+         "--set", "train.epochs=3", "--set", "train.progress=off",
          "--set", "tracking.experiment=tests-cluster", "--address", ray_head["http"], "--wait"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
@@ -76,9 +79,11 @@ def test_submitted_ddp_job_trains_tracks_and_registers(ray_head, tmp_path):
     assert any(r["id"] == job_id and r["status"] == "SUCCEEDED"
                for r in jobs.listing(ray_head["http"]))
     client = _store(tmp_path)
-    run = _run_of(client, "job-ddp")
+    run = _run_of(client, f"job-{strategy}")
     assert run.info.status == "FINISHED"
-    assert run.data.params["cluster.per_rank_batch"] == "16"  # global 32 over 2 workers
+    # the global batch of 32: over 2 DDP replicas, or whole through a 2-stage pipeline
+    assert run.data.params["cluster.per_rank_batch"] == per_rank
+    assert run.data.params["cluster.layout.parallel"] == strategy
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == [1, 2, 3]
     assert run.data.metrics["test_accuracy"] > 0.9
@@ -122,14 +127,15 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypa
     assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 12
 
 
-def test_plain_ray_job_submit_runs_a_pipeline_job(ray_head, tmp_path):
-    """The README's `ray job submit ... -- atoll run SPEC`, with a 2-stage 1F1B pipeline."""
+@pytest.mark.parametrize("strategy", ["pipeline", "ddp"])
+def test_plain_ray_job_submit(ray_head, tmp_path, strategy):
+    """The README's `ray job submit ... -- atoll run SPEC`: 2-stage 1F1B pipeline, DDP."""
     store, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
     out = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["http"],
          "--working-dir", str(tmp_path), "--", "atoll", "run", str(CONFIGS / "demo.yaml"),
          "--set", "mode=cluster", "--set", "name=job-pipe", "--set", "train.epochs=3",
-         "--set", "cluster.strategy=pipeline", "--set", "cluster.schedule=1f1b",
+         "--set", f"cluster.strategy={strategy}", "--set", "cluster.schedule=1f1b",
          "--set", "train.progress=off", "--set", "tracking.experiment=tests-cluster",
          "--set", f"tracking.uri=sqlite:///{store}", "--set", f"cluster.storage_path={storage}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
@@ -140,8 +146,11 @@ def test_plain_ray_job_submit_runs_a_pipeline_job(ray_head, tmp_path):
     run = _run_of(client, "job-pipe")
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert (p["cluster.layout.parallel"], p["cluster.layout.pp"], p["cluster.layout.schedule"]) \
-        == ("pipeline", "2", "1f1b")
+    if strategy == "pipeline":
+        assert (p["cluster.layout.parallel"], p["cluster.layout.pp"],
+                p["cluster.layout.schedule"]) == ("pipeline", "2", "1f1b")
+    else:
+        assert (p["cluster.layout.parallel"], p["cluster.layout.dp"]) == ("ddp", "2")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
     assert run.data.metrics["test_accuracy"] > 0.85
     assert client.get_model_version_by_alias("digits-mlp", "candidate").run_id == run.info.run_id
