@@ -204,6 +204,9 @@ class EwcSpec(_Section):
     fisher_samples: int = Field(512, ge=1, description="training samples used per Fisher")
     fisher_labels: Literal["empirical", "sampled"] = "empirical"
     per_sample: bool = Field(False, description="exact per-sample squared grads (slower)")
+    aggregate: Literal["client", "server"] = Field(
+        "client", description="federated: server averages the clients' Fishers (FedEWC) and "
+                              "sends them back with the global model")
 
 
 class SiSpec(_Section):
@@ -452,6 +455,10 @@ class ExperimentSpec(_Section):
             ok = [p for p in range(1, shape[1] + 1) if shape[1] % p == 0]
             raise ValueError(f"model.patch_size: {self.model.patch_size} does not divide the "
                              f"{shape[1]}-pixel side of {self.data.name}; allowed: {ok}")
+        if self.continual.ewc.aggregate == "server" and self.federated.privacy.mode != "none":
+            raise ValueError("continual.ewc.aggregate: 'server' sends each client's Fisher "
+                             f"without the protection of federated.privacy.mode "
+                             f"{self.federated.privacy.mode!r}; allowed with privacy: client")
         if self.mode == "cluster":
             self._check_cluster_batch()
             if self.continual.stream != "none" and self.cluster.strategy != "ddp":

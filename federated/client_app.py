@@ -60,6 +60,10 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "straggler":
         time.sleep(spec.federated.faults.straggler_delay)
     cl = _continual_state(spec, context, rnd)
+    if cl is not None and R.FEDEWC in msg.content:
+        from federated.fedewc import decode
+
+        cl.federation = decode(R.arrays_to_state(msg.content[R.FEDEWC]))
     data = task.client_data(spec, partition, num_clients, cl.current if cl else None)
     global_state = R.arrays_to_state(msg.content[R.ARRAYS])
     weights, metrics, attack = task.local_train(
@@ -71,12 +75,17 @@ def train(msg: Message, context: Context) -> Message:
         context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: cl.dump(), R.CL_TASK: cl.current})
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
     weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
-    return Message(RecordDict({
+    who = {R.PARTITION_ID: partition, R.BYZANTINE: attack}
+    content = {
         R.ARRAYS: R.state_to_arrays(weights),
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: weight, "samples": len(data.train),
                                  **metrics}),
-        R.CLIENT: ConfigRecord({R.PARTITION_ID: partition, R.BYZANTINE: attack}),
-    }), reply_to=msg)
+    }
+    if cl is not None and cl.closed is not None and spec.continual.ewc.aggregate == "server":
+        task_index, fisher, n = cl.closed  # FedEWC: the server averages these
+        content[R.FISHER] = R.state_to_arrays(fisher)
+        who |= {R.FISHER_TASK: task_index, R.FISHER_WEIGHT: n}
+    return Message(RecordDict({**content, R.CLIENT: ConfigRecord(who)}), reply_to=msg)
 
 
 def _continual_state(spec, context: Context, rnd: int) -> task.ContinualState | None:

@@ -54,6 +54,10 @@ CL_STATE = "atoll-continual"  # ConfigRecord: strategy state bytes + the task it
 CL_BLOB = "strategy"
 CL_TASK = "task"
 TASK = "task"  # reply/ConfigRecord: the stream task a round trains
+FEDEWC = "atoll-fedewc"  # ArrayRecord to clients: the federation's EWC anchors and Fishers
+FISHER = "atoll-fisher"  # ArrayRecord from a client: its Fisher of the task it just closed
+FISHER_TASK = "fisher-task"  # in the reply's CLIENT record: which task that Fisher is for
+FISHER_WEIGHT = "fisher-weight"  # and how many samples it was estimated on
 
 # --- node_config (simulation sets these; deployment SuperNodes pass them) -------------
 NODE_PARTITION_ID = "partition-id"

@@ -96,6 +96,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     cl = _Stream(spec, data, loss_fn) if spec.continual.stream != "none" else None
     if cl is not None:
         st.baseline = cl.row(model)
+    fisher = _federated_fisher(spec) if cl is not None else None
     resume = str(run_config.get(R.RESUME, "") or "")
     if resume:
         found = _find_checkpoint(ckpts, resume)
@@ -108,6 +109,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             st = ServerState(round=int(saved["round"]), run_id=saved.get("run_id") or st.run_id,
                              history=list(saved["history"]), matrix=saved.get("matrix", []),
                              baseline=saved.get("baseline", st.baseline))
+            if fisher is not None:
+                fisher.load_state_dict(saved.get("fedewc", {}))
             log.info("resumed the federation from %s (round %d)", path, st.round)
     else:
         for old in ckpts.all():
@@ -130,8 +133,12 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                                       if f.strategy == "fedprox" else 0.0})
             chosen = sampler.sample(population, f.fraction_fit, f.min_fit_clients)
             view = SampledGrid(grid, [partitions[p] for p in chosen])
-            fit = exchange(grid, strategy.configure_train(rnd, arrays, train_cfg, view),
-                           node_to_partition, f.round_timeout)
+            messages = list(strategy.configure_train(rnd, arrays, train_cfg, view))
+            if fisher is not None and (flat := fisher.encode()):
+                for m in messages:  # the federation's importances travel with the model
+                    m.content[R.FEDEWC] = R.state_to_arrays(flat)
+            fit = exchange(grid, messages, node_to_partition, f.round_timeout)
+            fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             new_arrays, fit_metrics = strategy.aggregate_train(rnd, fit.ok)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -172,6 +179,11 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 row["task"] = float(cl.task_of(rnd))
                 if cl.closes_task(rnd):
                     st.matrix.append(accs)
+                    if fisher is not None:
+                        fisher.close_task(cl.task_of(rnd), R.arrays_to_state(arrays))
+                if fisher is not None:
+                    row.update({"fedewc_fishers_received": float(fishers_in),
+                                "fedewc_tasks": float(len(fisher.pairs()))})
             eps = epsilon(strategy)
             if eps is not None:
                 row["dp_epsilon"] = eps
@@ -188,11 +200,36 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                             "sampler": _encode_state(sampler.state_dict()),
                             "rng": rng_state(), "history": st.history, "run_id": st.run_id,
                             "matrix": st.matrix, "baseline": st.baseline,
+                            "fedewc": fisher.state_dict() if fisher is not None else {},
                             "spec": spec.model_dump(mode="json")}, rnd)
     except BaseException:
         tracker.finish("FAILED")
         raise
     return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
+
+
+def _federated_fisher(spec: ExperimentSpec) -> Any:
+    """FedEWC's server-side state when the spec asks for it (EWC with aggregate: server)."""
+    if "ewc" not in spec.continual.strategy or spec.continual.ewc.aggregate != "server":
+        return None
+    from federated.fedewc import FederatedFisher
+
+    return FederatedFisher(online=spec.continual.ewc.mode == "online")
+
+
+def _collect_fishers(fisher: Any, replies: list[Any]) -> int:
+    """Take the Fishers clients sent out of their replies (Flower's strategies expect one
+    ArrayRecord per reply) and add them to the server's per-task means."""
+    n = 0
+    for r in replies:
+        if R.FISHER not in r.content:
+            continue
+        who = r.content[R.CLIENT]
+        fisher.add(int(who[R.FISHER_TASK]), R.arrays_to_state(r.content[R.FISHER]),
+                   float(who[R.FISHER_WEIGHT]))
+        del r.content[R.FISHER]
+        n += 1
+    return n
 
 
 class _Stream:

@@ -179,6 +179,8 @@ class ContinualState:
     task: int | None
     current: int = 0
     strategy: Any = None
+    federation: list | None = None  # FedEWC: the server's (task, anchor, Fisher) pairs
+    closed: tuple[int, dict[str, torch.Tensor], float] | None = None  # what goes back
 
     def enter(self, spec: ExperimentSpec, model: torch.nn.Module, partition: int,
               num_clients: int, batch_size: int) -> tuple[Any, Any, Any]:
@@ -186,14 +188,23 @@ class ContinualState:
 
         from continual import build_strategy
         from core.continual_runner import task_mask
+        from federated.fedewc import adopt, ewc_of
 
         tasks = stream(spec)
         self.strategy = build_strategy(spec)
         if self.blob:
             self.strategy.load_state_dict(torch.load(io.BytesIO(self.blob), weights_only=True))
+        closed = None
         if self.task is not None and self.task < self.current:
             old = client_data(spec, partition, num_clients, self.task)
             self.strategy.after_task(model, tasks[self.task], Batches(old.train, batch_size))
+            closed = self.task
+            ewc = ewc_of(self.strategy)
+            if ewc is not None and ewc.fishers:
+                self.closed = (closed, ewc.fishers[-1],
+                               float(min(len(old.train), spec.continual.ewc.fisher_samples)))
+        if self.federation is not None and (ewc := ewc_of(self.strategy)) is not None:
+            adopt(ewc, self.federation, closed)
         if self.task != self.current:
             self.strategy.before_task(model, tasks[self.current])
         mask = task_mask(list(tasks), _bundle(spec_key(spec)).num_classes) \

@@ -278,13 +278,23 @@ def test_federated_continual_ewc_beats_naive(no_leftovers):
     """5 clients, 3 permuted tasks, strategy state kept in Context.state across rounds."""
     base = ["train.progress=off", "tracking.log_model=false", "continual.ewc.lam=1000"]
     runs = {}
-    for name in ("ewc", "naive"):
-        spec = load_spec(CONFIGS / "fcl.yaml", [*base, f"continual.strategy={name}",
-                                                f"name=fcl-{name}"])
+    for name in ("ewc", "naive", "fedewc"):  # fedewc: the server averages the Fishers
+        extra = ["continual.ewc.aggregate=server"] if name == "fedewc" else []
+        spec = load_spec(CONFIGS / "fcl.yaml", [
+            *base, *extra, f"continual.strategy={name.removeprefix('fed')}",
+            f"name=fcl-{name}"])
         runs[name] = run_federated(spec)
     acc = {k: r.metrics["cl_acc"] for k, r in runs.items()}
     print(f"\nfederated continual ACC: {acc}")
     assert acc["ewc"] >= acc["naive"] + 0.04
+    assert acc["fedewc"] >= acc["naive"] + 0.04
+    # FedEWC: every client that closes a task sends its Fisher in the next round; from then
+    # on the server sends one averaged (anchor, Fisher) pair per finished task
+    fed = runs["fedewc"].history
+    received = [h["fedewc_fishers_received"] for h in fed]
+    assert received[4] == fed[4]["participants"] > 0 and received[8] == fed[8]["participants"]
+    assert sum(received) == received[4] + received[8]
+    assert [h["fedewc_tasks"] for h in fed] == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
     r = runs["ewc"].details["matrix"]
     assert len(r) == 3 and all(len(row) == 3 for row in r)
     client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")

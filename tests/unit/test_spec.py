@@ -56,6 +56,9 @@ BAD = [
      ["cluster.microbatches: 5 does not divide the per-replica batch 64"]),
     ("mode: cluster\ncluster:\n  strategy: pipeline\n  schedule: 1f1b\n  microbatches: 1\n",
      (), ["cluster.microbatches: 1 is fewer than the 2 stages 1F1B needs", "at least 2"]),
+    ("continual:\n  ewc:\n    aggregate: server\nfederated:\n  privacy:\n    mode: server-fixed\n",
+     (), ["continual.ewc.aggregate: 'server' sends each client's Fisher", "allowed with "
+          "privacy: client"]),
     ("mode: cluster\ncluster:\n  num_workers: 3\n", (),
      ["data.batch_size: 64 (the global batch) does not split over 3"]),
 ]
