@@ -244,6 +244,9 @@ class ContinualSpec(_Section):
     n_tasks: int = Field(5, ge=1)
     class_order: list[int] | None = Field(None, description="split: class order; default seeded")
     max_angle: float = Field(90.0, description="rotated: angle of the last task, degrees")
+    client_order: Literal["same", "shuffled"] = Field(
+        "same", description="federated: every client follows the stream in the same order, "
+                            "or each in its own seeded order (client-specific streams)")
     ewc: EwcSpec = EwcSpec()
     replay: ReplaySpec = ReplaySpec()
     si: SiSpec = SiSpec()

@@ -76,6 +76,8 @@ def train(msg: Message, context: Context) -> Message:
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
     weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
     who = {R.PARTITION_ID: partition, R.BYZANTINE: attack}
+    if cl is not None:
+        who[R.TASK] = cl.current  # the stream task it trained (client orders may differ)
     content = {
         R.ARRAYS: R.state_to_arrays(weights),
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: weight, "samples": len(data.train),
@@ -94,7 +96,8 @@ def _continual_state(spec, context: Context, rnd: int) -> task.ContinualState | 
     saved = context.state.get(R.CL_STATE)
     blob = bytes(saved[R.CL_BLOB]) if saved is not None else None
     last = int(saved[R.CL_TASK]) if saved is not None else None
-    return task.ContinualState(blob, last, current=task.task_of_round(spec, rnd))
+    partition, _ = _who(context)
+    return task.ContinualState(blob, last, current=task.client_task(spec, partition, rnd))
 
 
 @app.evaluate()
@@ -102,7 +105,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     spec = _spec(context)
     partition, num_clients = _who(context)
     rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
-    current = task.task_of_round(spec, rnd) if task.streaming(spec) else None
+    current = task.client_task(spec, partition, rnd) if task.streaming(spec) else None
     data = task.client_data(spec, partition, num_clients, current)
     metrics, n = task.local_evaluate(spec, data, R.arrays_to_state(msg.content[R.ARRAYS]))
     return Message(RecordDict({

@@ -181,6 +181,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                     st.matrix.append(accs)
                     if fisher is not None:
                         fisher.close_task(cl.task_of(rnd), R.arrays_to_state(arrays))
+                row["tasks_in_round"] = float(len({int(r.content[R.CLIENT][R.TASK])
+                                                    for r in fit.ok}))
                 if fisher is not None:
                     row.update({"fedewc_fishers_received": float(fishers_in),
                                 "fedewc_tasks": float(len(fisher.pairs()))})

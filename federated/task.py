@@ -80,8 +80,22 @@ def rounds_per_task(spec: ExperimentSpec) -> int:
 
 
 def task_of_round(spec: ExperimentSpec, server_round: int) -> int:
-    """Which task of the stream round r trains (the last task keeps any extra rounds)."""
+    """Which position of the stream round r trains (the last keeps any extra rounds)."""
     return min((server_round - 1) // rounds_per_task(spec), spec.continual.n_tasks - 1)
+
+
+def task_order(spec: ExperimentSpec, partition: int) -> list[int]:
+    """The order in which this client meets the stream's tasks: the stream's own, or with
+    `continual.client_order: shuffled` a permutation seeded by (seed, client)."""
+    n = spec.continual.n_tasks
+    if spec.continual.client_order == "same":
+        return list(range(n))
+    return [int(t) for t in np.random.default_rng([spec.seed, 7_717, partition]).permutation(n)]
+
+
+def client_task(spec: ExperimentSpec, partition: int, server_round: int) -> int:
+    """The task (stream index) this client trains in round r."""
+    return task_order(spec, partition)[task_of_round(spec, server_round)]
 
 
 def stream(spec: ExperimentSpec) -> tuple[Any, ...]:
@@ -194,11 +208,11 @@ class ContinualState:
         self.strategy = build_strategy(spec)
         if self.blob:
             self.strategy.load_state_dict(torch.load(io.BytesIO(self.blob), weights_only=True))
-        closed = None
-        if self.task is not None and self.task < self.current:
+        closed = None  # the stream position this client just finished (FedEWC's key)
+        if self.task is not None and self.task != self.current:
             old = client_data(spec, partition, num_clients, self.task)
             self.strategy.after_task(model, tasks[self.task], Batches(old.train, batch_size))
-            closed = self.task
+            closed = task_order(spec, partition).index(self.task)
             ewc = ewc_of(self.strategy)
             if ewc is not None and ewc.fishers:
                 self.closed = (closed, ewc.fishers[-1],

@@ -304,3 +304,15 @@ def test_federated_continual_ewc_beats_naive(no_leftovers):
     assert "plots/accuracy_matrix.png" in arts
     # the task advances on the round schedule: 4 rounds per task
     assert [h["task"] for h in runs["ewc"].history] == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
+
+
+def test_client_specific_streams_train_different_tasks_in_one_round(no_leftovers):
+    """`continual.client_order: shuffled`: each client meets the tasks in its own order."""
+    spec = load_spec(CONFIGS / "fcl.yaml", [
+        "train.progress=off", "tracking.log_model=false", "continual.client_order=shuffled",
+        "federated.rounds=6", "name=fcl-shuffled"])
+    result = run_federated(spec)
+    in_round = [h["tasks_in_round"] for h in result.history]
+    assert max(in_round) > 1  # clients trained different tasks in the same round
+    assert len(result.details["matrix"]) == 3
+    assert result.metrics["cl_acc"] > 0.5

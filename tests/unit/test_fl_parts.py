@@ -139,3 +139,20 @@ def test_federated_spec_errors_name_the_field(override, field):
     with pytest.raises(SpecError) as e:
         load_spec(None, [override, *extra])
     assert e.value.problems[0].startswith(field)
+
+
+def test_client_specific_task_orders_are_seeded_permutations():
+    from core.spec import load_spec
+    from federated.task import client_task, task_order
+    from tests.conftest import CONFIGS
+
+    same = load_spec(CONFIGS / "fcl.yaml")
+    assert all(task_order(same, c) == [0, 1, 2] for c in range(5))
+    spec = load_spec(CONFIGS / "fcl.yaml", ["continual.client_order=shuffled"])
+    orders = [task_order(spec, c) for c in range(5)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # clients differ ...
+    assert orders == [task_order(spec, c) for c in range(5)]  # ... reproducibly
+    # rounds 1-4 train the first task of each client's order, 5-8 the second
+    assert [client_task(spec, 2, r) for r in (1, 4, 5, 8, 9, 12)] == \
+        [orders[2][0]] * 2 + [orders[2][1]] * 2 + [orders[2][2]] * 2
