@@ -14,11 +14,18 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 from core.spec import TrackingSpec  # noqa: E402
 from tracking.base import NullTracker, RegisteredModel, Tracker  # noqa: E402
 from tracking.context import run_tags  # noqa: E402
-from tracking.uri import TrackingUnavailable, check_reachable, default_uri, resolve_uri  # noqa: E402
+from tracking.uri import (  # noqa: E402
+    TrackingUnauthorized,
+    TrackingUnavailable,
+    check_reachable,
+    default_uri,
+    resolve_uri,
+)
 
 log = logging.getLogger("atoll.tracking")
 
-__all__ = ["NullTracker", "RegisteredModel", "Tracker", "TrackingUnavailable", "default_uri",
+__all__ = ["NullTracker", "RegisteredModel", "Tracker", "TrackingUnauthorized",
+           "TrackingUnavailable", "default_uri",
            "make_tracker", "resolve_uri", "run_tag", "run_tags"]
 
 
@@ -46,7 +53,7 @@ def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,
     try:
         check_reachable(uri)
     except TrackingUnavailable as e:
-        if spec.fallback != "local":
+        if spec.fallback != "local" or isinstance(e, TrackingUnauthorized):
             raise
         uri = default_uri()
         log.warning("%s — logging to the local store %s instead", e, uri)

@@ -12,6 +12,11 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached; raised before any training starts."""
 
 
+class TrackingUnauthorized(TrackingUnavailable):
+    """The server answers but refuses our credentials: a configuration error, never a
+    reason to fall back to the local store."""
+
+
 def default_uri() -> str:
     """`sqlite:///<cwd>/mlruns.db`, made absolute so Ray jobs and subprocesses agree."""
     return f"sqlite:///{Path('mlruns.db').resolve()}"
@@ -22,6 +27,30 @@ def resolve_uri(spec_uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
+
+
+def _check_credentials(uri: str, timeout: float) -> None:
+    """A server with auth (`mlflow server --app-name basic-auth`) refuses requests without
+    valid MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: say so before training."""
+    import base64
+
+    req = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = (os.environ.get("MLFLOW_TRACKING_USERNAME"),
+                      os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            who = f"user {user!r}" if user else "no credentials"
+            raise TrackingUnauthorized(
+                f"tracking server {uri} refused the request with {who} ({e.code}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+    except (urllib.error.URLError, OSError, TimeoutError):
+        pass  # reachability was checked just before; the real request will tell
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -40,6 +69,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingUnavailable(
                 f"tracking server {uri} is unreachable ({reason}); start it, fix "
                 "tracking.uri / MLFLOW_TRACKING_URI, or set tracking.fallback: local") from None
+        _check_credentials(uri, timeout)
     elif uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///"):]).parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
