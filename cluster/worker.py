@@ -134,10 +134,14 @@ def restore_rest(c: Any, state: Any, payload: dict[str, Any], layout: Any) -> No
 
 
 def _record_pid(run_dir: Path, rank: int) -> None:
-    """`workers/rank-N.pid`: which process is which rank (operators, fault tests)."""
+    """`workers/rank-N.pid` and `.node`: which process and which Ray node hold each rank
+    (operators, fault tests, placement checks)."""
+    import ray
+
     d = run_dir / "workers"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    (d / f"rank-{rank}.node").write_text(ray.get_runtime_context().get_node_id())
 
 
 def _tracker(spec: Any, config: dict[str, Any], rank: int) -> Any:

@@ -90,14 +90,14 @@ def test_published_ports_bind_the_configured_host_and_match_the_listeners(compos
         assert host == "${BIND_HOST:-127.0.0.1}", name
         assert hport == cport == port, name
     assert "--dashboard-port=8265" in s["ray-head"]["command"]
-    assert "--control-api-address=0.0.0.0:9093" in s["superlink"]["command"]
+    assert {"--host=0.0.0.0", "--port=9093"} <= set(s["superlink"]["command"])
     assert "--port 5000" in (DOCKER / "mlflow-server.sh").read_text()
     for name, svc in s.items():
         if name not in expected:
             assert not svc.get("ports"), f"{name} publishes a port it does not need"
     # the workers and SuperNodes reach the head and the SuperLink on the compose network
     assert "--address=ray-head:6379" in s["ray-worker"]["command"]
-    assert all("--superlink=superlink:9092" in s[n]["command"]
+    assert all("--superlink=superlink:9093" in s[n]["command"]
                for n in ("supernode-0", "supernode-1"))
 
 

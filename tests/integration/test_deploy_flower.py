@@ -1,0 +1,112 @@
+"""Flower deployment mode on 127.0.0.1: a real `flower-superlink` and two
+`flower-supernode` processes over TLS (certificates this test generates), each SuperNode
+holding a different partition through its node config; the atoll app runs through that
+federation with `flwr run` and lands in MLflow. Every process is stopped by its pid.
+(Flower 1.41 carries the Fleet and Control APIs over HTTPS on the SuperLink's one port.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from core.procs import free_port, start, stop
+from core.spec import load_spec
+from federated import records as R
+from federated.certs import generate
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+
+
+def _wait_https(url: str, ca: Path, proc: subprocess.Popen, log: Path,
+                timeout: float = 90) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text(errors="replace")[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(log.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture()
+def federation(tmp_path):
+    work = Path(tempfile.mkdtemp(prefix="atoll-fd-"))
+    certs = generate(work / "certs", hosts=("localhost", "127.0.0.1"))
+    port = free_port()
+    home = work / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs["ca"]}"\n')
+    env = {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    procs: list[subprocess.Popen] = []
+    try:
+        link_log = work / "superlink.log"
+        link = start([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]),
+                      "--ssl-certfile", str(certs["cert"]), "--ssl-keyfile", str(certs["key"]),
+                      "--host", "127.0.0.1", "--port", str(port),
+                      "--database", str(work / "state.db"),
+                      "--disable-runtime-dependency-installation"], link_log, env=env, cwd=work)
+        procs.append(link)
+        _wait_https(f"https://127.0.0.1:{port}/health", certs["ca"], link, link_log)
+        for pid in (0, 1):  # each SuperNode holds its own partition via node config
+            procs.append(start([str(BIN / "flower-supernode"), "--superlink",
+                                f"127.0.0.1:{port}", "--root-certificates", str(certs["ca"]),
+                                "--node-config", f"partition-id={pid} num-partitions=2",
+                                "--host", "127.0.0.1", "--port", str(free_port())],
+                               work / f"supernode-{pid}.log", env=env, cwd=work))
+        yield {"env": env, "work": work, "procs": procs}
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        assert all(p.poll() is not None for p in procs)
+
+
+def test_flwr_run_over_tls_with_two_supernodes(federation, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    spec = load_spec(CONFIGS / "federated.yaml", [
+        "name=deployed", "federated.num_clients=2", "federated.rounds=3",
+        "federated.min_fit_clients=2", "federated.local_epochs=1", "train.progress=off",
+        "tracking.experiment=tests-deploy", "tracking.log_model=false"])
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run_dir = tmp_path / "run"
+    run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
+                                  resume="")
+    cfg = tmp_path / "run_config.toml"
+    cfg.write_text(R.to_toml(run_config))
+    out = subprocess.run([str(BIN / "flwr"), "run", str(R.app_dir()), "deploy", "--stream",
+                          "--run-config", str(cfg)],
+                         env={**os.environ, **federation["env"]}, capture_output=True,
+                         text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+    logs = "".join((federation["work"] / f).read_text(errors="replace")[-2000:]
+                   for f in ("superlink.log", "supernode-0.log", "supernode-1.log"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + logs
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "FINISHED", result
+    client = MlflowClient(uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["federated.clients_connected"] == "2"  # two distinct partitions
+    history = client.get_metric_history(run.info.run_id, "participants")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 2.0), (3, 2.0)]
+    assert run.data.metrics["central_accuracy"] > 0.5
