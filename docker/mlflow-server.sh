@@ -18,7 +18,7 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH=/auth/basic_auth.ini
 # mlflow reads the store's URL (with its password) from the environment: not in `ps`
-export MLFLOW_BACKEND_STORE_URI="postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}"
+export MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}"
 exec mlflow server \
     --artifacts-destination /mlartifacts \
     --serve-artifacts \

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -64,20 +65,22 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60
 @pytest.fixture(scope="module")
 def database(tmp_path_factory):
     """(backend store URI, kind): a private PostgreSQL cluster on 127.0.0.1, or sqlite."""
-    root = tmp_path_factory.mktemp("db")
     initdb = _initdb()
     if initdb is None:
-        yield f"sqlite:///{root / 'mlflow.db'}", "sqlite"
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'mlflow.db'}", "sqlite"
         return
     bin_dir = initdb.parent
+    # in /tmp itself: the `postgres` account cannot enter pytest's root-only directories
+    root = Path(tempfile.mkdtemp(prefix="atoll-pg-"))
     data = root / "pgdata"
     data.mkdir(mode=0o700)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(data, "postgres")
-    subprocess.run(_as_postgres_user([str(initdb), "-D", str(data), "-U", "atoll",
-                                      "--auth=trust", "--no-sync"]),
-                   check=True, capture_output=True, timeout=120)
+    made = subprocess.run(_as_postgres_user([str(initdb), "-D", str(data), "-U", "atoll",
+                                             "--auth=trust", "--no-sync"]),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
     port = procs.free_port()
     log = root / "postgres.log"
     proc = procs.start(_as_postgres_user([str(bin_dir / "postgres"), "-D", str(data),
@@ -88,9 +91,10 @@ def database(tmp_path_factory):
         createdb = shutil.which("createdb") or str(bin_dir / "createdb")
         subprocess.run([createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "atoll", "mlflow"],
                        check=True, capture_output=True, timeout=60)
-        yield f"postgresql://atoll@127.0.0.1:{port}/mlflow", "postgresql"
+        yield f"postgresql+psycopg2://atoll@127.0.0.1:{port}/mlflow", "postgresql"
     finally:
         procs.stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
