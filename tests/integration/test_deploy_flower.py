@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from core.procs import free_port, start, stop
+from core.procs import _alive, descendants, free_port, start, stop
 from core.spec import load_spec
 from federated import records as R
 from federated.certs import generate
@@ -76,9 +77,12 @@ def federation(tmp_path):
                                work / f"supernode-{pid}.log", env=env, cwd=work))
         yield {"env": env, "work": work, "procs": procs}
     finally:
+        tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
         for p in reversed(procs):
             stop(p)
-        assert all(p.poll() is not None for p in procs)
+        shutil.rmtree(work, ignore_errors=True)
+        # the SuperLink's SuperExec/ServerApp and the SuperNodes' ClientApps included
+        assert not [pid for pid in tree if _alive(pid)]
 
 
 def test_flwr_run_over_tls_with_two_supernodes(federation, tmp_path):
