@@ -27,7 +27,7 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from cluster.parallel import build
-    from cluster.worker import _newest_checkpoint, _record_pid, _tracker
+    from cluster.worker import newest_checkpoint, rank_tracker, record_worker
     from continual.base import distribute
     from continual.streams import build_stream
     from core.checkpoint import load, rng_state, save, set_rng_state
@@ -45,7 +45,7 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
         else torch.device("cpu")
     torch.set_num_threads(spec.cluster.cpus_per_worker)
     run_dir = Path(config["run_dir"])
-    _record_pid(run_dir, rank)
+    record_worker(run_dir, rank)
     seed_everything(spec.seed)
     data = load_data(spec.data, spec.seed)
     tasks = build_stream(data, spec.continual, spec.seed)
@@ -64,14 +64,14 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
     r: list[list[float]] = []
     history: list[dict[str, float]] = []
     start, epochs_done = 0, 0
-    payload = _newest_checkpoint(ray.train.get_checkpoint(), run_dir, load)
+    payload = newest_checkpoint(ray.train.get_checkpoint(), run_dir, load)
     if payload is not None:
         layout.load_full_state(payload["model"])
         c.strategy.load_state_dict(payload["strategy_per_rank"][rank])
         set_rng_state(payload["rng"])
         r, baseline, history = payload["r"], payload["baseline"], payload["history"]
         start, epochs_done = payload["next_task"], int(payload["state"]["epoch"])
-    tracker = _tracker(spec, config, rank)
+    tracker = rank_tracker(spec, config, rank)
     if rank == 0:
         if payload is None:
             tracker.log_params({"continual.tasks": " | ".join(t.name for t in tasks),

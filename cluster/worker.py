@@ -35,7 +35,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if spec.cluster.use_gpu \
         else torch.device("cpu")
     torch.set_num_threads(spec.cluster.cpus_per_worker)
-    _record_pid(Path(config["run_dir"]), rank)
+    record_worker(Path(config["run_dir"]), rank)
     seed_everything(spec.seed)
     data = load_data(spec.data, spec.seed)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
@@ -59,12 +59,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     c = build_components(spec, data, len(train), device=device, model=layout.model)
     state = TrainState()
 
-    payload = _newest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]), load)
+    payload = newest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]), load)
     if payload is not None:
         layout.load_full_state(payload["model"])
         restore_rest(c, state, payload, layout)
 
-    tracker = _tracker(spec, config, rank)
+    tracker = rank_tracker(spec, config, rank)
     if rank == 0:
         _backfill(tracker, state)
         if state.epoch == 0:
@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.wait()
 
 
-def _newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any] | None:
+def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any] | None:
     """Ray's latest registered checkpoint, or a newer one already on disk.
 
     Ray registers a reported checkpoint asynchronously; a worker killed right after a
@@ -133,7 +133,7 @@ def restore_rest(c: Any, state: Any, payload: dict[str, Any], layout: Any) -> No
     set_rng_state(payload["rng"])
 
 
-def _record_pid(run_dir: Path, rank: int) -> None:
+def record_worker(run_dir: Path, rank: int) -> None:
     """`workers/rank-N.pid` and `.node`: which process and which Ray node hold each rank
     (operators, fault tests, placement checks)."""
     import ray
@@ -144,7 +144,7 @@ def _record_pid(run_dir: Path, rank: int) -> None:
     (d / f"rank-{rank}.node").write_text(ray.get_runtime_context().get_node_id())
 
 
-def _tracker(spec: Any, config: dict[str, Any], rank: int) -> Any:
+def rank_tracker(spec: Any, config: dict[str, Any], rank: int) -> Any:
     from tracking import NullTracker, make_tracker
 
     if rank != 0 or not config.get("run_id"):

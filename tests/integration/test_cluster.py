@@ -92,27 +92,34 @@ def test_submitted_job_trains_tracks_and_registers(ray_head, tmp_path, strategy,
     assert mv.run_id == run.info.run_id and mv.tags["mode"] == "cluster"
 
 
-def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypatch):
-    """SIGKILL rank 1 mid-training: the worker group restarts from the last checkpoint."""
-    overrides = ["mode=cluster", "train.epochs=12", "train.progress=off",
-                 "tracking.experiment=tests-cluster", "tracking.log_model=false",
-                 "cluster.max_failures=2"]
-    spec = load_spec(CONFIGS / "demo.yaml", [*overrides, "name=killed"])
+def _submit_and_kill_rank_1(ray_head, spec, tmp_path: Path, after_checkpoints: int) -> Path:
+    """Submit `spec`, SIGKILL rank 1 once `after_checkpoints` checkpoints exist, and wait:
+    the job must succeed with a new process in rank 1. Returns the run's storage dir."""
     job = jobs.submit(spec, ray_head["http"], working_dir=tmp_path,
                       entrypoint_cmd=str(BIN / "atoll"))
-    run_dir = tmp_path / ".atoll" / "ray_results" / "killed"
+    run_dir = tmp_path / ".atoll" / "ray_results" / spec.name
     pid_file = run_dir / "workers" / "rank-1.pid"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 3:
+    while time.monotonic() < deadline and \
+            len(list(run_dir.glob("checkpoint_*"))) < after_checkpoints:
         assert jobs.status(ray_head["http"], job) in ("PENDING", "RUNNING"), \
             jobs.client(ray_head["http"]).get_job_logs(job)[-3000:]
         time.sleep(0.1)
     victim = int(pid_file.read_text())
     os.kill(victim, signal.SIGKILL)
     final = jobs.wait(ray_head["http"], job, timeout=600)
-    logs = jobs.client(ray_head["http"]).get_job_logs(job)
-    assert final == "SUCCEEDED", logs[-4000:]
+    assert final == "SUCCEEDED", jobs.client(ray_head["http"]).get_job_logs(job)[-4000:]
     assert int(pid_file.read_text()) != victim  # a new worker took rank 1
+    return run_dir
+
+
+def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypatch):
+    """SIGKILL rank 1 mid-training: the worker group restarts from the last checkpoint."""
+    overrides = ["mode=cluster", "train.epochs=12", "train.progress=off",
+                 "tracking.experiment=tests-cluster", "tracking.log_model=false",
+                 "cluster.max_failures=2"]
+    spec = load_spec(CONFIGS / "demo.yaml", [*overrides, "name=killed"])
+    run_dir = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=3)
     client = _store(tmp_path)
     run = _run_of(client, "killed")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
@@ -162,21 +169,7 @@ def test_continual_stream_on_workers_survives_a_killed_worker(ray_head, tmp_path
     spec = load_spec(CONFIGS / "continual.yaml", [
         "mode=cluster", "name=cl-killed", "continual.n_tasks=3", "train.progress=off",
         "tracking.experiment=tests-cluster", "cluster.max_failures=2"])
-    job = jobs.submit(spec, ray_head["http"], working_dir=tmp_path,
-                      entrypoint_cmd=str(BIN / "atoll"))
-    run_dir = tmp_path / ".atoll" / "ray_results" / "cl-killed"
-    pid_file = run_dir / "workers" / "rank-1.pid"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(run_dir.glob("checkpoint_*")):
-        assert jobs.status(ray_head["http"], job) in ("PENDING", "RUNNING"), \
-            jobs.client(ray_head["http"]).get_job_logs(job)[-3000:]
-        time.sleep(0.1)
-    victim = int(pid_file.read_text())
-    os.kill(victim, signal.SIGKILL)
-    final = jobs.wait(ray_head["http"], job, timeout=600)
-    logs = jobs.client(ray_head["http"]).get_job_logs(job)
-    assert final == "SUCCEEDED", logs[-4000:]
-    assert int(pid_file.read_text()) != victim
+    run_dir = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=1)
     client = _store(tmp_path)
     run = _run_of(client, "cl-killed")
     history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from core.procs import _alive, descendants, free_port, start, stop
+from core.procs import alive, descendants, free_port, start, stop
 from core.spec import load_spec
 from federated import records as R
 from federated.certs import generate
@@ -82,7 +82,7 @@ def federation(tmp_path):
             stop(p)
         shutil.rmtree(work, ignore_errors=True)
         # the SuperLink's SuperExec/ServerApp and the SuperNodes' ClientApps included
-        assert not [pid for pid in tree if _alive(pid)]
+        assert not [pid for pid in tree if alive(pid)]
 
 
 def test_flwr_run_over_tls_with_two_supernodes(federation, tmp_path):
