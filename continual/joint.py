@@ -31,7 +31,9 @@ class Joint(BaseStrategy):
         if self.y is None:
             yield from loader
             return
-        n_cur = len(getattr(loader, "split", [])) or 1
+        # this rank's share of the current task (its memory holds its share of the old ones)
+        shard_len = getattr(loader, "shard_len", None)
+        n_cur = (shard_len() if shard_len else len(getattr(loader, "split", []))) or 1
         order = torch.randperm(len(self.y), generator=self.generator)
         ratio = len(self.y) / n_cur
         taken = 0

@@ -189,6 +189,10 @@ class Batches:
             idx = torch.cat([idx, idx[: per_rank * self.world - n]])[self.rank :: self.world]
         return idx
 
+    def shard_len(self) -> int:
+        """How many samples `shard()` holds, without copying them."""
+        return len(range(self.rank, len(self.split), self.world))
+
     def shard(self) -> Split:
         """This rank's samples, unaugmented and unpadded (a replay memory's source)."""
         if self.world == 1:

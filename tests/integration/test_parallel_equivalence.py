@@ -254,3 +254,49 @@ def test_importances_are_averaged_so_every_rank_holds_the_same_penalty(tmp_path)
     assert not torch.equal(a["memory"], b["memory"])  # replay memory is per rank
     for k in a["weights"]:  # and the replicas never drift apart
         torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=0, atol=0)
+
+
+def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
+    """Each registered strategy over 2 tasks on DDP, as cluster/continual.py runs them."""
+    from cluster.parallel import build
+    from continual import STRATEGIES, build_strategy
+    from continual.base import distribute
+    from core.loop import train_task
+    from core.spec import load_spec
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        data, drift = _data(), {}
+        for name in STRATEGIES:
+            spec = load_spec(None, [f"continual.strategy={name}", "continual.replay.size=16",
+                                    "continual.agem.size=16", "continual.ewc.fisher_samples=32"])
+            lay = build("ddp", _model(), torch.device("cpu"))
+            strategy = build_strategy(spec)
+            distribute(strategy, lambda t, lay=lay: lay.reduce(t) / world)
+            for task in range(2):
+                shard = Batches(Split(data.x, (data.y + task) % 3), BATCH // world, seed=3,
+                                rank=rank, world=world)
+                opt = torch.optim.SGD(lay.model.parameters(), lr=0.1)
+                train_task(lay.model, shard, None, opt, torch.nn.CrossEntropyLoss(),
+                           LoopConfig(epochs=1, progress="off"), TrainState(), 3,
+                           strategy=strategy, task=task, reduce=lay.reduce, no_sync=lay.no_sync)
+            drift[name] = lay.full_state()
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, drift)
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_strategy_trains_on_ddp_without_replicas_drifting_apart(tmp_path):
+    from continual import STRATEGIES
+
+    out = tmp_path / "every.pt"
+    mp.spawn(_every_strategy_worker, args=(2, f"file://{tmp_path / 'rdzv-every'}", str(out)),
+             nprocs=2, join=True)
+    a, b = torch.load(out, weights_only=False)
+    assert set(a) == set(STRATEGIES)
+    for name in STRATEGIES:
+        for k in a[name]:
+            torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=0, msg=name)
