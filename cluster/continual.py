@@ -26,33 +26,20 @@ CKPT_FILE = "state.ckpt"
 def continual_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from cluster.parallel import build
-    from cluster.worker import newest_checkpoint, rank_tracker, record_worker
+    from cluster.worker import newest_checkpoint, rank_tracker, start_worker
     from continual.base import distribute
     from continual.streams import build_stream
     from core.checkpoint import load, rng_state, save, set_rng_state
-    from core.components import build_components, seed_everything
+    from core.components import build_components
     from core.continual_runner import accuracy_row, task_mask
-    from core.data import Batches, Split, eval_batches, load_data
+    from core.data import Batches, Split, eval_batches
     from core.loop import TrainState, train_task
-    from core.spec import validate
-    from models import build_model
 
-    spec = validate(config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if spec.cluster.use_gpu \
-        else torch.device("cpu")
-    torch.set_num_threads(spec.cluster.cpus_per_worker)
-    run_dir = Path(config["run_dir"])
-    record_worker(run_dir, rank)
-    seed_everything(spec.seed)
-    data = load_data(spec.data, spec.seed)
+    w = start_worker(config)
+    spec, rank, device, data, layout = w.spec, w.rank, w.device, w.data, w.layout
+    world, run_dir = layout.dp_size, Path(config["run_dir"])
     tasks = build_stream(data, spec.continual, spec.seed)
     mask = task_mask(tasks, data.num_classes) if spec.continual.scenario == "task" else None
-    torch.manual_seed(spec.seed)  # every rank starts from the same weights
-    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
-    layout = build(spec.cluster.strategy, model, device)
     c = build_components(spec, data, 1, device=device, model=layout.model)
     distribute(c.strategy, lambda t: layout.reduce(t) / world)
 
@@ -81,7 +68,7 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
                                 step=0)
         _backfill(tracker, history, r)
 
-    per_rank = spec.data.batch_size // world
+    per_rank = w.per_rank
     aug = spec.data.augment if data.is_image else None
     for task in tasks[start:]:
         train = Batches(task.train, per_rank, shuffle=True, seed=spec.seed + task.index,

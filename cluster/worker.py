@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,26 @@ import torch
 CKPT_FILE = "state.ckpt"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+@dataclass
+class WorkerStart:
+    """What every worker function sets up the same way before its own training."""
+
+    spec: Any
+    rank: int
+    device: torch.device
+    data: Any
+    layout: Any
+    per_rank: int  # this replica's share of the global batch
+
+
+def start_worker(config: dict[str, Any]) -> WorkerStart:
+    """Re-validate the spec, pin threads and device, record the rank, load the data and
+    build the model (same seed on every rank) in its parallel layout."""
     import ray.train
 
     from cluster.parallel import build
-    from core.checkpoint import load, save
-    from core.components import build_components, checkpoint_payload, seed_everything
-    from core.data import Batches, Split, eval_batches, load_data
-    from core.loop import TrainState, train_task
+    from core.components import seed_everything
+    from core.data import load_data
     from core.spec import validate
     from models import build_model
 
@@ -45,6 +58,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     layout = build(spec.cluster.strategy, model, device, stages=pp,
                    schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
                    batch=per_rank)
+    return WorkerStart(spec, rank, device, data, layout, per_rank)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from core.checkpoint import load, save
+    from core.components import build_components, checkpoint_payload
+    from core.data import Batches, Split, eval_batches
+    from core.loop import TrainState, train_task
+
+    w = start_worker(config)
+    spec, rank, device, data, layout, per_rank = (w.spec, w.rank, w.device, w.data, w.layout,
+                                                  w.per_rank)
     aug = spec.data.augment if data.is_image else None
     # a pipeline's activation shapes are fixed by its first step: no short last batch
     train = Batches(data.train, per_rank, shuffle=True, seed=spec.seed, rank=layout.dp_rank,

@@ -89,6 +89,29 @@ def test_fsdp2_matches_ddp(tmp_path):
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
 
 
+def _task_shard(task: int, rank: int, world: int) -> Batches:
+    """Task t of a toy stream: the same inputs, labels moved on by t (tasks conflict)."""
+    data = _data()
+    return Batches(Split(data.x, (data.y + task) % 3), BATCH // world, shuffle=True, seed=3,
+                   rank=rank, world=world)
+
+
+def _save_from_all(obj: object, world: int, out: str) -> None:
+    """Every rank's `obj`, gathered and saved by rank 0."""
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj)
+    if dist.get_rank() == 0:
+        torch.save(gathered, out)
+
+
+def _on_two_ranks(worker, tmp_path: Path, tag: str) -> list:
+    """Spawn `worker(rank, world, init, out)` on 2 gloo ranks; what `_save_from_all` saved."""
+    out = tmp_path / f"{tag}.pt"
+    mp.spawn(worker, args=(2, f"file://{tmp_path / f'rdzv-{tag}'}", str(out)), nprocs=2,
+             join=True)
+    return torch.load(out, weights_only=False)
+
+
 def _pipe_worker(rank: int, world: int, init: str, strategy: str, schedule: str, out: str,
                  epochs: int, clip: float | None) -> None:
     from cluster.parallel import build
@@ -212,10 +235,8 @@ def _importance_worker(rank: int, world: int, init: str, out: str) -> None:
         distribute(strategy, lambda t: lay.reduce(t) / world)
         opt = torch.optim.SGD(lay.model.parameters(), lr=0.1)
         state = TrainState()
-        data = _data()
         for task in range(2):  # the second task (labels moved on) conflicts with the first
-            shard = Batches(Split(data.x, (data.y + task) % 3), BATCH // world, shuffle=True,
-                            seed=3, rank=rank, world=world)
+            shard = _task_shard(task, rank, world)
             strategy.before_task(lay.base, task)
             train_epoch(lay.model, shard, opt, torch.nn.CrossEntropyLoss(),
                         LoopConfig(progress="off"), state, strategy=strategy,
@@ -224,23 +245,16 @@ def _importance_worker(rank: int, world: int, init: str, out: str) -> None:
                 first_fisher = fisher_diagonal(lay.base, shard, max_samples=N)
             strategy.after_task(lay.base, task, shard)
         penalty = float(strategy.penalty(lay.base))
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, {
-            "first_fisher": first_fisher,
-            "ewc": ewc.fishers[0], "omega": si.omega, "penalty": penalty,
-            "projected": agem.projected, "memory": agem.memory.x.clone(),
-            "weights": lay.full_state()})
-        if rank == 0:
-            torch.save(gathered, out)
+        _save_from_all({"first_fisher": first_fisher,
+                        "ewc": ewc.fishers[0], "omega": si.omega, "penalty": penalty,
+                        "projected": agem.projected, "memory": agem.memory.x.clone(),
+                        "weights": lay.full_state()}, world, out)
     finally:
         dist.destroy_process_group()
 
 
 def test_importances_are_averaged_so_every_rank_holds_the_same_penalty(tmp_path):
-    out = tmp_path / "importance.pt"
-    mp.spawn(_importance_worker, args=(2, f"file://{tmp_path / 'rdzv-imp'}", str(out)),
-             nprocs=2, join=True)
-    a, b = torch.load(out, weights_only=False)
+    a, b = _on_two_ranks(_importance_worker, tmp_path, "importance")
     # the shards differ, so their own Fishers differ ...
     assert any(not torch.allclose(a["first_fisher"][k], b["first_fisher"][k]) for k in a["ewc"])
     for k in a["ewc"]:
@@ -266,7 +280,7 @@ def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        data, drift = _data(), {}
+        drift = {}
         for name in STRATEGIES:
             spec = load_spec(None, [f"continual.strategy={name}", "continual.replay.size=16",
                                     "continual.agem.size=16", "continual.ewc.fisher_samples=32"])
@@ -274,17 +288,13 @@ def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
             strategy = build_strategy(spec)
             distribute(strategy, lambda t, lay=lay: lay.reduce(t) / world)
             for task in range(2):
-                shard = Batches(Split(data.x, (data.y + task) % 3), BATCH // world, seed=3,
-                                rank=rank, world=world)
                 opt = torch.optim.SGD(lay.model.parameters(), lr=0.1)
-                train_task(lay.model, shard, None, opt, torch.nn.CrossEntropyLoss(),
-                           LoopConfig(epochs=1, progress="off"), TrainState(), 3,
+                train_task(lay.model, _task_shard(task, rank, world), None, opt,
+                           torch.nn.CrossEntropyLoss(), LoopConfig(epochs=1, progress="off"),
+                           TrainState(), 3,
                            strategy=strategy, task=task, reduce=lay.reduce, no_sync=lay.no_sync)
             drift[name] = lay.full_state()
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, drift)
-        if rank == 0:
-            torch.save(gathered, out)
+        _save_from_all(drift, world, out)
     finally:
         dist.destroy_process_group()
 
@@ -292,10 +302,7 @@ def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
 def test_every_strategy_trains_on_ddp_without_replicas_drifting_apart(tmp_path):
     from continual import STRATEGIES
 
-    out = tmp_path / "every.pt"
-    mp.spawn(_every_strategy_worker, args=(2, f"file://{tmp_path / 'rdzv-every'}", str(out)),
-             nprocs=2, join=True)
-    a, b = torch.load(out, weights_only=False)
+    a, b = _on_two_ranks(_every_strategy_worker, tmp_path, "every")
     assert set(a) == set(STRATEGIES)
     for name in STRATEGIES:
         for k in a[name]:
