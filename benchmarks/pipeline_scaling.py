@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,12 +63,12 @@ def single(threads: int, hidden: int, layers: int, epochs: int, batch: int) -> f
 
 def _stage(rank: int, init: str, schedule: str, micro: int, hidden: int, layers: int,
            epochs: int, batch: int, out: str) -> None:
+    from cluster.gloo import spawned_rank
     from cluster.parallel import build
     from core.data import Batches
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    try:
+    with spawned_rank(rank, 2, init):
         model, data = _setup(hidden, layers)
         lay = build("pipeline", model, torch.device("cpu"), stages=2, schedule=schedule,
                     microbatches=micro, batch=batch)
@@ -77,8 +76,6 @@ def _stage(rank: int, init: str, schedule: str, micro: int, hidden: int, layers:
                        pipe=lay.pipe, reduce=lay.reduce)
         if rank == 0:
             Path(out).write_text(str(rate))
-    finally:
-        dist.destroy_process_group()
 
 
 def pipeline(schedule: str, micro: int, hidden: int, layers: int, epochs: int,
@@ -93,19 +90,21 @@ def pipeline(schedule: str, micro: int, hidden: int, layers: int, epochs: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=4, help="≥ 2: the first is warm-up")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error(f"--epochs {args.epochs}: need at least 2 (the first is warm-up)")
     shape = (args.hidden, args.layers, args.epochs, args.batch)
     base1 = single(1, *shape)
     base2 = single(2, *shape)
     print(f"MLP {args.layers}×{args.hidden} on digits, batch {args.batch}, median samples/s of "
           f"epochs 2..{args.epochs}")
-    print(f"{'layout':28}{'samples/s':>11}{'vs 1 proc':>11}")
-    print(f"{'single process, 1 thread':28}{base1:11.0f}{1.0:11.2f}")
-    print(f"{'single process, 2 threads':28}{base2:11.0f}{base2 / base1:11.2f}")
+    print(f"{'layout':32}{'samples/s':>11}{'vs 1 proc':>11}")
+    print(f"{'single process, 1 thread':32}{base1:11.0f}{1.0:11.2f}")
+    print(f"{'single process, 2 threads':32}{base2:11.0f}{base2 / base1:11.2f}")
     best = 0.0
     for schedule in ("gpipe", "1f1b"):
         for micro in (1, 4, 8):
@@ -113,7 +112,7 @@ def main() -> None:
                 continue
             rate = pipeline(schedule, micro, *shape)
             best = max(best, rate)
-            print(f"{f'2 stages {schedule}, {micro} microbatches':28}{rate:11.0f}"
+            print(f"{f'2 stages {schedule}, {micro} microbatches':32}{rate:11.0f}"
                   f"{rate / base1:11.2f}", flush=True)
     print(f"ratio: {best / base1:.3f}  (best pipeline / single process, 1 thread each)")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,14 +33,14 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
+    from cluster.gloo import spawned_rank
     from core.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
-    dist.init_process_group("gloo")
-    report = train(spec)
-    if dist.get_rank() == 0:
-        print(json.dumps(report), flush=True)
-    dist.destroy_process_group()
+    with spawned_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])):
+        report = train(spec)
+        if dist.get_rank() == 0:
+            print(json.dumps(report), flush=True)
 
 
 def train(spec: Any) -> dict[str, Any]:

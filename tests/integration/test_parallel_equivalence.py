@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cluster.gloo import spawned_rank
 from core.data import Batches, Split
 from core.loop import LoopConfig, TrainState, evaluate, train_epoch
 
@@ -45,16 +46,13 @@ def _train(model, batches, reduce=None, no_sync=None, steps_epochs: int = 1) -> 
 def _worker(rank: int, world: int, init: str, layout: str, out: str, epochs: int) -> None:
     from cluster.parallel import build
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with spawned_rank(rank, world, init):
         lay = build(layout, _model(), torch.device("cpu"))
         batches = Batches(_data(), BATCH // world, shuffle=True, seed=3, rank=rank, world=world)
         _train(lay.model, batches, lay.reduce, lay.no_sync, epochs)
         full = lay.full_state()
         if rank == 0:
             torch.save(full, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(tmp_path: Path, layout: str, epochs: int) -> dict[str, torch.Tensor]:
@@ -116,8 +114,7 @@ def _pipe_worker(rank: int, world: int, init: str, strategy: str, schedule: str,
                  epochs: int, clip: float | None) -> None:
     from cluster.parallel import build
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with spawned_rank(rank, world, init):
         stages = 2
         dp = world // stages
         lay = build(strategy, _model(), torch.device("cpu"), stages=stages, schedule=schedule,
@@ -153,8 +150,6 @@ def _pipe_worker(rank: int, world: int, init: str, strategy: str, schedule: str,
         full = lay.full_state()
         if rank == 0:
             torch.save({"step": gathered, "state": full, "metrics": metrics}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn_pipe(tmp_path: Path, strategy: str, schedule: str, world: int, epochs: int,
@@ -227,8 +222,7 @@ def _importance_worker(rank: int, world: int, init: str, out: str) -> None:
     from continual.si import SI
     from core.spec import AgemSpec, EwcSpec, SiSpec
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with spawned_rank(rank, world, init):
         lay = build("ddp", _model(), torch.device("cpu"))
         ewc, si, agem = EWC(EwcSpec(lam=10.0)), SI(SiSpec()), AGEM(AgemSpec(size=16, batch=8))
         strategy = Composite([ewc, si, agem])
@@ -249,8 +243,6 @@ def _importance_worker(rank: int, world: int, init: str, out: str) -> None:
                         "ewc": ewc.fishers[0], "omega": si.omega, "penalty": penalty,
                         "projected": agem.projected, "memory": agem.memory.x.clone(),
                         "weights": lay.full_state()}, world, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_importances_are_averaged_so_every_rank_holds_the_same_penalty(tmp_path):
@@ -278,8 +270,7 @@ def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
     from core.loop import train_task
     from core.spec import load_spec
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with spawned_rank(rank, world, init):
         drift = {}
         for name in STRATEGIES:
             spec = load_spec(None, [f"continual.strategy={name}", "continual.replay.size=16",
@@ -295,8 +286,6 @@ def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
                            strategy=strategy, task=task, reduce=lay.reduce, no_sync=lay.no_sync)
             drift[name] = lay.full_state()
         _save_from_all(drift, world, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_strategy_trains_on_ddp_without_replicas_drifting_apart(tmp_path):
