@@ -62,6 +62,19 @@ def _spawn(tmp_path: Path, layout: str, epochs: int) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=True)
 
 
+def _failing_rank(rank: int, world: int, init: str) -> None:
+    with spawned_rank(rank, world, init):
+        dist.all_reduce(torch.ones(1))
+        if rank == 1:
+            raise ValueError("rank 1 failed on purpose")
+
+
+def test_a_failing_spawned_rank_still_reports_its_error(tmp_path):
+    """`spawned_rank` exits early only on success: an error reaches the parent."""
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
+        mp.spawn(_failing_rank, args=(2, f"file://{tmp_path / 'rdzv'}"), nprocs=2, join=True)
+
+
 def test_ddp_step_on_two_ranks_equals_one_full_batch_step(tmp_path):
     reference = _model()
     single = Batches(_data(), BATCH, shuffle=True, seed=3)
