@@ -20,6 +20,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Average = Callable[[torch.Tensor], torch.Tensor]
 
 
+def placed(params: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`params` on `device`: state restored from a checkpoint sits on the CPU, the model
+    it penalises may be on a GPU. Moves only when needed, so the per-step check is cheap."""
+    if all(t.device == device for t in params.values()):
+        return params
+    return {n: t.to(device) for n, t in params.items()}
+
+
 @runtime_checkable
 class Strategy(Protocol):
     def before_task(self, model: nn.Module, task: Any) -> None: ...

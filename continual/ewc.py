@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from continual.base import BaseStrategy, Batch
+from continual.base import BaseStrategy, Batch, placed
 from core.spec import EwcSpec
 
 Params = dict[str, torch.Tensor]
@@ -82,7 +82,10 @@ class EWC(BaseStrategy):
         if not self.anchors or self.cfg.lam == 0:
             return None
         params = dict(model.named_parameters())
-        total = torch.zeros((), device=next(model.parameters()).device)
+        device = next(model.parameters()).device
+        self.anchors = [placed(a, device) for a in self.anchors]
+        self.fishers = [placed(f, device) for f in self.fishers]
+        total = torch.zeros((), device=device)
         for anchor, fisher in zip(self.anchors, self.fishers, strict=True):
             for n, f in fisher.items():
                 total = total + (f * (params[n] - anchor[n]).pow(2)).sum()

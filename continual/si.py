@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from continual.base import BaseStrategy, Batch
+from continual.base import BaseStrategy, Batch, placed
 from core.spec import SiSpec
 
 Params = dict[str, torch.Tensor]
@@ -54,12 +54,14 @@ class SI(BaseStrategy):
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         if not self.omega or self.cfg.c == 0:
             return None
+        self._place(model)
         total = sum((self.omega[n] * (p - self.anchor[n]).pow(2)).sum()
                     for n, p in model.named_parameters() if n in self.omega)
         return self.cfg.c * total
 
     def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None:
         self._accumulate(model)  # the last step of the task
+        self._place(model)
         end = _snapshot(model)
         for n, theta in end.items():
             if n not in self._start:
@@ -68,6 +70,10 @@ class SI(BaseStrategy):
             self.omega[n] = self.omega.get(n, torch.zeros_like(theta)) + add.clamp(min=0)
         self.anchor = end
         self._prev, self._grad = {}, {}
+
+    def _place(self, model: nn.Module) -> None:
+        device = next(model.parameters()).device
+        self.omega, self.anchor = placed(self.omega, device), placed(self.anchor, device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"omega": self.omega, "anchor": self.anchor}
