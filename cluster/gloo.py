@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 
 @contextmanager
-def spawned_rank(rank: int, world: int, init: str | None = None) -> Iterator[None]:
+def spawned_rank(rank: int | None = None, world: int | None = None,
+                 init: str | None = None) -> Iterator[None]:
     """Join the group, run the body, destroy the group; a rank that succeeded then exits.
 
     Why the exit: after `destroy_process_group`, gloo's worker threads can still hold the
@@ -24,7 +25,8 @@ def spawned_rank(rank: int, world: int, init: str | None = None) -> Iterator[Non
     and libstdc++ aborts the process ("terminate called without an active exception";
     seen about once in 20 two-rank runs with torch 2.13, pytorch/pytorch#179291). The
     rank's work is done and its files are closed by then, so it leaves with `os._exit(0)`
-    instead of finalising. A failing body still raises normally.
+    instead of finalising. A failing body still raises normally. Without `init`, the
+    group comes from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
     """
     kwargs = {"init_method": init, "rank": rank, "world_size": world} if init else {}
     dist.init_process_group("gloo", **kwargs)

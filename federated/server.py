@@ -135,8 +135,9 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             view = SampledGrid(grid, [partitions[p] for p in chosen])
             messages = list(strategy.configure_train(rnd, arrays, train_cfg, view))
             if fisher is not None and (flat := fisher.encode()):
+                pairs = R.state_to_arrays(flat)  # encoded once, like the model's arrays
                 for m in messages:  # the federation's importances travel with the model
-                    m.content[R.FEDEWC] = R.state_to_arrays(flat)
+                    m.content[R.FEDEWC] = pairs
             fit = exchange(grid, messages, node_to_partition, f.round_timeout)
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             new_arrays, fit_metrics = strategy.aggregate_train(rnd, fit.ok)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def main() -> None:
     from core.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
-    with spawned_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])):
+    with spawned_rank():
         report = train(spec)
         if dist.get_rank() == 0:
             print(json.dumps(report), flush=True)
