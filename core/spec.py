@@ -28,6 +28,10 @@ EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val
 # Per-sample input shapes of the built-in datasets, so shape errors surface at validation.
 IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
                 "cifar10": (3, 32, 32)}
+# URI schemes MLflow can track to (a `+driver` suffix such as postgresql+psycopg2 is fine);
+# anything else fails deep inside MLflow, so the spec refuses it up front.
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql",
+                    "databricks", "databricks-uc")
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -41,7 +45,9 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` or `--set optim.lr=nan` satisfy every `gt`/`ge` bound
+    # and would only fail as a NaN loss mid-run; no float field of a spec means infinity.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentSpec(_Section):
@@ -166,6 +172,9 @@ class EarlyStoppingSpec(_Section):
     mode: Literal["min", "max"] = "min"
     patience: int = Field(0, ge=0, description="epochs without improvement; 0 disables")
     min_delta: float = Field(0.0, ge=0.0)
+    restore_best: bool = Field(
+        True, description="with patience > 0: end with (test, register) the best epoch's "
+                          "weights by `metric`, not the last epoch's")
 
     @field_validator("metric")
     @classmethod
@@ -232,7 +241,7 @@ class AgemSpec(_Section):
 
 class ReplaySpec(_Section):
     size: int = Field(200, ge=1, description="memory capacity in samples")
-    policy: Literal["reservoir", "balanced"] = "balanced"
+    policy: Literal["balanced", "class_balanced", "reservoir"] = "balanced"
     batch: int = Field(32, ge=1, description="memory samples mixed into each batch")
 
 
@@ -429,6 +438,22 @@ class TrackingSpec(_Section):
         "fail", description="unreachable server: fail before training, or log to local sqlite"
     )
 
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        return v if v is None else check_tracking_uri(v)
+
+
+def check_tracking_uri(uri: str) -> str:
+    """`uri` unchanged if MLflow can track to it; ValueError naming what is allowed."""
+    scheme, sep, _ = uri.partition("://")
+    known = scheme.split("+")[0] in TRACKING_SCHEMES if sep else (
+        uri in TRACKING_SCHEMES or ":" not in uri)  # `databricks`, or a local path
+    if not known:
+        raise ValueError("allowed: a local path or a URI starting "
+                         f"{', '.join(s + '://' for s in TRACKING_SCHEMES)}")
+    return uri
+
 
 class ExperimentSpec(_Section):
     name: str = Field("atoll", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -563,7 +588,12 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{path}: {shown} is not allowed; allowed: {ctx.get('expected')}"
     if kind == "missing":
         return f"{path}: required field is missing"
-    return f"{path}: {shown} is not valid; {err['msg'].lower()}"
+    if kind == "finite_number":
+        return f"{path}: {value} is not allowed; allowed: a finite number"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: {shown} is not allowed; allowed: a name matching {ctx.get('pattern')}"
+    msg = err["msg"]
+    return f"{path}: {shown} is not valid; {msg[:1].lower()}{msg[1:]}"
 
 
 def validate(data: Any) -> ExperimentSpec:
@@ -632,20 +662,65 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _duplicate_keys(node: yaml.Node | None, p: Path, path: str = "") -> list[str]:
+    """One line per key given twice in a mapping: PyYAML silently keeps the last, so an
+    edited-in-place value would lose to a forgotten one further down the file."""
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+            line = k.start_mark.line + 1
+            if key in seen and key != "<<":
+                out.append(f"{path}{key}: duplicate key at line {line} (first at line "
+                           f"{seen[key]}) in {p}; allowed: each key once per section")
+            seen.setdefault(key, line)
+            out += _duplicate_keys(v, p, f"{path}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, p, f"{path}{i}.")
+    return out
+
+
+def _read_yaml(p: Path) -> Any:
+    """Parse a spec file; every way it can be unreadable is one SpecError line."""
+    if p.is_dir():
+        raise SpecError([f"spec: {p} is a directory; allowed: a YAML spec file such as "
+                         "configs/demo.yaml"])
+    if not p.is_file():
+        raise SpecError([f"spec: file {str(p)!r} does not exist"])
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError([f"spec: cannot read {p} ({e.strerror})"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([f"spec: {p} is not a UTF-8 text file (byte 0x{raw[e.start]:02x} at "
+                         f"offset {e.start}); allowed: a YAML spec such as configs/demo.yaml"]
+                        ) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        duplicates = _duplicate_keys(node, p)
+        if duplicates:
+            raise SpecError(duplicates)
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError([f"spec: YAML syntax error in {p}{where}: {problem}"]) from None
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentSpec:
     """Read a YAML spec (or the defaults when `path` is None) and apply overrides."""
     data: Any = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise SpecError([f"spec: file {str(p)!r} does not exist"])
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise SpecError([f"spec: YAML syntax error in {p}{where}: {problem}"]) from None
+        data = _read_yaml(p)
         if data is None:
             raise SpecError([f"spec: {p} is empty; expected a mapping with at least `name`"])
     if overrides:

@@ -158,3 +158,82 @@ def test_cluster_mesh_is_dp_by_pp():
     assert mesh(strategy="pipeline", num_workers=3, microbatches=2) == (1, 3)
     assert mesh(strategy="hybrid", num_workers=4) == (2, 2)
     assert mesh(strategy="hybrid", num_workers=6, pipeline_stages=3) == (2, 3)
+
+
+NON_FINITE = [
+    ("optim:\n  lr: .inf\n", (), ["optim.lr: inf is not allowed", "allowed: a finite number"]),
+    ("name: x\n", ("optim.lr=nan",), ["optim.lr: nan is not allowed", "a finite number"]),
+    ("name: x\n", ("optim.lr=inf",), ["optim.lr: inf is not allowed", "a finite number"]),
+    ("name: x\n", ("optim.grad_clip=inf",), ["optim.grad_clip: inf is not allowed"]),
+    ("train:\n  early_stopping:\n    min_delta: .nan\n", (),
+     ["train.early_stopping.min_delta: nan is not allowed"]),
+    ("optim:\n  betas: [0.9, .inf]\n", (), ["optim.betas.1: inf is not allowed"]),
+]
+
+
+@pytest.mark.parametrize(("text", "sets", "fragments"), NON_FINITE,
+                         ids=[f"{b[0]}{b[1]}" for b in NON_FINITE])
+def test_non_finite_floats_are_refused(tmp_path, capsys, text, sets, fragments):
+    code, err = _validate(tmp_path, text, *sets, capsys=capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_lines(tmp_path, capsys):
+    code, err = _validate(tmp_path, "name: x\noptim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n",
+                          capsys=capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "optim.lr: duplicate key at line 5 (first at line 3)" in lines[0]
+    assert "spec.yaml" in lines[0]
+
+
+def test_duplicate_top_level_key(tmp_path, capsys):
+    code, err = _validate(tmp_path, "name: a\nseed: 1\nname: b\n", capsys=capsys)
+    assert code == 2 and "name: duplicate key at line 3 (first at line 1)" in err
+
+
+def test_binary_spec_file_is_one_line(tmp_path):
+    (tmp_path / "spec.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
+    out = subprocess.run([sys.executable, "-m", "core.cli", "validate", "spec.yaml"],
+                         capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "atoll: spec: spec.yaml is not a UTF-8 text file (byte 0x89 at offset 0); allowed: a "
+        "YAML spec such as configs/demo.yaml"]
+
+
+def test_directory_given_as_spec(tmp_path, capsys):
+    code = main(["validate", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is a directory" in err and "does not exist" not in err
+
+
+def test_name_pattern_is_printed_as_written(tmp_path, capsys):
+    code, err = _validate(tmp_path, "name: 'my run'\n", capsys=capsys)
+    assert code == 2
+    assert "name: 'my run' is not allowed; allowed: a name matching ^[A-Za-z0-9]" in err
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "htp://localhost:5000"])
+def test_unknown_tracking_uri_scheme_is_a_spec_error(tmp_path, capsys, uri):
+    code, err = _validate(tmp_path, "name: x\n", f"tracking.uri={uri}", capsys=capsys)
+    assert code == 2
+    assert f"tracking.uri: {uri!r} is not valid" in err and "allowed: " in err and "sqlite" in err
+
+
+def test_known_tracking_uris_are_accepted():
+    for uri in ("sqlite:///runs.db", "http://127.0.0.1:5000", "https://mlflow.example.com",
+                "file:///tmp/mlruns", "postgresql://u:p@host/db", "mlruns", "databricks"):
+        assert load_spec(None, [f"tracking.uri={uri}"]).tracking.uri == uri
+
+
+def test_restore_best_defaults_to_true():
+    assert load_spec(None).train.early_stopping.restore_best is True
+    assert load_spec(None, ["train.early_stopping.restore_best=false"]
+                     ).train.early_stopping.restore_best is False
