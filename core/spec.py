@@ -7,6 +7,7 @@ work starts, one line each (`field: value ... allowed`), so a user fixes a file 
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -349,10 +350,14 @@ class PartitionSpec(_Section):
 class FaultSpec(_Section):
     """Seeded, per (round, client) faults for robustness experiments."""
 
-    dropout: float = Field(0.0, ge=0.0, le=1.0, description="client leaves the round")
-    crash: float = Field(0.0, ge=0.0, le=1.0, description="client raises inside train")
+    dropout: float = Field(0.0, ge=0.0, le=1.0,
+                           description="client never replies; the round waits round_timeout")
+    crash: float = Field(0.0, ge=0.0, le=1.0, description="client fails mid-training")
     straggler: float = Field(0.0, ge=0.0, le=1.0, description="client sleeps straggler_delay")
     straggler_delay: float = Field(5.0, ge=0.0, description="seconds; compare round_timeout")
+    unavailable: float = Field(0.0, ge=0.0, le=1.0,
+                               description="per round: client goes absent (not sampled)")
+    unavailable_rounds: int = Field(3, ge=1, description="rounds an absent client stays away")
 
 
 class ByzantineSpec(_Section):
@@ -403,6 +408,8 @@ class FederatedSpec(_Section):
     client_gpus: float = Field(0.0, ge=0.0)
     concurrency: int | None = Field(None, ge=1, description="CPUs Ray may use; default all")
     checkpoint_every: int = Field(1, ge=1, description="server checkpoint every k rounds")
+    max_failed_rounds: int = Field(
+        3, ge=1, description="consecutive rounds that aggregate nothing before the run FAILS")
     rounds_per_task: int | None = Field(
         None, ge=1, description="continual stream: rounds per task; default rounds // n_tasks")
 
@@ -424,7 +431,37 @@ class FederatedSpec(_Section):
             raise ValueError(f"federated.privacy.mode: {self.privacy.mode!r} with strategy "
                              f"{self.strategy!r}; DP wrappers need an averaging strategy, "
                              "allowed: fedavg, fedprox, fedavgm")
+        if self.fraction_evaluate > 0 and self.partition.val_fraction == 0:
+            raise ValueError("federated.partition.val_fraction: 0 leaves clients no validation "
+                             "split, so federated evaluation would score training data; "
+                             "allowed: > 0, or federated.fraction_evaluate: 0")
+        self._robust_bound()
         return self
+
+    def sampled_per_round(self) -> int:
+        """Clients asked to train each round (the seeded sampler's k)."""
+        if self.fraction_fit >= 1.0:
+            return self.num_clients
+        return min(self.num_clients, max(self.min_fit_clients,
+                                         math.ceil(self.fraction_fit * self.num_clients)))
+
+    def malicious(self) -> int:
+        """f, the number of Byzantine clients the robust rules assume."""
+        if self.num_malicious is not None:
+            return self.num_malicious
+        return int(self.byzantine.fraction * self.num_clients)
+
+    def _robust_bound(self) -> None:
+        if self.strategy not in ("krum", "multikrum", "bulyan"):
+            return
+        n, f = self.sampled_per_round(), self.malicious()
+        need, rule = (4 * f + 3, "4f+3") if self.strategy == "bulyan" else (2 * f + 3, "2f+3")
+        if n < need:
+            raise ValueError(f"federated.strategy: {self.strategy} with f = {f} malicious "
+                             f"clients needs n ≥ {rule} = {need} clients per round, but "
+                             f"num_clients {self.num_clients} × fraction_fit "
+                             f"{self.fraction_fit:g} samples {n}; allowed: more clients per "
+                             "round or a smaller federated.num_malicious / byzantine.fraction")
 
 
 class TrackingSpec(_Section):
@@ -487,6 +524,8 @@ class ExperimentSpec(_Section):
             raise ValueError("continual.ewc.aggregate: 'server' sends each client's Fisher "
                              f"without the protection of federated.privacy.mode "
                              f"{self.federated.privacy.mode!r}; allowed with privacy: client")
+        if self.mode == "federated":
+            self._check_federated()
         if self.mode == "cluster":
             self._check_cluster_batch()
             if self.continual.stream != "none" and self.cluster.strategy != "ddp":
@@ -494,6 +533,20 @@ class ExperimentSpec(_Section):
                                  f"stream (continual.stream {self.continual.stream!r}); "
                                  "allowed with a stream: ddp")
         return self
+
+    def _check_federated(self) -> None:
+        """Local-mode settings that federated clients cannot honour are refused, never
+        silently dropped (federated/fields.py lists how every field is treated)."""
+        if self.optim.scheduler.name != "none":
+            raise ValueError(f"optim.scheduler.name: {self.optim.scheduler.name!r} is not "
+                             "applied by federated clients (each round trains "
+                             "federated.local_epochs from the server's lr); allowed in "
+                             "federated mode: none, with federated.lr_decay for a schedule")
+        if self.train.early_stopping.patience > 0:
+            raise ValueError(f"train.early_stopping.patience: "
+                             f"{self.train.early_stopping.patience} — a federation runs "
+                             "federated.rounds rounds and clients never stop early; allowed "
+                             "in federated mode: 0")
 
     def _check_cluster_batch(self) -> None:
         c, batch = self.cluster, self.data.batch_size

@@ -1,7 +1,6 @@
 """Flower ClientApp: unpack the message, call `federated/task.py`, pack the reply.
 
-Import-safe: this module runs inside Ray workers, so it does nothing at import functools
-import time
+Import-safe: this module runs inside Ray workers, so it does nothing at import time
 beyond building the app object.
 """
 
@@ -9,13 +8,16 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
+from core.loop import NonFiniteLoss
 from federated import records as R
 from federated import task
+from federated.client_state import ClientStateStore
 from federated.faults import InjectedFault, round_fault
 
 
@@ -36,7 +38,11 @@ def _who(context: Context) -> tuple[int, int]:
 
 
 def privacy_mod(msg: Message, context: Context, call_next):
-    """Client-side DP clipping when the spec asks for it (Flower's own mods)."""
+    """Client-side DP clipping when the spec asks for it (Flower's own mods).
+
+    Attached to `train` only: the mods clip the reply's one ArrayRecord against the
+    global model, which `query` and `evaluate` replies do not carry.
+    """
     mode = _spec(context).federated.privacy.mode
     if mode == "client-fixed":
         return fixedclipping_mod(msg, context, call_next)
@@ -45,20 +51,28 @@ def privacy_mod(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[privacy_mod])
+app = ClientApp()
 
 
-@app.train()
+def _fault(spec, rnd: int, partition: int) -> str:
+    """Apply this round's injected fault that happens before any work; returns it."""
+    fault = round_fault(spec.federated.faults, spec.seed, rnd, partition)
+    if fault == "dropout":  # never replies in time: the server waits out round_timeout
+        time.sleep(spec.federated.round_timeout + 1.0)
+        raise InjectedFault(f"{R.FAILURE_PREFIX}dropout (client {partition}, round {rnd}; "
+                            "reply after the round timed out)")
+    if fault == "straggler":
+        time.sleep(spec.federated.faults.straggler_delay)
+    return fault
+
+
+@app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     spec = _spec(context)
     partition, num_clients = _who(context)
     cfg = msg.content[R.CONFIG]
     rnd = int(cfg[R.ROUND])
-    fault = round_fault(spec.federated.faults, spec.seed, rnd, partition)
-    if fault in ("dropout", "crash"):  # becomes an error reply the server counts
-        raise InjectedFault(f"{R.FAILURE_PREFIX}{fault} (client {partition}, round {rnd})")
-    if fault == "straggler":
-        time.sleep(spec.federated.faults.straggler_delay)
+    fault = _fault(spec, rnd, partition)
     cl = _continual_state(spec, context, rnd)
     if cl is not None and R.FEDEWC in msg.content:
         from federated.fedewc import decode
@@ -66,13 +80,25 @@ def train(msg: Message, context: Context) -> Message:
         cl.federation = decode(R.arrays_to_state(msg.content[R.FEDEWC]))
     data = task.client_data(spec, partition, num_clients, cl.current if cl else None)
     global_state = R.arrays_to_state(msg.content[R.ARRAYS])
-    weights, metrics, attack = task.local_train(
-        spec, data, global_state, server_round=rnd, partition=partition,
-        num_clients=num_clients, lr=float(cfg[R.LR]), local_epochs=int(cfg[R.LOCAL_EPOCHS]),
-        batch_size=int(cfg[R.BATCH_SIZE]),
-        proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)), continual=cl)
-    if cl is not None:  # the strategy's memory survives to this client's next round
-        context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: cl.dump(), R.CL_TASK: cl.current})
+    try:
+        weights, metrics, attack = task.local_train(
+            spec, data, global_state, server_round=rnd, partition=partition,
+            num_clients=num_clients, lr=float(cfg[R.LR]),
+            local_epochs=int(cfg[R.LOCAL_EPOCHS]), batch_size=int(cfg[R.BATCH_SIZE]),
+            proximal_mu=float(cfg.get(R.PROXIMAL_MU, 0.0)), continual=cl,
+            crash=fault == "crash")
+    except NonFiniteLoss as e:  # a failure with its reason, never an update
+        raise InjectedFault(f"{R.FAILURE_PREFIX}nonfinite (client {partition}, round {rnd}): "
+                            f"{e}") from None
+    except task.CrashFault as e:
+        raise InjectedFault(f"{R.FAILURE_PREFIX}crash (client {partition}, round {rnd}): "
+                            f"{e}") from None
+    if cl is not None:  # the strategy's memory survives to this client's next round ...
+        blob = cl.dump()
+        context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: blob, R.CL_TASK: cl.current})
+        store = _client_store(spec, context, partition)
+        if store is not None:  # ... and an interrupted federation's resume
+            store.save(rnd, blob, cl.current)
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
     weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
     who = {R.PARTITION_ID: partition, R.BYZANTINE: attack}
@@ -90,13 +116,25 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({**content, R.CLIENT: ConfigRecord(who)}), reply_to=msg)
 
 
+def _client_store(spec, context: Context, partition: int) -> ClientStateStore | None:
+    run_dir = str(context.run_config.get(R.RUN_DIR, "") or "")
+    if not run_dir:  # `flwr run` without a run dir: Context.state only
+        return None
+    keep = spec.train.keep_checkpoints * spec.federated.checkpoint_every + 1
+    return ClientStateStore(Path(run_dir) / R.CLIENT_STATES, partition, keep)
+
+
 def _continual_state(spec, context: Context, rnd: int) -> task.ContinualState | None:
     if not task.streaming(spec):
         return None
-    saved = context.state.get(R.CL_STATE)
-    blob = bytes(saved[R.CL_BLOB]) if saved is not None else None
-    last = int(saved[R.CL_TASK]) if saved is not None else None
     partition, _ = _who(context)
+    saved = context.state.get(R.CL_STATE)
+    if saved is not None:
+        blob, last = bytes(saved[R.CL_BLOB]), int(saved[R.CL_TASK])
+    else:  # a new Flower run (resumed federation): the state this client last saved
+        store = _client_store(spec, context, partition)
+        found = store.load(before=rnd) if store is not None else None
+        blob, last = found if found is not None else (None, None)
     return task.ContinualState(blob, last, current=task.client_task(spec, partition, rnd))
 
 
@@ -105,6 +143,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     spec = _spec(context)
     partition, num_clients = _who(context)
     rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
+    if _fault(spec, rnd, partition) == "crash":
+        raise InjectedFault(f"{R.FAILURE_PREFIX}crash (client {partition}, round {rnd}, "
+                            "evaluation)")
     current = task.client_task(spec, partition, rnd) if task.streaming(spec) else None
     data = task.client_data(spec, partition, num_clients, current)
     metrics, n = task.local_evaluate(spec, data, R.arrays_to_state(msg.content[R.ARRAYS]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,26 @@ def discover(grid: Any, expected: int, minimum: int = 1, timeout: float = 120.0,
     return dict(sorted(mapping.items()))
 
 
+def rediscover(grid: Any, partitions: dict[int, int], timeout: float = 30.0) -> list[int]:
+    """Add nodes that connected since the last look (late-joining or restarted SuperNodes)
+    to `partitions` (partition id -> node id); returns the partitions that changed."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    known = set(partitions.values())
+    new = [n for n in grid.get_node_ids() if n not in known]
+    if not new:
+        return []
+    msgs = [Message(RecordDict({R.CONFIG: ConfigRecord()}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in new]
+    changed = []
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if not reply.has_error():
+            p = int(reply.content[R.CLIENT][R.PARTITION_ID])
+            partitions[p] = reply.metadata.src_node_id
+            changed.append(p)
+    return sorted(changed)
+
+
 class ClientSampler:
     """Seeded choice of partitions per round; its state goes into server checkpoints."""
 
@@ -86,48 +106,136 @@ class ClientSampler:
         self.rng.bit_generator.state = state
 
 
+class StopRequested(KeyboardInterrupt):
+    """The run was asked to stop (Ctrl-C / SIGTERM of `atoll run`, or the stop file)."""
+
+
 @dataclass
 class Outcome:
-    """What came back from one phase (train or evaluate) of a round."""
+    """What came back from one phase (train or evaluate) of a round.
+
+    `replies` holds one Message per sampled client in partition order: the good ones, the
+    error replies and, for clients that never answered, an error reply made here — so a
+    strategy sees every failure (Flower's DP wrappers refuse a round with any).
+    """
 
     sampled: list[int]
     ok: list[Any] = field(default_factory=list)  # replies without error, by partition
     errors: dict[int, str] = field(default_factory=dict)  # partition -> reason
     timed_out: list[int] = field(default_factory=list)
+    replies: list[Any] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
 
     def failures_by_kind(self) -> dict[str, int]:
         kinds: dict[str, int] = {"timeout": len(self.timed_out)}
-        for reason in self.errors.values():
-            kind = "error"
-            if R.FAILURE_PREFIX in reason:
-                kind = reason.split(R.FAILURE_PREFIX, 1)[1].split()[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
+        for p, reason in self.errors.items():
+            if p in self.timed_out:
+                continue
+            kinds[failure_kind(reason)] = kinds.get(failure_kind(reason), 0) + 1
         return kinds
+
+    def cause(self) -> str:
+        """Why no update came back, in words (for a failed round)."""
+        if not self.sampled:
+            return "no client was sampled"
+        kinds = {k: v for k, v in self.failures_by_kind().items() if v}
+        if len(kinds) == 1 and not self.ok:
+            kind = next(iter(kinds))
+            return {"nonfinite": "every client reported a non-finite loss",
+                    "timeout": "no sampled client replied within federated.round_timeout",
+                    "dropout": "every sampled client dropped out",
+                    "crash": "every sampled client crashed",
+                    "unavailable": "every sampled client was unavailable",
+                    }.get(kind, f"every sampled client failed ({kind})")
+        shown = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+        return f"{len(self.ok)} of {len(self.sampled)} sampled clients replied ({shown})"
+
+
+def failure_kind(reason: str) -> str:
+    """'dropout', 'crash', 'nonfinite', ... for atoll's own failures, else 'error'."""
+    if R.FAILURE_PREFIX in reason:
+        return reason.split(R.FAILURE_PREFIX, 1)[1].split()[0]
+    return "error"
+
+
+def failed_reply(msg: Any, reason: str) -> Any:
+    """An error reply to `msg`, as Flower would deliver one from a failing ClientApp."""
+    from flwr.app import Error, Message
+
+    return Message(Error(code=0, reason=reason), reply_to=msg)
+
+
+def _nonfinite(reply: Any) -> str | None:
+    """Name of the first array holding NaN/inf in a reply, if any."""
+    for record in reply.content.array_records.values():
+        for name, arr in record.items():
+            t = arr.numpy()
+            if t.dtype.kind in "fc" and not np.isfinite(t).all():
+                return name
+    return None
 
 
 def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, int],
-             timeout: float) -> Outcome:
-    """Send, wait up to `timeout`, and sort what came back by partition id."""
+             timeout: float, should_stop: Callable[[], bool] | None = None,
+             poll: float = 0.05) -> Outcome:
+    """Send, collect replies until all are in or `timeout` passes, sort them by partition.
+
+    Polls the grid itself (Flower's `send_and_receive` sleeps 3 s between pulls and cannot
+    be interrupted): a stop request ends the wait at once with StopRequested. A reply
+    whose arrays are not finite counts as a failure, never as an update.
+    """
     messages = list(messages)
     sampled = sorted(node_to_partition[m.metadata.dst_node_id] for m in messages)
     out = Outcome(sampled=sampled)
     for m in messages:
         out.bytes_sent += sum(R.nbytes(a) for a in m.content.array_records.values())
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    answered = set()
-    ok = []
-    for r in replies:
-        p = node_to_partition.get(r.metadata.src_node_id, -1)
-        answered.add(p)
-        if r.has_error():
+    sent: dict[str, Any] = {}
+    if messages:
+        for msg_id, m in zip(grid.push_messages(messages), messages, strict=True):
+            if msg_id:
+                sent[str(msg_id)] = m
+    pending = set(sent)
+    got: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    delay = poll
+    while pending:
+        for r in grid.pull_messages(sorted(pending)):
+            key = str(r.metadata.reply_to_message_id)
+            if key in pending:
+                got[key] = r
+                pending.discard(key)
+        if not pending or time.monotonic() >= deadline:
+            break
+        if should_stop is not None and should_stop():
+            raise StopRequested("stop requested while waiting for replies")
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 1.0)
+    by_partition: list[tuple[int, Any]] = []
+    for key, m in sent.items():
+        p = node_to_partition[m.metadata.dst_node_id]
+        r = got.get(key)
+        if r is None:
+            out.timed_out.append(p)
+            out.errors[p] = f"{R.FAILURE_PREFIX}timeout (no reply within {timeout:g}s)"
+            r = failed_reply(m, out.errors[p])
+        elif r.has_error():
             out.errors[p] = str(r.error.reason)
+        elif (bad := _nonfinite(r)) is not None:
+            out.errors[p] = f"{R.FAILURE_PREFIX}nonfinite (array {bad!r} holds NaN/inf)"
+            r = failed_reply(m, out.errors[p])
         else:
             out.bytes_received += sum(R.nbytes(a) for a in r.content.array_records.values())
-            ok.append((p, r))
-    out.ok = [r for _, r in sorted(ok, key=lambda t: t[0])]
-    out.timed_out = [p for p in sampled if p not in answered]
+            out.ok.append((p, r))
+        by_partition.append((p, r))
+    for m in messages:  # never pushed (malformed): a failure of that client
+        if not any(m is s for s in sent.values()):
+            p = node_to_partition[m.metadata.dst_node_id]
+            out.errors[p] = "the SuperLink did not accept the message"
+            by_partition.append((p, failed_reply(m, out.errors[p])))
+    out.ok = [r for _, r in sorted(out.ok, key=lambda t: t[0])]
+    out.replies = [r for _, r in sorted(by_partition, key=lambda t: t[0])]
+    out.timed_out.sort()
     return out
 
 

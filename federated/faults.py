@@ -13,11 +13,16 @@ from core.spec import ByzantineSpec, FaultSpec
 
 
 class InjectedFault(RuntimeError):
-    """A fault the spec asked for (dropout or crash); Flower returns it as an error reply."""
+    """A fault the spec asked for (crash, or a dropout's late reply); Flower returns it as
+    an error reply."""
 
 
 def round_fault(spec: FaultSpec, seed: int, server_round: int, client: int) -> str:
-    """'dropout', 'crash', 'straggler' or '' for this client in this round."""
+    """'dropout', 'crash', 'straggler' or '' for this client in this round.
+
+    dropout: the client never replies (the server waits until round_timeout); crash: it
+    fails part-way through its local training; straggler: it replies after a delay.
+    """
     u = np.random.default_rng([seed, server_round, client, 17]).random(3)
     if u[0] < spec.dropout:
         return "dropout"
@@ -26,6 +31,17 @@ def round_fault(spec: FaultSpec, seed: int, server_round: int, client: int) -> s
     if u[2] < spec.straggler:
         return "straggler"
     return ""
+
+
+def unavailable(spec: FaultSpec, seed: int, server_round: int, client: int) -> bool:
+    """Is this client absent in this round? A client goes away with probability
+    `unavailable` per round and stays away for `unavailable_rounds` consecutive rounds;
+    the server recomputes this and samples only from the clients present."""
+    if spec.unavailable <= 0:
+        return False
+    first = max(1, server_round - spec.unavailable_rounds + 1)
+    return any(np.random.default_rng([seed, r, client, 29]).random() < spec.unavailable
+               for r in range(first, server_round + 1))
 
 
 def byzantine_clients(spec: ByzantineSpec, num_clients: int, seed: int) -> set[int]:

@@ -25,6 +25,8 @@ RUN_DIR = "run-dir"  # checkpoints and the result file; "" = train.checkpoint_di
 TRACKING_URI = "tracking-uri"  # absolute MLflow URI; "" = spec / env / default
 MLFLOW_RUN_ID = "mlflow-run-id"  # continue logging into this run (resume)
 RESUME = "resume"  # "" = fresh, "latest" = newest checkpoint in run-dir, or a path
+CLIENT_STATES = "client-states"  # in the run dir: each client's continual state by round
+STOP_FILE = "STOP"  # in the run dir: `atoll run` asks a running server to stop (Ctrl-C)
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     SPEC_PATH: "configs/federated.yaml", SPEC_JSON: "", OVERRIDES: "", NUM_ROUNDS: 0,

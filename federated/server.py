@@ -9,9 +9,13 @@ global model as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +30,25 @@ from core.metrics import build_loss
 from core.runner import latest_valid
 from core.spec import ExperimentSpec
 from federated import records as R
-from federated.driver import ClientSampler, SampledGrid, discover, exchange, spread
+from federated.client_state import prune_client_states
+from federated.driver import (
+    ClientSampler,
+    SampledGrid,
+    StopRequested,
+    discover,
+    exchange,
+    rediscover,
+    spread,
+)
+from federated.faults import unavailable
 from federated.partition import label_histogram, partition_indices
-from federated.strategies import build_strategy, epsilon, load_strategy_state, strategy_state
+from federated.strategies import (
+    build_strategy,
+    epsilon,
+    load_strategy_state,
+    num_malicious,
+    strategy_state,
+)
 
 log = logging.getLogger("atoll.federated")
 
@@ -42,6 +62,8 @@ class ServerState:
     history: list[dict[str, float]] = field(default_factory=list)
     matrix: list[list[float]] = field(default_factory=list)  # continual: R[i][j]
     baseline: list[float] = field(default_factory=list)  # continual: random-init accuracy
+    failed_streak: int = 0  # consecutive rounds that aggregated nothing
+    logged: int = 0  # rows of history already sent to MLflow
 
 
 def run_dir_for(spec: ExperimentSpec, run_config: dict[str, Any]) -> Path:
@@ -56,8 +78,16 @@ def serve(grid: Any, run_config: dict[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path = run_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)
+    (run_dir / R.STOP_FILE).unlink(missing_ok=True)
     try:
-        result = _serve(grid, spec, run_config, run_dir)
+        with _stop_on_signals() as stop:
+            result = _serve(grid, spec, run_config, run_dir, stop)
+    except Stopped as e:
+        result = {"status": "KILLED", "rounds": e.rounds, "run_id": e.run_id}
+    except RoundsFailed as e:
+        result_path.write_text(json.dumps({"status": "FAILED", "error": str(e),
+                                           "rounds": e.rounds, "run_id": e.run_id}))
+        return {}
     except BaseException as e:
         result_path.write_text(json.dumps({"status": "FAILED", "error": f"{type(e).__name__}: "
                                            f"{e}"}))
@@ -66,8 +96,46 @@ def serve(grid: Any, run_config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir: Path
-           ) -> dict[str, Any]:
+class RoundsFailed(RuntimeError):
+    """No update was aggregated for too long (or ever): the run is FAILED, not FINISHED."""
+
+    def __init__(self, message: str, rounds: int = 0, run_id: str | None = None):
+        super().__init__(message)
+        self.rounds, self.run_id = rounds, run_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.rounds, self.run_id)
+
+
+class Stopped(Exception):
+    """The server stopped on request after flushing and checkpointing (run KILLED)."""
+
+    def __init__(self, rounds: int, run_id: str | None):
+        super().__init__(f"stopped after round {rounds}")
+        self.rounds, self.run_id = rounds, run_id
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set an event the round loop checks (a signal may arrive while the
+    server waits for replies; raising inside Flower's gRPC client could lose the round's
+    bookkeeping). Outside the main thread nothing is installed."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir: Path,
+           stop_event: threading.Event) -> dict[str, Any]:
     from flwr.app import ConfigRecord
 
     from models import build_model, count_parameters
@@ -108,13 +176,17 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             set_rng_state(saved["rng"])
             st = ServerState(round=int(saved["round"]), run_id=saved.get("run_id") or st.run_id,
                              history=list(saved["history"]), matrix=saved.get("matrix", []),
-                             baseline=saved.get("baseline", st.baseline))
+                             baseline=saved.get("baseline", st.baseline),
+                             failed_streak=int(saved.get("failed_streak", 0)),
+                             logged=len(saved["history"]))
             if fisher is not None:
                 fisher.load_state_dict(saved.get("fedewc", {}))
             log.info("resumed the federation from %s (round %d)", path, st.round)
     else:
         for old in ckpts.all():
             old.unlink()
+    # client states written after the resumed round belong to the interrupted run
+    prune_client_states(run_dir / R.CLIENT_STATES, after=st.round)
 
     tracker = _tracker(spec, run_config, st.run_id)
     st.run_id = tracker.run_id
@@ -122,34 +194,85 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     if st.round == 0:
         _log_setup(spec, tracker, data, population, len(population) != f.num_clients,
                    count_parameters(model))
+    else:
+        _backfill(tracker, st.history)
 
+    def should_stop() -> bool:
+        return stop_event.is_set() or (run_dir / R.STOP_FILE).exists()
+
+    def checkpoint() -> Path:
+        path = ckpts.save({"model": R.arrays_to_state(arrays), "round": st.round,
+                           "strategy": strategy_state(strategy),
+                           "sampler": _encode_state(sampler.state_dict()),
+                           "rng": rng_state(), "history": st.history, "run_id": st.run_id,
+                           "matrix": st.matrix, "baseline": st.baseline,
+                           "failed_streak": st.failed_streak,
+                           "fedewc": fisher.state_dict() if fisher is not None else {},
+                           "spec": spec.model_dump(mode="json")}, st.round)
+        # a round reaches MLflow once its checkpoint is durable: a resumed run starts
+        # after the checkpoint and logs every round exactly once
+        for row in st.history[st.logged:]:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "round"},
+                                step=int(row["round"]))
+        st.logged = len(st.history)
+        tracker.flush()
+        return path
+
+    bound = robust_bound(spec)
+    cause = ""
+    first = st.round + 1
     try:
         for rnd in range(st.round + 1, f.rounds + 1):
+            if should_stop():
+                raise StopRequested
             t_round = time.perf_counter()
             lr = spec.optim.lr * f.lr_decay ** (rnd - 1)
             train_cfg = ConfigRecord({R.LR: lr, R.LOCAL_EPOCHS: f.local_epochs,
                                       R.BATCH_SIZE: f.batch_size or spec.data.batch_size,
                                       R.PROXIMAL_MU: f.proximal_mu
                                       if f.strategy == "fedprox" else 0.0})
-            chosen = sampler.sample(population, f.fraction_fit, f.min_fit_clients)
-            view = SampledGrid(grid, [partitions[p] for p in chosen])
-            messages = list(strategy.configure_train(rnd, arrays, train_cfg, view))
+            if rnd > first and rediscover(grid, partitions):  # SuperNodes that joined
+                population = sorted(partitions)
+                node_to_partition = {n: p for p, n in partitions.items()}
+                log.info("round %d: %d clients connected", rnd, len(population))
+            present = [p for p in population
+                       if not unavailable(f.faults, spec.seed, rnd, p)]
+            chosen = sampler.sample(present, f.fraction_fit, min(f.min_fit_clients,
+                                                                 len(present)))
+            short = f.privacy.mode != "none" and len(chosen) != per_round
+            view = SampledGrid(grid, [] if short else [partitions[p] for p in chosen])
+            messages = list(strategy.configure_train(rnd, arrays, train_cfg, view)) \
+                if chosen and not short else []
             if fisher is not None and (flat := fisher.encode()):
                 pairs = R.state_to_arrays(flat)  # encoded once, like the model's arrays
                 for m in messages:  # the federation's importances travel with the model
                     m.content[R.FEDEWC] = pairs
-            fit = exchange(grid, messages, node_to_partition, f.round_timeout)
+            fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop)
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
-            new_arrays, fit_metrics = strategy.aggregate_train(rnd, fit.ok)
+            norms = update_norms(arrays, fit.ok)
+            refused = refusal(spec, fit, bound) or (
+                f"differential privacy: {len(present)} clients present, a DP round samples "
+                f"exactly {per_round}" if short else None)
+            new_arrays, fit_metrics = (None, None) if refused else \
+                strategy.aggregate_train(rnd, fit.replies)
             if new_arrays is not None:
                 arrays = new_arrays
+                st.failed_streak = 0
+                cause = ""
+            else:
+                st.failed_streak += 1
+                cause = refused or (fit.cause() if not fit.ok else
+                                    f"{f.strategy} aggregated nothing from {len(fit.ok)} "
+                                    "replies")
+                log.warning("round %d failed: %s", rnd, cause)
             row: dict[str, float] = {"round": float(rnd), "lr": lr,
                                      "participants": float(len(fit.ok)),
                                      "sampled": float(len(fit.sampled)),
                                      "byzantine_participants": float(sum(
                                          1 for r in fit.ok
                                          if r.content[R.CLIENT][R.BYZANTINE])),
-                                     "aggregated": float(new_arrays is not None)}
+                                     "aggregated": float(new_arrays is not None),
+                                     "unavailable": float(len(population) - len(present))}
             kinds = fit.failures_by_kind()
             for p, reason in sorted(fit.errors.items())[:1]:
                 log.warning("round %d: client %d failed: %s", rnd, p, reason.strip()[-300:])
@@ -160,16 +283,20 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             row.update({k: float(v) for k, v in (fit_metrics or {}).items()
                         if k.startswith("train_")})
             row.update(spread(fit.ok, "train_accuracy"))
+            if norms:
+                row.update({"clients_update_norm_mean": float(sum(norms) / len(norms)),
+                            "clients_update_norm_max": float(max(norms))})
             sent, received = fit.bytes_sent, fit.bytes_received
-            if f.fraction_evaluate > 0:
-                chosen_e = sampler.sample(population, f.fraction_evaluate, 1)
+            if f.fraction_evaluate > 0 and present:
+                chosen_e = sampler.sample(present, f.fraction_evaluate, 1)
                 view_e = SampledGrid(grid, [partitions[p] for p in chosen_e])
                 ev = exchange(grid, strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
                                                                 view_e),
-                              node_to_partition, f.round_timeout)
+                              node_to_partition, f.round_timeout, should_stop)
                 fed = strategy.aggregate_evaluate(rnd, ev.ok) if ev.ok else None
                 row.update({f"federated_{k}": float(v) for k, v in (fed or {}).items()})
                 row.update(spread(ev.ok, "val_accuracy"))
+                row["evaluate_failures"] = float(len(ev.sampled) - len(ev.ok))
                 sent, received = sent + ev.bytes_sent, received + ev.bytes_received
             model.load_state_dict(R.arrays_to_state(arrays))
             central = evaluate(model, test, loss_fn, data.num_classes, prefix="central")
@@ -195,20 +322,93 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                         "server_peak_rss_mb": _peak_rss_mb()})
             st.history.append(row)
             st.round = rnd
-            tracker.log_metrics({k: v for k, v in row.items() if k != "round"}, step=rnd)
             _report(rnd, f.rounds, row, kinds)
-            if rnd % f.checkpoint_every == 0 or rnd == f.rounds:
-                ckpts.save({"model": R.arrays_to_state(arrays), "round": rnd,
-                            "strategy": strategy_state(strategy),
-                            "sampler": _encode_state(sampler.state_dict()),
-                            "rng": rng_state(), "history": st.history, "run_id": st.run_id,
-                            "matrix": st.matrix, "baseline": st.baseline,
-                            "fedewc": fisher.state_dict() if fisher is not None else {},
-                            "spec": spec.model_dump(mode="json")}, rnd)
+            if rnd % f.checkpoint_every == 0 or rnd == f.rounds or \
+                    st.failed_streak >= f.max_failed_rounds:
+                checkpoint()
+            if st.failed_streak >= f.max_failed_rounds:
+                raise RoundsFailed(
+                    f"{st.failed_streak} consecutive rounds aggregated no update "
+                    f"(federated.max_failed_rounds {f.max_failed_rounds}); last: {cause}",
+                    st.round, st.run_id)
+        if not any(r.get("aggregated") for r in st.history):
+            raise RoundsFailed(f"no round aggregated an update in {st.round} rounds; last: "
+                               f"{cause}", st.round, st.run_id)
+    except KeyboardInterrupt:  # StopRequested, or a signal outside the wait
+        if st.logged < len(st.history):
+            checkpoint()
+        tracker.set_tags({"atoll.interrupted_after_round": str(st.round)})
+        tracker.finish("KILLED")
+        log.warning("stopped after round %d; metrics flushed, run KILLED", st.round)
+        raise Stopped(st.round, st.run_id) from None
+    except RoundsFailed as e:
+        latest = ckpts.latest()
+        kept = f"; last checkpoint kept: {latest}" if latest else ""
+        tracker.set_tags({"atoll.failure": str(e)[:5000]})
+        tracker.finish("FAILED")
+        raise RoundsFailed(f"{e}{kept}", e.rounds, e.run_id) from None
     except BaseException:
         tracker.finish("FAILED")
         raise
     return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
+
+
+def robust_bound(spec: ExperimentSpec) -> tuple[str, int] | None:
+    """(rule, replies needed) for the Byzantine-robust rules: Krum and MultiKrum need
+    n ≥ 2f+3, Bulyan n ≥ 4f+3 (f = assumed malicious clients)."""
+    name = spec.federated.strategy
+    if name not in ("krum", "multikrum", "bulyan"):
+        return None
+    f = num_malicious(spec)
+    if name == "bulyan":
+        return f"Bulyan needs ≥ 4f+3 = {4 * f + 3} replies (f = {f})", 4 * f + 3
+    label = "Krum" if name == "krum" else "MultiKrum"
+    return f"{label} needs ≥ 2f+3 = {2 * f + 3} replies (f = {f})", 2 * f + 3
+
+
+def refusal(spec: ExperimentSpec, fit: Any, bound: tuple[str, int] | None) -> str | None:
+    """Why this round must not be aggregated although some clients replied, or None.
+
+    A robust rule below its bound gives no guarantee; DP noise and ε are calibrated for
+    every sampled client, so — Flower's rule for its DP wrappers — a round with a failed
+    client is refused rather than averaged over fewer updates with too little noise.
+    """
+    if not fit.ok:
+        return None
+    if bound is not None and len(fit.ok) < bound[1]:
+        return f"{bound[0]}, got {len(fit.ok)}"
+    if spec.federated.privacy.mode != "none" and len(fit.ok) < len(fit.sampled):
+        m = len(fit.sampled)
+        return (f"differential privacy: {m - len(fit.ok)} of {m} sampled clients failed; a "
+                f"DP round is aggregated only with every sampled client (noise and ε are "
+                f"calibrated for {m})")
+    return None
+
+
+def update_norms(arrays: Any, replies: list[Any]) -> list[float]:
+    """L2 norm of each reply's update (reply − global) over its floating-point arrays."""
+    glob = R.arrays_to_state(arrays)
+    out = []
+    for r in replies:
+        sq = 0.0
+        for k, v in R.arrays_to_state(r.content[R.ARRAYS]).items():
+            if torch.is_floating_point(v) and k in glob:
+                sq += float((v.double() - glob[k].double()).pow(2).sum())
+        out.append(sq ** 0.5)
+    return out
+
+
+def _backfill(tracker: Any, history: list[dict[str, float]]) -> None:
+    """Log checkpointed rounds that MLflow lacks (the server died between the two)."""
+    client = getattr(tracker, "client", None)
+    if client is None or not history:
+        return
+    logged = {m.step for m in client.get_metric_history(tracker.run_id, "round_seconds")}
+    for row in history:
+        if int(row["round"]) not in logged:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "round"},
+                                step=int(row["round"]))
+    tracker.flush()
 
 
 def _federated_fisher(spec: ExperimentSpec) -> Any:

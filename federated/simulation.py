@@ -9,15 +9,19 @@ it started — the SuperLink, Flower's SuperExec and the simulation's Ray — by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from core.procs import free_port, start, stop, wait_http
 from core.runner import RunFailed, RunResult
@@ -79,7 +83,19 @@ def _check_compatible(run_dir: Path, spec: ExperimentSpec, mode: str) -> None:
     if found is None:
         raise ValueError(f"--resume: no round checkpoint in {where}; allowed: a directory "
                          "holding round-*.ckpt files")
-    check_resume_compatible(found[1].get("spec", {}), spec, found[0])
+    saved = found[1].get("spec", {})
+    check_resume_compatible(saved, spec, found[0])
+    f, was = spec.federated, saved.get("federated", {})
+    if spec.continual.stream != "none" and f.rounds_per_task is None and \
+            was.get("rounds") not in (None, f.rounds):
+        from federated.task import rounds_per_task
+
+        frozen = rounds_per_task(spec.model_copy(update={"federated": f.model_copy(
+            update={"rounds": was["rounds"]})}))
+        raise ValueError(f"federated.rounds: {f.rounds} differs from {was['rounds']} in the "
+                         f"checkpointed task stream and would move its task boundaries; "
+                         f"allowed: {was['rounds']}, or set federated.rounds_per_task="
+                         f"{frozen} to keep the schedule")
 
 
 def _resolve_resume(resume: str | None, uri: str | None) -> str | None:
@@ -162,15 +178,87 @@ class Federation:
         cpus = max(self.concurrency or os.cpu_count() or 1, self.client_cpus)
         return f"{cfg} init-args-num-cpus={cpus}"
 
-    def run(self, app: Path, run_config: dict, quiet: bool = False) -> int:
-        """`flwr run APP --stream` with `run_config`; returns flwr's exit status."""
+    def run(self, app: Path, run_config: dict, log_file: Path, quiet: bool = False,
+            stop_file: Path | None = None, result_file: Path | None = None) -> int:
+        """`flwr run APP --stream` with `run_config`; returns flwr's exit status.
+
+        Everything the federation prints goes to `log_file`; the console shows atoll's
+        own lines and every warning or error (unless `quiet`). On Ctrl-C (or SIGTERM
+        turned into KeyboardInterrupt by the CLI) the server is asked to stop through
+        `stop_file`: it flushes its metrics, checkpoints and ends the MLflow run KILLED;
+        then KeyboardInterrupt propagates.
+        """
         cfg = self.work / f"run_config-{time.monotonic_ns()}.toml"
         cfg.write_text(R.to_toml(run_config))
         cmd = [_bin("flwr"), "run", str(app), FEDERATION, "--stream", "--run-config", str(cfg),
                "--federation-config", self.federation_config()]
-        return subprocess.run(cmd, env={**os.environ, **self.env}, check=False,
-                              stdout=subprocess.DEVNULL if quiet else None,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        # its own session: a terminal's Ctrl-C reaches atoll, which stops the run in order
+        proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log_file, quiet), daemon=True)
+        pump.start()
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            if stop_file is not None:
+                stop_file.touch()
+                _wait_for(result_file, proc, STOP_GRACE_S)
+            stop(proc, timeout=5)
+            raise
+        finally:
+            pump.join(timeout=5)
+        return code
+
+
+STOP_GRACE_S = 60.0  # how long an interrupted server may take to flush and checkpoint
+
+
+def _wait_for(result_file: Path | None, proc: subprocess.Popen, seconds: float) -> None:
+    """Until the server has written its result (it stopped cleanly) or `seconds` pass;
+    further Ctrl-Cs while waiting are ignored — the second one would lose the metrics."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if result_file is not None and result_file.is_file():
+                return
+            if proc.poll() is not None and result_file is None:
+                return
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("atoll: stopping the federation (saving metrics and a checkpoint)…",
+                  file=sys.stderr, flush=True)
+
+
+_OURS = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+atoll[.:]")
+_LOUD = re.compile(r"^(WARNING|ERROR|CRITICAL)\b|^Traceback")
+# Flower warns about its default SuperNode count on every run; atoll always sets it
+_IRRELEVANT = ("default simulated SuperNodes changed",)
+
+
+def _shown(line: str) -> bool:
+    """atoll's own lines and anything at WARNING or above reach the console."""
+    if any(s in line for s in _IRRELEVANT):
+        return False
+    return bool(_OURS.match(line) or _LOUD.match(line))
+
+
+def _pump(stream: Any, log_file: Path, quiet: bool) -> None:
+    with open(log_file, "a", encoding="utf-8", errors="replace") as out:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            out.write(line)
+            out.flush()
+            if not quiet and _shown(_plain(line)):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain(line: str) -> str:
+    return _ANSI.sub("", line).lstrip()
 
 
 def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
@@ -186,14 +274,20 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only this run's result counts
     run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
                                   resume=mode)
+    log_file = run_dir / "federation.log"
     with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency,
                     ray_address=os.environ.get("RAY_ADDRESS") or spec.cluster.address) as fed:
-        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d, Ray %s%s)",
-                 f.num_clients, f.rounds, f.strategy, fed.port,
+        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d, Ray %s%s); "
+                 "Flower and Ray output in %s", f.num_clients, f.rounds, f.strategy, fed.port,
                  fed.ray_address or "started for this run",
-                 f", resuming {mode}" if mode else "")
-        code = fed.run(R.app_dir(), run_config, quiet=spec.train.progress == "off")
-        result = _read_result(run_dir, code, fed.log)
+                 f", resuming {mode}" if mode else "", log_file)
+        try:
+            code = fed.run(R.app_dir(), run_config, log_file,
+                           quiet=spec.train.progress == "off",
+                           stop_file=run_dir / R.STOP_FILE, result_file=run_dir / RESULT_FILE)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_resume_hint(run_dir, spec)) from None
+        result = _read_result(run_dir, code, log_file)
     registered = None
     if result.get("registered"):
         from tracking.base import RegisteredModel
@@ -208,14 +302,28 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
     return out
 
 
-def _read_result(run_dir: Path, returncode: int, link_log: Path) -> dict:
+def _resume_hint(run_dir: Path, spec: ExperimentSpec) -> str:
+    """What an interrupted federation tells its user (the CLI prints it on one line)."""
+    done = 0
+    result = run_dir / RESULT_FILE
+    if result.is_file():
+        with contextlib.suppress(OSError, json.JSONDecodeError, ValueError, TypeError):
+            done = int(json.loads(result.read_text()).get("rounds", 0))
+    return (f"re-run the same name ({spec.name}) to resume after round {done}; checkpoints in "
+            f"{run_dir / 'checkpoints'}")
+
+
+def _read_result(run_dir: Path, returncode: int, log_file: Path) -> dict:
     path = run_dir / RESULT_FILE
     if not path.is_file():
-        tail = link_log.read_text(errors="replace")[-2000:] if link_log.is_file() else ""
+        tail = log_file.read_text(errors="replace")[-2000:] if log_file.is_file() else ""
         raise RunFailed(f"the federation ended (flwr run exit {returncode}) without a result; "
-                        f"SuperLink log tail:\n{tail}")
+                        f"see {log_file}; its tail:\n{tail}")
     result = json.loads(path.read_text())
+    if result.get("status") == "KILLED":
+        raise KeyboardInterrupt(f"the federation was stopped after round "
+                                f"{result.get('rounds', 0)}; re-run the same name to resume")
     if result.get("status") != "FINISHED":
-        raise RunFailed(f"federated server failed: {result.get('error')}; checkpoints kept in "
+        raise RunFailed(f"federated run failed: {result.get('error')}; checkpoints kept in "
                         f"{run_dir / 'checkpoints'}")
     return result

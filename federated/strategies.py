@@ -18,10 +18,7 @@ from federated import records as R
 
 
 def num_malicious(spec: ExperimentSpec) -> int:
-    f = spec.federated
-    if f.num_malicious is not None:
-        return f.num_malicious
-    return int(f.byzantine.fraction * f.num_clients)
+    return spec.federated.malicious()
 
 
 def build_strategy(spec: ExperimentSpec, sampled: int) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.components import build_components
+from core.components import build_components, pick_device
 from core.data import Batches, DataBundle, Split, eval_batches, load_data
 from core.loop import TrainState, evaluate, train_task, unwrap
 from core.metrics import build_loss
@@ -122,27 +122,47 @@ def _seed(spec: ExperimentSpec, server_round: int, partition: int) -> int:
     return int(np.random.default_rng([spec.seed, server_round, partition]).integers(2**31))
 
 
+def federation_loss(spec: ExperimentSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The loss every client and the server use: class weights (`balanced`) come from the
+    federation's global training histogram, never from one client's labels."""
+    bundle = _bundle(spec_key(spec))
+    return build_loss(spec.train.loss, bundle.train.y, bundle.num_classes).to(device)
+
+
+class CrashFault(RuntimeError):
+    """An injected crash part-way through local training."""
+
+
 def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, torch.Tensor],
                 *, server_round: int, partition: int, num_clients: int, lr: float,
                 local_epochs: int, batch_size: int, proximal_mu: float = 0.0,
-                continual: ContinualState | None = None
+                continual: ContinualState | None = None, crash: bool = False
                 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
     """Train from the global weights; returns (weights to send, metrics, attack applied).
 
     With `continual` (a task stream), the client's strategy state carries over between
     rounds: at a task boundary the previous task is closed on the received global model
-    (EWC's Fisher, replay's memory, … from this client's data of that task)."""
+    (EWC's Fisher, replay's memory, … from this client's data of that task). `crash`
+    raises CrashFault half-way through the local steps (an injected fault).
+    A non-finite loss raises core.loop.NonFiniteLoss before any step applies it.
+    """
     seed = _seed(spec, server_round, partition)
-    torch.manual_seed(seed)
     bad = partition in byzantine_clients(spec.federated.byzantine, num_clients, spec.seed)
     attack = spec.federated.byzantine.attack if bad else ""
     train = data.train
     if attack == "label_flip":
         train = Split(train.x, flip_labels(train.y, data.bundle.num_classes))
-    batches = Batches(train, batch_size, shuffle=True, seed=seed)
+    aug = spec.data.augment if data.bundle.is_image else None
+    batches = Batches(train, batch_size, shuffle=True, seed=seed,
+                      shift=aug.shift if aug else 0, noise_std=aug.noise_std if aug else 0.0)
+    device = pick_device(spec)
     local = spec.model_copy(update={"train": spec.train.model_copy(update={
-        "epochs": local_epochs, "progress": "off", "device": "cpu"})})
-    c = build_components(local, data.bundle, len(batches), device=torch.device("cpu"))
+        "epochs": local_epochs, "progress": "off"})})
+    c = build_components(local, data.bundle, len(batches), device=device)
+    c.loss_fn = federation_loss(spec, device)
+    # build_components seeds the model's init with spec.seed; everything random from here
+    # on (dropout masks, augmentation noise) is this client's and this round's own
+    torch.manual_seed(seed)
     unwrap(c.model).load_state_dict(global_state)
     for group in c.optimizer.param_groups:
         group["lr"] = lr
@@ -155,12 +175,22 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
         from continual.base import Composite
 
         strategy = Composite([strategy, Proximal(proximal_mu, global_state)])
+    on_step = None
+    if crash:
+        halfway = max(1, (len(batches) * local_epochs) // 2)
+        c.cfg.log_every_n_steps = 1
+
+        def on_step(step: int, _: dict[str, float]) -> None:
+            if step >= halfway:
+                raise CrashFault(f"crashed after {step} of {len(batches) * local_epochs} "
+                                 "local steps")
+
     state = train_task(c.model, batches, None, c.optimizer, c.loss_fn, c.cfg, TrainState(),
                        data.bundle.num_classes, strategy=strategy, task=task,
-                       logit_mask=mask, task_boundaries=continual is None)
+                       logit_mask=mask, task_boundaries=continual is None, on_step=on_step)
     last = state.history[-1]
     metrics = {"train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"]}
-    weights = {k: v.detach().clone() for k, v in unwrap(c.model).state_dict().items()}
+    weights = {k: v.detach().cpu().clone() for k, v in unwrap(c.model).state_dict().items()}
     if attack in ("sign_flip", "scaling", "gaussian"):
         weights = poison_update(spec.federated.byzantine, global_state, weights, spec.seed,
                                 server_round, partition)
@@ -169,14 +199,17 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
 
 def local_evaluate(spec: ExperimentSpec, data: ClientData,
                    global_state: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
-    """The global model on this client's validation split (its train split if empty)."""
+    """The global model on this client's validation split."""
     from models import build_model
 
-    split = data.val if len(data.val) else data.train
+    split = data.val
+    if not len(split):
+        raise ValueError("this client has no validation samples; raise "
+                         "federated.partition.val_fraction")
     model = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes)
     model.load_state_dict(global_state)
-    loss_fn = build_loss(spec.train.loss, split.y, data.bundle.num_classes)
-    m = evaluate(model, eval_batches(split, spec.data), loss_fn, data.bundle.num_classes)
+    m = evaluate(model, eval_batches(split, spec.data), federation_loss(spec),
+                 data.bundle.num_classes)
     return {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}, len(split)
 
 

@@ -1,0 +1,86 @@
+"""What a federated client trains with: its own randomness, the federation's loss, and
+every local-mode spec field honoured or refused (never silently dropped)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from core.data import Split, load_data
+from core.metrics import build_loss
+from core.spec import SpecError, load_spec
+from federated import task
+from federated.fields import REFUSED, treatment
+
+
+def _spec(*overrides: str):
+    return load_spec(None, ["mode=federated", "federated.num_clients=4", "model.hidden=[32]",
+                            "data.limit=400", *overrides])
+
+
+def _train(spec, partition: int, data=None) -> dict[str, torch.Tensor]:
+    from models import build_model
+
+    data = data or task.client_data(spec, 0, 4)
+
+    torch.manual_seed(spec.seed)
+    glob = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes
+                       ).state_dict()
+    weights, _, _ = task.local_train(spec, data, glob, server_round=1, partition=partition,
+                                     num_clients=4, lr=0.1, local_epochs=1,
+                                     batch_size=len(data.train))
+    return weights
+
+
+def test_each_client_draws_its_own_dropout_masks_reproducibly():
+    """Same single training sample (no order to shuffle): only dropout masks can differ."""
+    spec = _spec("model.dropout=0.5", "optim.name=sgd")
+    full = task.client_data(spec, 0, 4)
+    one = Split(full.train.x[:1], full.train.y[:1])
+    data = dataclasses.replace(full, train=one, bundle=dataclasses.replace(full.bundle,
+                                                                             train=one))
+    a, b, a2 = _train(spec, 0, data), _train(spec, 1, data), _train(spec, 0, data)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff > 1e-3, "clients 0 and 1 drew the same randomness"
+    for k in a:
+        torch.testing.assert_close(a[k], a2[k], rtol=0, atol=0)
+
+
+def test_balanced_class_weights_come_from_the_global_training_histogram():
+    spec = _spec("train.loss.class_weights=balanced", "federated.partition.method=dirichlet",
+                 "federated.partition.alpha=0.3")
+    glob = load_data(spec.data, spec.seed)
+    expected = build_loss(spec.train.loss, glob.train.y, glob.num_classes).weight
+    torch.testing.assert_close(task.federation_loss(spec).weight, expected)
+    local = task.client_data(spec, 1, 4)
+    own = build_loss(spec.train.loss, local.train.y, glob.num_classes).weight
+    assert not torch.allclose(own, expected)  # a client's own labels would differ
+
+
+def test_augmentation_is_applied_by_clients():
+    plain = _train(_spec(), 0)
+    shifted = _train(_spec("data.augment.noise_std=0.5"), 0)
+    assert max((plain[k] - shifted[k]).abs().max().item() for k in plain) > 1e-4
+
+
+def test_every_local_field_is_honoured_replaced_or_refused():
+    keys = [k for k in load_spec(None).flat() if k.split(".")[0] in
+            ("data", "model", "optim", "train")]
+    unclassified = [k for k in keys if treatment(k) is None]
+    assert not unclassified, f"say how federated mode treats: {unclassified}"
+    refused = [k for k in keys if treatment(k) == REFUSED]
+    assert refused == ["optim.scheduler.name", "train.early_stopping.patience"]
+    for key, value in (("optim.scheduler.name", "cosine"),
+                       ("train.early_stopping.patience", "3")):
+        with pytest.raises(SpecError) as e:
+            _spec(f"{key}={value}")
+        assert e.value.problems[0].startswith(f"{key}:")
+        load_spec(None, [f"{key}={value}"])  # local mode takes it
+
+
+def test_federated_evaluation_needs_a_client_validation_split():
+    with pytest.raises(SpecError, match="federated.partition.val_fraction"):
+        _spec("federated.partition.val_fraction=0")
+    _spec("federated.partition.val_fraction=0", "federated.fraction_evaluate=0")

@@ -1,0 +1,212 @@
+"""atoll's own federated driver against a fake Grid: exchange, discovery, sampling views,
+failure counting, round refusals (robust bounds, DP) and client state on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from core.spec import SpecError, load_spec
+from federated import records as R
+from federated.client_state import ClientStateStore, prune_client_states
+from federated.driver import SampledGrid, StopRequested, discover, exchange, rediscover
+from federated.server import refusal, robust_bound, update_norms
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Messages read the run id a ServerApp process would have set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+
+
+class FakeGrid:
+    """Nodes 100+p hold partition p. `behaviour[p]` is 'ok', 'error', 'nan', 'silent' or
+    'late:K' (the reply shows up on the K-th pull)."""
+
+    def __init__(self, behaviour: dict[int, str]):
+        self.behaviour = behaviour
+        self.nodes = [100 + p for p in behaviour]
+        self.inbox: dict[str, Message] = {}
+        self.pulls = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.inbox[m.object_id] = m
+            ids.append(m.object_id)
+        return ids
+
+    def _reply(self, m: Message) -> Message | None:
+        p = m.metadata.dst_node_id - 100
+        kind = self.behaviour[p]
+        if kind == "silent" or (kind.startswith("late:") and self.pulls < int(kind[5:])):
+            return None
+        if kind == "error":
+            from flwr.app import Error
+
+            return Message(Error(code=0, reason=f"{R.FAILURE_PREFIX}crash (client {p})"),
+                           reply_to=m)
+        if m.metadata.message_type == MessageType.QUERY:
+            return Message(RecordDict({R.CLIENT: ConfigRecord({R.PARTITION_ID: p})}),
+                           reply_to=m)
+        w = torch.full((2,), float("nan") if kind == "nan" else float(p))
+        return Message(RecordDict({
+            R.ARRAYS: ArrayRecord({"w": w}),
+            R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10 * (p + 1)}),
+            R.CLIENT: ConfigRecord({R.PARTITION_ID: p, R.BYZANTINE: ""})}), reply_to=m)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        out = []
+        for i in message_ids:
+            r = self._reply(self.inbox[i])
+            if r is not None:
+                out.append(r)
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+def _train_messages(grid: FakeGrid, partitions: list[int]) -> list[Message]:
+    return [Message(RecordDict({R.ARRAYS: ArrayRecord({"w": torch.zeros(2)}),
+                                R.CONFIG: ConfigRecord()}),
+                    dst_node_id=100 + p, message_type=MessageType.TRAIN) for p in partitions]
+
+
+def test_exchange_sorts_replies_and_names_every_failure():
+    grid = FakeGrid({0: "ok", 1: "error", 2: "nan", 3: "silent", 4: "late:2"})
+    n2p = {100 + p: p for p in range(5)}
+    out = exchange(grid, _train_messages(grid, [4, 3, 2, 1, 0]), n2p, timeout=0.3, poll=0.01)
+    assert out.sampled == [0, 1, 2, 3, 4]
+    assert [int(r.content[R.CLIENT][R.PARTITION_ID]) for r in out.ok] == [0, 4]
+    assert out.timed_out == [3]
+    assert set(out.errors) == {1, 2, 3}
+    assert out.failures_by_kind() == {"timeout": 1, "crash": 1, "nonfinite": 1}
+    # every sampled client has exactly one reply for the strategy, failures as errors
+    assert len(out.replies) == 5
+    assert [r.has_error() for r in out.replies] == [False, True, True, True, False]
+    assert out.bytes_received == 2 * R.nbytes(ArrayRecord({"w": torch.zeros(2)}))
+    assert out.cause() == "2 of 5 sampled clients replied (1 crash, 1 nonfinite, 1 timeout)"
+
+
+def test_exchange_stops_waiting_on_request():
+    grid = FakeGrid({0: "silent"})
+    with pytest.raises(StopRequested):
+        exchange(grid, _train_messages(grid, [0]), {100: 0}, timeout=30, should_stop=lambda: True,
+                 poll=0.01)
+
+
+@pytest.mark.parametrize(("behaviour", "cause"), [
+    ({0: "nan", 1: "nan"}, "every client reported a non-finite loss"),
+    ({0: "silent", 1: "silent"}, "no sampled client replied within federated.round_timeout"),
+    ({0: "error", 1: "error"}, "every sampled client crashed"),
+])
+def test_cause_of_a_round_without_updates(behaviour, cause):
+    grid = FakeGrid(behaviour)
+    out = exchange(grid, _train_messages(grid, [0, 1]), {100: 0, 101: 1}, timeout=0.05,
+                   poll=0.01)
+    assert not out.ok and out.cause() == cause
+
+
+def test_discover_maps_partitions_and_rediscover_adds_late_nodes():
+    grid = FakeGrid({0: "ok", 1: "ok"})
+    partitions = discover(grid, expected=2, timeout=5)
+    assert partitions == {0: 100, 1: 101}
+    assert rediscover(grid, partitions) == []
+    grid.behaviour[2] = "ok"
+    grid.nodes.append(102)  # a SuperNode that connected after round 1
+    assert rediscover(grid, partitions) == [2] and partitions[2] == 102
+
+
+def test_sampled_grid_shows_only_the_sampled_nodes():
+    grid = FakeGrid({0: "ok", 1: "ok", 2: "ok"})
+    view = SampledGrid(grid, [102, 100])
+    assert view.get_node_ids() == [102, 100]
+    assert view.push_messages == grid.push_messages  # everything else is the grid's
+
+
+def _spec(*overrides: str):
+    return load_spec(None, ["mode=federated", *overrides])
+
+
+def test_robust_rules_refuse_rounds_below_their_bound():
+    spec = _spec("federated.strategy=bulyan", "federated.num_clients=7",
+                 "federated.num_malicious=1")
+    bound = robust_bound(spec)
+    assert bound is not None and bound[1] == 7
+    grid = FakeGrid({p: ("error" if p < 2 else "ok") for p in range(7)})
+    out = exchange(grid, _train_messages(grid, list(range(7))), {100 + p: p for p in range(7)},
+                   timeout=0.05, poll=0.01)
+    assert refusal(spec, out, bound) == "Bulyan needs ≥ 4f+3 = 7 replies (f = 1), got 5"
+    krum = _spec("federated.strategy=krum", "federated.num_clients=7",
+                 "federated.num_malicious=2")
+    assert robust_bound(krum)[1] == 7 and robust_bound(_spec()) is None
+
+
+def test_dp_refuses_a_round_with_a_failed_client():
+    spec = _spec("federated.num_clients=3", "federated.privacy.mode=server-fixed")
+    grid = FakeGrid({0: "ok", 1: "error", 2: "ok"})
+    out = exchange(grid, _train_messages(grid, [0, 1, 2]), {100: 0, 101: 1, 102: 2},
+                   timeout=0.05, poll=0.01)
+    assert refusal(spec, out, None).startswith("differential privacy: 1 of 3 sampled clients "
+                                               "failed")
+    assert refusal(_spec("federated.num_clients=3"), out, None) is None
+
+
+def test_flower_dp_wrapper_refuses_replies_with_an_error():
+    """The Flower rule the server relies on: errors among the replies → no aggregate."""
+    from federated.strategies import build_strategy
+
+    spec = _spec("federated.num_clients=3", "federated.privacy.mode=server-fixed")
+    grid = FakeGrid({0: "ok", 1: "error", 2: "ok"})
+    strategy = build_strategy(spec, 3)
+    start = ArrayRecord({"w": torch.zeros(2)})
+    msgs = list(strategy.configure_train(1, start, ConfigRecord(), SampledGrid(
+        grid, [100, 101, 102])))
+    out = exchange(grid, msgs, {100: 0, 101: 1, 102: 2}, timeout=0.05, poll=0.01)
+    assert strategy.aggregate_train(1, out.replies) == (None, None)
+
+
+@pytest.mark.parametrize(("overrides", "needs"), [
+    (["federated.strategy=bulyan", "federated.num_clients=10", "federated.fraction_fit=0.3",
+      "federated.byzantine.fraction=0.1", "federated.byzantine.attack=sign_flip"],
+     "needs n ≥ 4f+3 = 7 clients per round"),
+    (["federated.strategy=krum", "federated.num_clients=4", "federated.num_malicious=1"],
+     "needs n ≥ 2f+3 = 5 clients per round"),
+])
+def test_robust_bounds_are_checked_at_spec_time(overrides, needs):
+    with pytest.raises(SpecError) as e:
+        _spec(*overrides)
+    assert e.value.problems[0].startswith("federated.strategy:") and needs in \
+        e.value.problems[0]
+
+
+def test_update_norms_measure_reply_minus_global():
+    grid = FakeGrid({0: "ok", 1: "ok"})
+    out = exchange(grid, _train_messages(grid, [0, 1]), {100: 0, 101: 1}, timeout=1, poll=0.01)
+    norms = update_norms(ArrayRecord({"w": torch.zeros(2)}), out.ok)
+    np.testing.assert_allclose(norms, [0.0, np.sqrt(2.0)])
+
+
+def test_client_states_by_round(tmp_path):
+    store = ClientStateStore(tmp_path, partition=3, keep=2)
+    assert store.load(before=5) is None
+    store.save(1, b"one", 0)
+    store.save(2, b"two", 0)
+    store.save(4, b"four", 1)
+    assert store.load(before=5) == (b"four", 1)
+    assert store.load(before=4) == (b"two", 0)
+    assert store.load(before=2) is None  # round 1's file was pruned (keep=2)
+    prune_client_states(tmp_path, after=2)  # a resume from round 2 forgets round 4
+    assert store.load(before=10) == (b"two", 0)
