@@ -23,10 +23,19 @@ EXCLUDES = [".venv", ".git", "mlruns*", "mlartifacts", ".atoll/data", ".atoll/ch
 SUBMIT_DIR = Path(".atoll") / "submit"
 
 
+class JobsUnavailable(RuntimeError):
+    """The Ray Job API cannot be reached: one line for the user, never a traceback."""
+
+
 def client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError:  # Ray's own: "Failed to connect to Ray at address: ..."
+        raise JobsUnavailable(
+            f"cannot reach the Ray Job API at {address}; start a cluster (ray start --head) "
+            "or pass --address (or set RAY_ADDRESS) to its dashboard URL") from None
 
 
 def resolved_for_job(spec: ExperimentSpec) -> ExperimentSpec:
@@ -45,25 +54,29 @@ def submit(spec: ExperimentSpec, address: str, working_dir: Path | None = None,
     """Submit `atoll run` of `spec` as a Ray job; returns the submission id."""
     working_dir = (working_dir or Path.cwd()).resolve()
     spec = resolved_for_job(spec)
+    c = client(address)  # before writing anything: an unreachable cluster leaves no file
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rel = SUBMIT_DIR / f"{spec.name}-{stamp}.yaml"
     (working_dir / rel).parent.mkdir(parents=True, exist_ok=True)
     (working_dir / rel).write_text(yaml.safe_dump(spec.model_dump(mode="json",
                                                                    exclude_unset=True),
                                                   sort_keys=False))
-    c = client(address)
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            return c.submit_job(
-                entrypoint=f"{entrypoint_cmd} run {rel.as_posix()}",
-                runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
-                             "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
-                metadata={"atoll.name": spec.name, "atoll.mode": spec.mode})
-        except RuntimeError as e:  # a head that just started has no job agent yet
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
+    try:
+        while True:
+            try:
+                return c.submit_job(
+                    entrypoint=f"{entrypoint_cmd} run {rel.as_posix()}",
+                    runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
+                                 "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
+                    metadata={"atoll.name": spec.name, "atoll.mode": spec.mode})
+            except RuntimeError as e:  # a head that just started has no job agent yet
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+    except BaseException:
+        (working_dir / rel).unlink(missing_ok=True)  # the job never got it
+        raise
 
 
 def wait(address: str, job_id: str, timeout: float = 3600, poll: float = 2.0) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,12 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train a spec (mode from the spec: local, cluster, federated)",
-                       description="Train the spec. Re-running the same `name` resumes from its "
-                       "latest checkpoint (train.resume).")
+                       description="Train the spec. Re-running the same `name` resumes an "
+                       "unfinished run from its latest checkpoint (train.resume); a finished "
+                       "run's name trains anew. An unfinished run's checkpoints are deleted "
+                       "only with --restart.")
     _spec_args(p)
     p.add_argument("--resume", metavar="RUN_ID_OR_DIR", default=None,
                    help="federated: continue from a checkpoint directory/file, 'latest', or "
                    "the MLflow run id of an interrupted run")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the checkpoints of an unfinished run under this name and "
+                   "start it over as a new MLflow run")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a spec and print it with defaults filled in",
@@ -146,32 +152,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
-    result = dispatch(spec, resume=args.resume)
+    result = dispatch(spec, resume=args.resume, restart=args.restart)
     if result is not None:
         _report(spec, result)
     return 0
 
 
-def dispatch(spec: ExperimentSpec, resume: str | None = None):  # -> RunResult | None
+def dispatch(spec: ExperimentSpec, resume: str | None = None, restart: bool = False):
+    """Run `spec` in its mode (-> RunResult | None). `restart` (`--restart`) discards an
+    unfinished run's checkpoints first; every harness takes it as `restart=True`, passed
+    only when set so that a harness's ordinary run needs no new parameter."""
+    if resume is not None and restart:
+        raise SpecError(["--restart: discards the checkpoints --resume asks to continue from; "
+                         "allowed: one of --restart, --resume"])
+    more = {"restart": True} if restart else {}
     if spec.continual.stream != "none" and spec.mode == "local":
         from core.continual_runner import run_continual
 
-        return run_continual(spec)
+        return run_continual(spec, **more)
     if resume is not None and spec.mode != "federated":
-        print(f"atoll: --resume: applies to federated runs; a {spec.mode} run resumes by "
-              "re-running its name (train.resume); allowed: drop --resume", file=sys.stderr)
-        raise SystemExit(EXIT_SPEC)
+        raise SpecError([f"--resume: applies to federated runs; a {spec.mode} run resumes by "
+                         "re-running its name (train.resume); allowed: drop --resume"])
     if spec.mode == "local":
         from core.runner import run_local
 
-        return run_local(spec)
+        return run_local(spec, **more)
     if spec.mode == "federated":
         from federated.simulation import run_federated
 
-        return run_federated(spec, resume=resume)
+        return run_federated(spec, resume=resume, **more)
     from cluster.runner import run_cluster
 
-    return run_cluster(spec)
+    return run_cluster(spec, **more)
 
 
 def _report(spec: ExperimentSpec, result) -> None:
@@ -223,12 +235,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _terminated)  # `kill PID` stops a run like Ctrl-C does
     try:
         return args.func(args)
     except SpecError as e:
@@ -240,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"atoll: {e}", file=sys.stderr)  # configuration found wrong while building
         return EXIT_SPEC
-    except KeyboardInterrupt:
-        print("atoll: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the harness says how to resume, when it can
+        print(f"atoll: interrupted; {e}" if str(e) else "atoll: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         known = _known_failure(e)
@@ -253,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _known_failure(e: Exception) -> str | None:
     """A one-line message for failures with a defined behaviour; None means a real bug."""
-    names = {"RunFailed", "TrackingUnavailable", "DataUnavailable", "CheckpointError"}
+    names = {"RunFailed", "TrackingUnavailable", "DataUnavailable", "CheckpointError",
+             "JobsUnavailable", "NothingToRegister"}
     return str(e) if type(e).__name__ in names else None
 
 

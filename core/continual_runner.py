@@ -22,7 +22,17 @@ from core.checkpoint import CheckpointDir, rng_state, set_rng_state
 from core.components import build_components, seed_everything
 from core.data import Batches, DataBundle, Split, eval_batches, load_data
 from core.loop import MaskFn, NonFiniteLoss, Reducer, TrainState, evaluate, train_task
-from core.runner import RunFailed, RunResult, check_resume_compatible, latest_valid
+from core.runner import (
+    RunFailed,
+    RunResult,
+    check_resume_compatible,
+    check_writable,
+    finished_in_mlflow,
+    how_to_resume,
+    mark_finished,
+    prepare,
+    start_anew,
+)
 from core.spec import ExperimentSpec
 
 log = logging.getLogger("atoll.continual")
@@ -53,11 +63,19 @@ def accuracy_row(model: torch.nn.Module, tasks: list[Task], spec: ExperimentSpec
                      reduce=reduce).get("test_accuracy", 0.0) for t in tasks]
 
 
-def run_continual(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
-    """Train `spec.continual`'s stream task by task; log R, ACC/BWT/FWT/forgetting."""
+def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = False
+                  ) -> RunResult:
+    """Train `spec.continual`'s stream task by task; log R, ACC/BWT/FWT/forgetting.
+
+    `restart` discards the name's task checkpoints first (`atoll run --restart`); otherwise
+    an unfinished stream resumes and a finished one (its marker) starts anew.
+    """
     from models import count_parameters
 
     t0 = time.perf_counter()
+    ckpts = CheckpointDir(Path(spec.train.checkpoint_dir) / spec.name,
+                          spec.train.keep_checkpoints, prefix="task")
+    check_writable(ckpts.root, "train.checkpoint_dir")
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     seed_everything(spec.seed)
@@ -65,14 +83,16 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     tasks = build_stream(data, spec.continual, spec.seed)
     mask = task_mask(tasks, data.num_classes) if spec.continual.scenario == "task" else None
     c = build_components(spec, data, len(_batches(spec, data, tasks[0])))
-    ckpts = CheckpointDir(Path(spec.train.checkpoint_dir) / spec.name,
-                          spec.train.keep_checkpoints, prefix="task")
     baseline = accuracy_row(c.model, tasks, spec, data.num_classes, c.loss_fn, mask)
     r: list[list[float]] = []
     history: list[dict[str, float]] = []
     start, run_id = 0, None
-    found = latest_valid(ckpts) if spec.train.resume else None
-    if found is not None and found[1]["next_task"] < len(tasks):
+    found = prepare(ckpts, spec, restart, "tasks")
+    if found is not None and found[1]["next_task"] >= len(tasks) and \
+            finished_in_mlflow(spec, found[1]):  # a stream finished before markers existed
+        start_anew(ckpts, spec, len(tasks), "tasks")
+        found = None
+    if found is not None:
         path, saved = found
         check_resume_compatible(saved.get("spec", {}), spec, path)
         c.model.load_state_dict(saved["model"])
@@ -80,10 +100,11 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
         set_rng_state(saved["rng"])
         r, baseline, history = saved["r"], saved["baseline"], saved["history"]
         start, run_id = saved["next_task"], saved["run_id"]
-        log.info("resumed %s at task %d/%d from %s", spec.name, start + 1, len(tasks), path)
-    else:
-        for old in ckpts.all():
-            old.unlink()
+        if start < len(tasks):
+            log.info("resumed %s at task %d/%d from %s", spec.name, start + 1, len(tasks), path)
+        else:
+            log.info("resumed %s from %s: every task was trained before it stopped; "
+                     "finishing it (metrics and registration)", spec.name, path)
     if tracker is None:
         from tracking import make_tracker
 
@@ -126,11 +147,16 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None) -> RunResult:
     except NonFiniteLoss as e:
         tracker.finish("FAILED")
         raise RunFailed(f"{e}; last good checkpoint kept: {ckpts.latest()}") from e
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise KeyboardInterrupt(how_to_resume(ckpts)) from None
     except BaseException:
         tracker.finish("FAILED")
         raise
-    return finish_stream(spec, data, c.model, tasks, r, baseline, history, tracker,
-                         ckpts.latest(), t0)
+    result = finish_stream(spec, data, c.model, tasks, r, baseline, history, tracker,
+                           ckpts.latest(), t0)
+    mark_finished(ckpts, result.run_id, len(tasks), "tasks")
+    return result
 
 
 def finish_stream(spec: ExperimentSpec, data: DataBundle, model: torch.nn.Module,
@@ -139,9 +165,15 @@ def finish_stream(spec: ExperimentSpec, data: DataBundle, model: torch.nn.Module
                   t0: float) -> RunResult:
     """ACC/BWT/FWT/forgetting, the matrix and curves, the registered model (local, cluster)."""
     from models import count_parameters
+    from tracking.base import Selection
     from tracking.plots import accuracy_matrix, task_curves
 
+    if not r:  # registration requires at least one completed task
+        tracker.finish("FAILED")
+        raise RunFailed(f"run {spec.name} completed no task; nothing was registered")
     metrics = summary(r, baseline)
+    chosen = Selection("cl_acc", metrics["cl_acc"], len(r), "task", "last")
+    tracker.set_tags({f"atoll.{k}": v for k, v in chosen.tags().items()})
     tracker.log_metrics(metrics, step=len(tasks))
     tracker.log_text(_matrix_text(r, tasks), "continual/accuracy_matrix.txt")
     names = [t.name for t in tasks]
@@ -151,7 +183,7 @@ def finish_stream(spec: ExperimentSpec, data: DataBundle, model: torch.nn.Module
     if spec.tracking.log_model:
         registered = tracker.log_model(
             model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
-            alias=spec.tracking.alias,
+            alias=spec.tracking.alias, selection=chosen,
             tags={"mode": spec.mode, "task": str(len(tasks) - 1),
                   "strategy": "+".join(spec.continual.strategy),
                   "cl_acc": f"{metrics['cl_acc']:.4f}"})

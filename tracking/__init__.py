@@ -12,7 +12,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 from core.spec import TrackingSpec  # noqa: E402
-from tracking.base import NullTracker, RegisteredModel, Tracker  # noqa: E402
+from tracking.base import (  # noqa: E402
+    NothingToRegister,
+    NullTracker,
+    RegisteredModel,
+    Selection,
+    Tracker,
+)
 from tracking.context import run_tags  # noqa: E402
 from tracking.uri import (  # noqa: E402
     TrackingUnauthorized,
@@ -24,9 +30,9 @@ from tracking.uri import (  # noqa: E402
 
 log = logging.getLogger("atoll.tracking")
 
-__all__ = ["NullTracker", "RegisteredModel", "Tracker", "TrackingUnauthorized",
-           "TrackingUnavailable", "default_uri",
-           "make_tracker", "resolve_uri", "run_tag", "run_tags"]
+__all__ = ["NothingToRegister", "NullTracker", "RegisteredModel", "Selection", "Tracker",
+           "TrackingUnauthorized", "TrackingUnavailable", "default_uri", "make_tracker",
+           "resolve_uri", "run_status", "run_tag", "run_tags"]
 
 
 def run_tag(uri: str, run_id: str, key: str) -> str | None:
@@ -38,6 +44,23 @@ def run_tag(uri: str, run_id: str, key: str) -> str | None:
         return MlflowClient(uri).get_run(run_id).data.tags.get(key)
     except MlflowException:
         raise KeyError(run_id) from None
+
+
+def run_status(spec: TrackingSpec, run_id: str) -> str | None:
+    """FINISHED/FAILED/KILLED/RUNNING of a run in the spec's store; None when tracking is
+    off, the store does not exist (yet) or has no such run. Starts nothing, creates nothing."""
+    if not spec.enabled:
+        return None
+    uri = resolve_uri(spec.uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(run_id).info.status
+    except (MlflowException, OSError):  # no such run, or a server that is not there
+        return None
 
 
 def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,

@@ -9,6 +9,39 @@ from typing import Any, Protocol
 import torch.nn as nn
 
 
+class NothingToRegister(RuntimeError):
+    """The weights completed no epoch/aggregated round: registering them would publish a
+    model no better than where the run started."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Why these weights are the ones registered: the metric that chose them and where.
+
+    `rule` is "best" (by `metric` over the run, e.g. early stopping's restore_best) or
+    "last" (the final epoch/round; `metric` is then the value it ended with). `step` is the
+    epoch, aggregated round or task the weights come from, counted in `unit`.
+    """
+
+    metric: str
+    value: float | None
+    step: int
+    unit: str = "epoch"
+    rule: str = "last"
+
+    def check(self) -> None:
+        """Registration requires at least one completed epoch/round (every mode)."""
+        if self.step < 1:
+            raise NothingToRegister(f"no {self.unit} completed; nothing was registered (a "
+                                    "model that trained nothing is never registered)")
+
+    def tags(self) -> dict[str, str]:
+        """Model-version tags; the run gets the same under `atoll.`."""
+        value = "" if self.value is None else f"{self.value:.6g}"
+        return {"selected_by": self.metric, "selection": self.rule, "selected_value": value,
+                f"selected_{self.unit}": str(self.step)}
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
@@ -27,7 +60,8 @@ class Tracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None: ...
     def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
-                  alias: str, tags: dict[str, str]) -> RegisteredModel | None: ...
+                  alias: str, tags: dict[str, str], selection: Selection | None = None
+                  ) -> RegisteredModel | None: ...
     def flush(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -54,7 +88,10 @@ class NullTracker:
         pass  # the figure is never drawn: plotting costs nothing when nothing records it
 
     def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
-                  alias: str, tags: dict[str, str]) -> RegisteredModel | None:
+                  alias: str, tags: dict[str, str], selection: Selection | None = None
+                  ) -> RegisteredModel | None:
+        if selection is not None:
+            selection.check()  # the same refusal whether or not anything records it
         return None
 
     def flush(self) -> None:

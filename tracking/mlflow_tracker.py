@@ -22,7 +22,7 @@ import torch.nn as nn
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tracking.base import RegisteredModel
+from tracking.base import RegisteredModel, Selection
 
 MAX_BATCH = 1000  # MLflow's per-request limit on metrics
 PARAM_VALUE_LIMIT = 6000
@@ -50,11 +50,15 @@ class MlflowTracker:
         self.uri = uri
         self.client = MlflowClient(uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
+        # (key, step) pairs the run already holds: a resumed run re-trains from its last
+        # checkpoint, and what the interrupted attempt logged past it must not appear twice.
+        self._logged: set[tuple[str, int]] = set()
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
             run_id = run.info.run_id
-        else:  # a retried worker group keeps writing into the same run
+        else:  # a resumed run / retried worker group keeps writing into the same run
             self.client.update_run(run_id, status="RUNNING")
+            self._logged = self._logged_steps(run_id)
         self.run_id: str | None = run_id
         self._buffer: list[Metric] = []
         # Each store write has a fixed cost (~8 ms on sqlite): batch by time, not by epoch,
@@ -81,6 +85,10 @@ class MlflowTracker:
         except mlflow.exceptions.MlflowException:  # created concurrently
             return self.client.get_experiment_by_name(name).experiment_id
 
+    def _logged_steps(self, run_id: str) -> set[tuple[str, int]]:
+        keys = self.client.get_run(run_id).data.metrics
+        return {(k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
+
     # ------------------------------------------------------------------ logging
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -94,7 +102,8 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = time.time()
         ts = int(now * 1000)
-        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items()
+                            if (k, step) not in self._logged)
         if len(self._buffer) >= MAX_BATCH or now - self._last_flush >= self.flush_every_s:
             self.flush()
 
@@ -127,13 +136,19 @@ class MlflowTracker:
             close(fig)
 
     def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
-                  alias: str, tags: dict[str, str]) -> RegisteredModel | None:
+                  alias: str, tags: dict[str, str], selection: Selection | None = None
+                  ) -> RegisteredModel | None:
         """Log in MLflow's `pt2` (torch.export) format and register a version with an alias.
 
         pt2 is chosen deliberately: it loads without unpickling arbitrary code (safe by
         default) and needs no atoll import to serve; it loads back as a GraphModule with
-        a dynamic batch dimension.
+        a dynamic batch dimension. A `selection` (refused when it completed nothing) tags
+        the version and the run with the metric and epoch/round that chose these weights.
         """
+        if selection is not None:
+            selection.check()
+            tags = {**tags, **selection.tags()}
+            self.set_tags({f"atoll.{k}": v for k, v in selection.tags().items()})
         self.wait()
         model = model.eval()
         with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from core.spec import check_tracking_uri
 
 
 class TrackingUnavailable(RuntimeError):
@@ -23,7 +26,15 @@ def default_uri() -> str:
 
 
 def resolve_uri(spec_uri: str | None) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_uri()
+    """The store runs go to; ValueError (exit 2) when MLFLOW_TRACKING_URI is not a URI
+    MLflow can track to (the spec's own `tracking.uri` was checked on validation)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        try:
+            check_tracking_uri(env)
+        except ValueError as e:
+            raise ValueError(f"MLFLOW_TRACKING_URI: {env!r} is not valid; {e}") from None
+    uri = env or spec_uri or default_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
@@ -72,5 +83,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         _check_credentials(uri, timeout)
     elif uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///"):]).parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise TrackingUnavailable(f"tracking store {uri}: directory {parent} is not writable")
+        if not parent.is_dir():
+            raise TrackingUnavailable(f"tracking store {uri}: directory {parent} does not "
+                                      "exist; create it or fix tracking.uri")
+        problem = unwritable(parent)
+        if problem:
+            raise TrackingUnavailable(f"tracking store {uri}: directory {parent} is not "
+                                      f"writable ({problem})")
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why files cannot be created in an existing `directory`, or None if they can.
+
+    A real probe file, not os.access: root passes os.access on a read-only mount.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".atoll-probe-"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,101 @@ def test_task_streams_in_cluster_mode_need_ddp(tmp_path):
     assert out.returncode == 2
     assert "cluster.strategy: 'pipeline' with a task stream (continual.stream 'permuted'); " \
            "allowed with a stream: ddp" in out.stderr
+
+
+FAST = ["--set", "train.progress=off", "--set", "tracking.enabled=false", "--set",
+        "data.limit=200", "--set", "model.hidden=[16]"]
+
+
+def _one_line(out: subprocess.CompletedProcess) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return lines[0]
+
+
+def test_fewer_epochs_keeps_an_unfinished_run_and_restart_discards_it(tmp_path):
+    """Item 15: lowering train.epochs on an interrupted run refuses (exit 2) and deletes
+    nothing; `--restart` is the explicit way to start over."""
+    spec = str(CONFIGS / "demo.yaml")
+    out = _atoll("run", spec, *FAST, "--set", "name=i4", "--set", "train.epochs=3", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = tmp_path / ".atoll/checkpoints/i4"
+    (root / "epoch-000003.ckpt").unlink()  # as if interrupted during epoch 3
+    (root / "atoll-finished-epoch.json").unlink()
+    fewer = _atoll("run", spec, *FAST, "--set", "name=i4", "--set", "train.epochs=1",
+                   cwd=tmp_path)
+    assert fewer.returncode == 2
+    assert _one_line(fewer).startswith(
+        "atoll: train.epochs: 1 is fewer than the 2 epochs run 'i4' has already trained")
+    assert sorted(p.name for p in root.glob("*.ckpt")) == ["epoch-000002.ckpt"]
+    restarted = _atoll("run", spec, *FAST, "--set", "name=i4", "--set", "train.epochs=1",
+                       "--restart", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "discarding 1 checkpoint of run i4 (--restart)" in restarted.stderr
+    assert "epochs: 1" in restarted.stdout
+
+
+def test_restart_and_resume_together_are_refused(tmp_path):
+    out = _atoll("run", str(CONFIGS / "federated.yaml"), "--restart", "--resume", "latest",
+                 cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--restart" in _one_line(out) and "--resume" in _one_line(out)
+
+
+def test_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
+    """Item 17: one line, exit 2, before anything (MLflow run, training) starts."""
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "train.progress=off",
+                 "--set", "train.checkpoint_dir=blocker/ckpts", cwd=tmp_path)
+    assert out.returncode == 2
+    assert _one_line(out).startswith(
+        "atoll: train.checkpoint_dir: cannot write to blocker/ckpts/demo-digits-mlp (")
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_checkpoint_dir_is_refused_before_training(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        out = _atoll("run", str(CONFIGS / "demo.yaml"), *FAST, "--set",
+                     "train.checkpoint_dir=ro", cwd=tmp_path)
+    finally:
+        ro.chmod(0o755)
+    assert out.returncode == 2 and "Permission denied" in _one_line(out)
+
+
+def test_unknown_tracking_uri_scheme_from_the_environment_is_one_line(tmp_path):
+    """Item 27: MLFLOW_TRACKING_URI=foo://bar (the spec field is checked on validation)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "foo://bar"}
+    out = subprocess.run([*ATOLL, "run", str(CONFIGS / "demo.yaml"), "--set",
+                          "train.progress=off"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300, check=False, env=env)
+    assert out.returncode == 2
+    assert _one_line(out).startswith("atoll: MLFLOW_TRACKING_URI: 'foo://bar' is not valid; "
+                                     "allowed: ")
+    spec = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "tracking.uri=foo://bar",
+                  cwd=tmp_path)
+    assert spec.returncode == 2 and "tracking.uri: 'foo://bar' is not valid" in _one_line(spec)
+
+
+def test_missing_sqlite_directory_says_so(tmp_path):
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "train.progress=off",
+                 "--set", "tracking.uri=sqlite:///nowhere/runs.db", cwd=tmp_path)
+    assert out.returncode == 1
+    line = _one_line(out)
+    assert "nowhere does not exist" in line and "not writable" not in line
+
+
+def test_jobs_against_an_unreachable_address_is_one_line(tmp_path):
+    """Item 27: no traceback, and submit leaves no spec file behind."""
+    address = f"http://127.0.0.1:{procs.free_port()}"
+    listed = _atoll("jobs", "list", "--address", address, cwd=tmp_path)
+    assert listed.returncode == 1
+    assert _one_line(listed).startswith(f"atoll: error: cannot reach the Ray Job API at "
+                                        f"{address}")
+    submitted = _atoll("submit", str(CONFIGS / "demo.yaml"), "--address", address,
+                       cwd=tmp_path)
+    assert submitted.returncode == 1 and "cannot reach the Ray Job API" in _one_line(submitted)
+    assert list((tmp_path / ".atoll").rglob("*.yaml")) == []

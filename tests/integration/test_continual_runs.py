@@ -107,3 +107,50 @@ def test_interrupted_stream_resumes_to_the_same_result(tmp_path):
     assert a["r"] == b["r"]
     for k in a["model"]:
         assert (a["model"][k] == b["model"][k]).all(), k
+
+
+def _short(*more: str):
+    return cl_spec("continual.n_tasks=2", "train.epochs=1", "continual.strategy=naive",
+                   "name=short", *more)
+
+
+def test_finished_stream_with_a_corrupt_final_checkpoint_trains_anew(tmp_path, caplog):
+    """Item 16 for streams: "finished" is recorded outside the newest checkpoint."""
+    caplog.set_level("INFO", "atoll")
+    first = run_continual(_short())
+    first.checkpoint.write_bytes(first.checkpoint.read_bytes()[:-100])
+    second = run_continual(_short())
+    assert "already completed 2 tasks; starting a new run" in caplog.text
+    assert second.run_id != first.run_id and len(second.details["matrix"]) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert len(client.get_metric_history(first.run_id, "cl_acc")) == 1
+
+
+def test_unfinished_stream_is_kept_unless_restarted(tmp_path, caplog):
+    """Item 15 for streams: train.resume: false never deletes an unfinished stream; --restart
+    discards it and starts a new MLflow run."""
+    from core.spec import SpecError
+
+    caplog.set_level("INFO", "atoll")
+    first = run_continual(_short())
+    root = tmp_path / ".atoll/checkpoints/short"
+    (root / "task-000002.ckpt").unlink()  # as if killed after the first task
+    (root / "atoll-finished-task.json").unlink()
+    with pytest.raises(SpecError, match="train.resume: false, but run 'short' has an "
+                       "unfinished checkpoint"):
+        run_continual(_short("train.resume=false"))
+    assert (root / "task-000001.ckpt").is_file()
+    again = run_continual(_short(), restart=True)
+    assert "discarding 1 checkpoint of run short (--restart)" in caplog.text
+    assert again.run_id != first.run_id and len(again.details["matrix"]) == 2
+
+
+def test_registered_stream_model_carries_its_selecting_metric(tmp_path):
+    """Item 2 for streams: the version says it is the model after the last task, by ACC."""
+    result = run_continual(_short("tracking.log_model=true", "tracking.registered_model=cl"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    version = client.get_model_version("cl", result.registered.version)
+    assert version.tags["selected_by"] == "cl_acc" and version.tags["selection"] == "last"
+    assert version.tags["selected_task"] == "2"
+    assert float(version.tags["selected_value"]) == pytest.approx(result.metrics["cl_acc"],
+                                                                  rel=1e-5)

@@ -78,6 +78,11 @@ def test_registered_model_loads_by_alias_and_reproduces_accuracy(demo_run):
     version = client.get_model_version_by_alias("digits-mlp", "candidate")
     assert str(version.version) == result.registered.version
     assert version.tags["mode"] == "local" and version.tags["epoch"] == "15"
+    # the metric the version was selected by (no early stopping: the last epoch's val_loss)
+    assert version.tags["selected_by"] == "val_loss" and version.tags["selection"] == "last"
+    assert version.tags["selected_epoch"] == "15"
+    assert float(version.tags["selected_value"]) == pytest.approx(
+        result.history[-1]["val_loss"], rel=1e-5)
     mlflow.set_tracking_uri(uri)
     try:
         model = mlflow.pytorch.load_model("models:/digits-mlp@candidate")
@@ -114,20 +119,120 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "non-finite loss" in run.data.tags["atoll.failure"]
 
 
-def test_resumed_run_continues_the_same_mlflow_run(tiny_spec, tmp_path):
+class InterruptingTracker:
+    """A real MlflowTracker whose process is interrupted right after epoch `epoch`'s
+    metrics are logged, before its checkpoint is written."""
+
+    def __new__(cls, spec, epoch: int):
+        from tracking import make_tracker
+
+        tracker = make_tracker(spec.tracking, spec.name, mode="local")
+        log_metrics = tracker.log_metrics
+
+        def interrupting(metrics: dict[str, float], step: int) -> None:
+            log_metrics(metrics, step)
+            if "train_loss" in metrics and step == epoch:
+                raise KeyboardInterrupt
+
+        tracker.log_metrics = interrupting
+        return tracker
+
+
+def test_resumed_run_continues_the_same_mlflow_run_logging_each_step_once(tiny_spec, tmp_path):
+    """Item 10: the epoch re-trained after a resume (and its steps) is in MLflow once."""
     from mlflow.tracking import MlflowClient
 
-    from core.checkpoint import CheckpointDir
-
-    spec = tiny_spec("train.epochs=4", "train.keep_checkpoints=4", "data.limit=300")
-    first = run_local(spec)
-    ckpts = CheckpointDir(tmp_path / ".atoll/checkpoints/atoll")
-    for p in ckpts.all()[2:]:
-        p.unlink()  # as if the process died after epoch 2
+    spec = tiny_spec("train.epochs=4", "data.limit=300", "train.log_every_n_steps=1")
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec, tracker=InterruptingTracker(spec, epoch=3))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    client.set_terminated(first.run_id, status="KILLED")
+    (first,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert first.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")] == [
+        1, 2, 3]  # epoch 3 was logged but never checkpointed
     second = run_local(spec)
-    assert second.run_id == first.run_id
-    steps = [m.step for m in client.get_metric_history(first.run_id, "train_loss")]
-    assert sorted(set(steps)) == [1, 2, 3, 4]
-    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert second.run_id == first.info.run_id
+    history = client.get_metric_history(first.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    steps = [m.step for m in client.get_metric_history(first.info.run_id, "step_loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 4 * 5  # 270 samples / 64 per step
+    assert client.get_run(first.info.run_id).info.status == "FINISHED"
+
+
+def test_finished_run_with_a_corrupt_final_checkpoint_is_a_new_mlflow_run(tiny_spec, tmp_path):
+    """Item 16: re-running a finished name trains anew even when its last checkpoint is
+    damaged; the finished MLflow run gets nothing more and its model version stays alone."""
+    from mlflow.tracking import MlflowClient
+
+    spec = tiny_spec("train.epochs=2", "data.limit=200", "tracking.registered_model=t16")
+    first = run_local(spec)
+    first.checkpoint.write_bytes(first.checkpoint.read_bytes()[:-100])
+    second = run_local(spec)
+    assert second.run_id != first.run_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    for run_id in (first.run_id, second.run_id):
+        assert len(client.get_metric_history(run_id, "test_accuracy")) == 1
+        assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
+    versions = client.search_model_versions("name='t16'")
+    assert sorted((v.run_id, str(v.version)) for v in versions) == sorted(
+        [(first.run_id, "1"), (second.run_id, "2")])
+
+
+def test_finished_run_from_before_markers_is_not_resumed(tiny_spec, tmp_path):
+    """A complete checkpoint without a marker whose MLflow run FINISHED (a run written
+    before the marker existed) starts anew rather than logging into the finished run."""
+    spec = tiny_spec("train.epochs=2", "data.limit=200")
+    first = run_local(spec)
+    (tmp_path / ".atoll/checkpoints/atoll/atoll-finished-epoch.json").unlink()
+    assert run_local(spec).run_id != first.run_id
+
+
+def test_early_stopping_registers_the_best_epoch_tagged_with_its_metric(tiny_spec, tmp_path):
+    """Item 8 and 2: the registered version holds epoch 1's weights (the best by the
+    early-stopping metric), and says so."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    spec = tiny_spec("train.epochs=6", "data.limit=300", "tracking.registered_model=best",
+                     "train.early_stopping.metric=train_loss", "train.early_stopping.mode=max",
+                     "train.early_stopping.patience=2")
+    result = run_local(spec)
+    assert result.epochs == 3
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    version = client.get_model_version("best", result.registered.version)
+    assert version.tags["selected_by"] == "train_loss" and version.tags["selection"] == "best"
+    assert version.tags["selected_epoch"] == "1" and version.tags["epoch"] == "1"
+    assert version.tags["epochs_trained"] == "3"
+    assert float(version.tags["selected_value"]) == pytest.approx(
+        result.history[0]["train_loss"], rel=1e-5)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["atoll.selected_epoch"] == "1"
+    assert run.data.tags["atoll.selected_by"] == "train_loss"
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pytorch.load_model("models:/best@candidate")
+    finally:
+        mlflow.set_tracking_uri(None)
+    data = load_data(spec.data, spec.seed)
+    with torch.no_grad():
+        acc = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
+    assert acc == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_a_model_that_completed_nothing_is_never_registered(tmp_path):
+    """Item 2, in tracking/: every harness registers through log_model with a Selection."""
+    from mlflow.tracking import MlflowClient
+
+    from core.spec import TrackingSpec
+    from tracking import NothingToRegister, Selection, make_tracker
+
+    tracker = make_tracker(TrackingSpec(experiment="tests"), "nothing", mode="federated")
+    with pytest.raises(NothingToRegister, match="no round completed"):
+        tracker.log_model(torch.nn.Linear(2, 2), torch.zeros(1, 2).numpy(),
+                          registered_name="never", alias="candidate", tags={},
+                          selection=Selection("central_accuracy", None, 0, "round"))
+    tracker.finish("FAILED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert client.search_registered_models("name='never'") == []

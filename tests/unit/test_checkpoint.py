@@ -10,7 +10,20 @@ import torch
 
 from core.checkpoint import CheckpointDir, CheckpointError, load, rng_state, save, set_rng_state
 from core.runner import run_local
+from core.spec import SpecError
 from tracking.base import NullTracker
+
+
+class InterruptAt(NullTracker):
+    """Ctrl-C right after epoch `epoch`'s metrics are logged, before its checkpoint is
+    written: the window in which a real interrupt leaves an epoch logged but not saved."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "train_loss" in metrics and step == self.epoch:
+            raise KeyboardInterrupt
 
 
 def test_roundtrip_and_rng_restore(tmp_path):
@@ -100,8 +113,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_spec, tmp_path, c
     (ckdir / "epoch-000003.ckpt").unlink()
     latest = ckdir / "epoch-000002.ckpt"
     latest.write_bytes(latest.read_bytes()[:-100])
+    (ckdir / "atoll-finished-epoch.json").unlink(missing_ok=True)  # as if killed after 2
     result = run_local(spec, tracker=NullTracker())
     assert "skipping checkpoint" in caplog.text and "epoch-000002.ckpt" in caplog.text
+    assert "trying an earlier one" in caplog.text
+    assert "Delete it" not in caplog.text  # it is already being skipped
     assert "resumed from" in caplog.text and "epoch-000001.ckpt" in caplog.text
     assert result.epochs == 3
 
@@ -119,10 +135,117 @@ def test_resume_with_a_changed_spec_is_refused(tiny_spec):
     from core.spec import SpecError
 
     base = ["train.epochs=3", "data.limit=100"]
-    first = tiny_spec(*base, "train.epochs=1")
-    run_local(first, tracker=NullTracker())
+    with pytest.raises(KeyboardInterrupt):
+        run_local(tiny_spec(*base), tracker=InterruptAt(2))
     with pytest.raises(SpecError, match="optim.lr: 0.5 differs from 0.001"):
         run_local(tiny_spec(*base, "optim.lr=0.5"), tracker=NullTracker())
     # more epochs is a legitimate change: the run continues from epoch 1
-    result = run_local(tiny_spec(*base), tracker=NullTracker())
+    result = run_local(tiny_spec(*base, "train.epochs=4"), tracker=NullTracker())
+    assert result.epochs == 4
+
+
+def _ckpt_names(root) -> list[str]:
+    return sorted(p.name for p in root.glob("epoch-*.ckpt"))
+
+
+def test_fewer_epochs_than_an_unfinished_run_has_is_refused_and_keeps_it(tiny_spec, tmp_path):
+    """Item 15: lowering train.epochs on an interrupted run never deletes its checkpoints."""
+    spec = tiny_spec("train.epochs=4", "train.keep_checkpoints=4", "data.limit=200")
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec, tracker=InterruptAt(3))
+    root = tmp_path / ".atoll/checkpoints/atoll"
+    assert _ckpt_names(root) == ["epoch-000001.ckpt", "epoch-000002.ckpt"]
+    with pytest.raises(SpecError) as e:
+        run_local(tiny_spec("train.epochs=1", "train.keep_checkpoints=4", "data.limit=200"),
+                  tracker=NullTracker())
+    assert e.value.problems == [
+        f"train.epochs: 1 is fewer than the 2 epochs run 'atoll' has already trained "
+        f"({root.relative_to(tmp_path) / 'epoch-000002.ckpt'}); allowed: >= 2 to continue it "
+        "(2 ends it now), or atoll run --restart to discard its checkpoints"]
+    assert _ckpt_names(root) == ["epoch-000001.ckpt", "epoch-000002.ckpt"]
+    # exactly the epochs it has: it ends at once, training nothing more
+    done = run_local(tiny_spec("train.epochs=2", "train.keep_checkpoints=4", "data.limit=200"),
+                     tracker=NullTracker())
+    assert done.epochs == 2 and _ckpt_names(root) == ["epoch-000001.ckpt", "epoch-000002.ckpt"]
+
+
+def test_restart_discards_an_unfinished_run(tiny_spec, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "atoll")
+    spec = tiny_spec("train.epochs=3", "train.keep_checkpoints=4", "data.limit=200")
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec, tracker=InterruptAt(2))
+    result = run_local(tiny_spec("train.epochs=1", "data.limit=200"), tracker=NullTracker(),
+                       restart=True)
+    assert "discarding 1 checkpoint of run atoll (--restart)" in caplog.text
+    assert result.epochs == 1
+    assert _ckpt_names(tmp_path / ".atoll/checkpoints/atoll") == ["epoch-000001.ckpt"]
+
+
+def test_resume_false_never_deletes_an_unfinished_run(tiny_spec, tmp_path):
+    spec = tiny_spec("train.epochs=3", "data.limit=200")
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec, tracker=InterruptAt(2))
+    with pytest.raises(SpecError, match=r"train.resume: false, but run 'atoll' has an "
+                       r"unfinished checkpoint .*allowed: atoll run --restart"):
+        run_local(tiny_spec("train.epochs=3", "data.limit=200", "train.resume=false"),
+                  tracker=NullTracker())
+    assert _ckpt_names(tmp_path / ".atoll/checkpoints/atoll") == ["epoch-000001.ckpt"]
+
+
+def test_finished_run_with_corrupt_final_checkpoint_trains_anew(tiny_spec, tmp_path, caplog):
+    """Item 16: "finished" lives outside the newest checkpoint."""
+    caplog.set_level(logging.INFO, "atoll")
+    spec = tiny_spec("train.epochs=2", "data.limit=200")
+    run_local(spec, tracker=NullTracker())
+    last = tmp_path / ".atoll/checkpoints/atoll/epoch-000002.ckpt"
+    last.write_bytes(last.read_bytes()[:-100])
+    again = run_local(spec, tracker=NullTracker())
+    assert "already completed 2 epochs; starting a new run" in caplog.text
+    assert "resumed from" not in caplog.text
+    assert again.epochs == 2 and load(again.checkpoint)["state"]["epoch"] == 2
+
+
+def _best_spec(tiny_spec, *more: str):
+    # train_loss falls every epoch on digits, so by "max" the first epoch is the best and
+    # patience 2 stops after epoch 3: a deterministic best != last
+    return tiny_spec("train.epochs=6", "train.keep_checkpoints=6", "data.limit=300",
+                     "train.early_stopping.metric=train_loss",
+                     "train.early_stopping.mode=max", "train.early_stopping.patience=2", *more)
+
+
+def _test_metrics_of(spec, ckpt) -> dict[str, float]:
+    from core.components import build_components
+    from core.data import eval_batches, load_data, train_batches
+    from core.loop import evaluate
+
+    data = load_data(spec.data, spec.seed)
+    c = build_components(spec, data, len(train_batches(data, spec.data, spec.seed)))
+    c.model.load_state_dict(load(ckpt)["model"])
+    return evaluate(c.model, eval_batches(data.test, spec.data), c.loss_fn, data.num_classes,
+                    prefix="test")
+
+
+def test_early_stopping_restores_the_best_epoch(tiny_spec, tmp_path):
+    """Item 8: the run ends with (tests) the best epoch's weights, not the last."""
+    spec = _best_spec(tiny_spec)
+    result = run_local(spec, tracker=NullTracker())
+    root = tmp_path / ".atoll/checkpoints/atoll"
     assert result.epochs == 3
+    assert result.details["selected"] == {"metric": "train_loss", "epoch": 1, "rule": "best"}
+    assert result.metrics == pytest.approx(_test_metrics_of(spec, root / "epoch-000001.ckpt"))
+    assert result.metrics != pytest.approx(_test_metrics_of(spec, root / "epoch-000003.ckpt"))
+    kept_last = run_local(_best_spec(tiny_spec, "train.early_stopping.restore_best=false",
+                                     "name=last"), tracker=NullTracker())
+    assert kept_last.details["selected"]["rule"] == "last"
+    assert kept_last.metrics == pytest.approx(
+        _test_metrics_of(spec, tmp_path / ".atoll/checkpoints/last/epoch-000003.ckpt"))
+
+
+def test_best_epoch_survives_a_resume(tiny_spec, tmp_path):
+    spec = _best_spec(tiny_spec)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec, tracker=InterruptAt(3))  # best was epoch 1, two epochs ago
+    result = run_local(spec, tracker=NullTracker())
+    assert result.epochs == 3 and result.details["selected"]["epoch"] == 1
+    root = tmp_path / ".atoll/checkpoints/atoll"
+    assert result.metrics == pytest.approx(_test_metrics_of(spec, root / "epoch-000001.ckpt"))
