@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from core.spec import check_tracking_uri
+from core.spec import SpecError, check_tracking_uri
 
 
 class TrackingUnavailable(RuntimeError):
@@ -82,14 +82,21 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 "tracking.uri / MLFLOW_TRACKING_URI, or set tracking.fallback: local") from None
         _check_credentials(uri, timeout)
     elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///"):]).parent
-        if not parent.is_dir():
-            raise TrackingUnavailable(f"tracking store {uri}: directory {parent} does not "
-                                      "exist; create it or fix tracking.uri")
-        problem = unwritable(parent)
+        check_local_store(Path(uri[len("sqlite:///"):]))
+
+
+def check_local_store(db: Path) -> None:
+    """A sqlite store's directory and the artifact root beside it must take files: a
+    configuration the user fixes, so a refusal (exit 2) before training, not a fallback."""
+    field = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+    if not db.parent.is_dir():
+        raise SpecError([f"{field}: sqlite:///{db}: directory {db.parent} does not exist; "
+                         "allowed: a store in an existing directory (create it first)"])
+    for where in (db.parent, db.parent / "mlartifacts"):
+        problem = where.is_dir() and unwritable(where)
         if problem:
-            raise TrackingUnavailable(f"tracking store {uri}: directory {parent} is not "
-                                      f"writable ({problem})")
+            raise SpecError([f"{field}: sqlite:///{db}: cannot write to {where} ({problem}); "
+                             "allowed: a directory this user can create files in"])
 
 
 def unwritable(directory: Path) -> str | None:

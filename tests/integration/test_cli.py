@@ -193,8 +193,9 @@ def test_unknown_tracking_uri_scheme_from_the_environment_is_one_line(tmp_path):
 def test_missing_sqlite_directory_says_so(tmp_path):
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "train.progress=off",
                  "--set", "tracking.uri=sqlite:///nowhere/runs.db", cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 2
     line = _one_line(out)
+    assert line.startswith("atoll: tracking.uri: sqlite:///")
     assert "nowhere does not exist" in line and "not writable" not in line
 
 
