@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from core.data import Split
+from core.loop import PAD_LABEL
+
 
 @dataclass
 class Layout:
@@ -44,6 +47,21 @@ def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     out = t.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def even_shard(split: Split, rank: int, world: int) -> Split:
+    """Rank `rank`'s every-`world`-th row of `split`, padded to ceil(n / world) rows.
+
+    Why: FSDP2's forward all-gathers parameters, so a rank with one batch fewer than the
+    others leaves them waiting forever in evaluation. Padding rows carry PAD_LABEL;
+    `core.loop.evaluate` runs them through the model and leaves them out of every count.
+    """
+    x, y = split.x[rank::world], split.y[rank::world]
+    short = -(-len(split) // world) - len(y)
+    if short > 0:
+        x = torch.cat([x, x.new_zeros((short, *split.x.shape[1:]))])
+        y = torch.cat([y, y.new_full((short,), PAD_LABEL)])
+    return Split(x, y)
 
 
 def ddp(model: nn.Module, device: torch.device) -> Layout:

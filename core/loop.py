@@ -49,6 +49,12 @@ class PipelineStep(Protocol):
     def agree(self, values: torch.Tensor) -> torch.Tensor: ...
 
 
+# The label of an evaluation row that only pads a rank's shard to the common length
+# (cluster.parallel.even_shard): it runs through the forward, so every rank makes the same
+# collective calls, and is left out of every count.
+PAD_LABEL = -1
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; raised before the optimizer step so weights stay finite."""
 
@@ -57,6 +63,11 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(
             f"non-finite loss {value} at epoch {epoch}, step {step}; training stopped. "
             "Lower optim.lr, set optim.grad_clip, or check the data for NaNs")
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, float]]:
+        # Ray pickles a worker's exception to the driver; the default reduce would call
+        # __init__ with the message alone and turn this into a TypeError.
+        return type(self), (self.epoch, self.step, self.value)
 
 
 @dataclass
@@ -138,8 +149,10 @@ def train_epoch(
 
     `no_sync` (DDP's `model.no_sync`) skips the gradient all-reduce on accumulation
     micro-steps. The loss is checked before every backward: a non-finite value raises
-    NonFiniteLoss and the optimizer never applies it. Under a `pipe` the schedule runs
-    the backward, so the check comes after it and before the optimizer step.
+    NonFiniteLoss and the optimizer never applies it. With `reduce` (several ranks) the
+    ranks first agree on the value, so all of them stop at the same step instead of one
+    raising while the others wait in the backward's all-reduce. Under a `pipe` the
+    schedule runs the backward, so the check comes after it and before the optimizer step.
     """
     if pipe is not None and cfg.grad_accum_steps > 1:
         raise ValueError("train.grad_accum_steps: pipelines accumulate over "
@@ -160,7 +173,9 @@ def train_epoch(
         last_micro = (i - group_start) == group - 1
         ctx = no_sync() if (no_sync is not None and not last_micro) else contextlib.nullcontext()
         if pipe is not None:
-            logits, loss, value = _pipe_step(pipe, model, x, y, loss_fn, strategy, logit_mask)
+            with _autocast(device, cfg.autocast_dtype):  # the precision evaluate uses
+                logits, loss, value = _pipe_step(pipe, model, x, y, loss_fn, strategy,
+                                                 logit_mask)
             if not math.isfinite(value):  # every rank agrees: all stop before the step
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
         else:
@@ -171,7 +186,12 @@ def train_epoch(
                     extra = strategy.penalty(unwrap(model)) if strategy is not None else None
                     objective = loss + extra if extra is not None else loss
                 value = float(objective.detach())
-                if not math.isfinite(value):
+                if reduce is not None:  # any rank's NaN/inf makes the sum non-finite
+                    agreed = float(reduce(torch.tensor([value], dtype=torch.float64))[0])
+                    if not math.isfinite(agreed):
+                        value = value if not math.isfinite(value) else agreed
+                        raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+                elif not math.isfinite(value):
                     raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
                 (objective / group).backward()
         if logits is not None:  # a pipeline's earlier stages count nothing
@@ -256,6 +276,8 @@ def evaluate(
     """Loss, accuracy and macro precision/recall/F1 of `model` on `batches`.
 
     Under a `pipe` only the last stage sees logits; `reduce` brings the counts together.
+    Rows labelled PAD_LABEL (a rank's shard padded to the common length) are run through
+    the model and then dropped.
     """
     was_training = model.training
     model.eval()
@@ -268,6 +290,11 @@ def evaluate(
             out = pipe.forward(x, y) if pipe is not None else model(x)
         if out is None:
             continue
+        real = y != PAD_LABEL
+        if not bool(real.all()):
+            out, y = out[real], y[real]
+            if y.numel() == 0:
+                continue
         logits = _masked(out.float(), y, logit_mask)
         loss_sum += float(loss_fn(logits, y)) * y.shape[0]
         cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()

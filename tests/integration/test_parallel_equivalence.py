@@ -7,6 +7,9 @@ math); each test owns its rendezvous file.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -309,3 +312,89 @@ def test_every_strategy_trains_on_ddp_without_replicas_drifting_apart(tmp_path):
     for name in STRATEGIES:
         for k in a[name]:
             torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- evaluation shards, precision
+
+VAL = 1025  # odd: the ranks' every-other-row shards differ by one row
+
+
+def _val() -> Split:
+    g = torch.Generator().manual_seed(5)
+    return Split(torch.randn(VAL, 10, generator=g), torch.randint(0, 3, (VAL,), generator=g))
+
+
+def _eval_worker(rank: int, world: int, init: str, strategy: str, out: str) -> None:
+    """Evaluation of an odd-sized validation set as cluster/worker.py shards it."""
+    from cluster.parallel import build, even_shard
+
+    with spawned_rank(rank, world, init):
+        pipeline = strategy == "hybrid"
+        lay = build(strategy, _model(), torch.device("cpu"), stages=2, schedule="gpipe",
+                    microbatches=4, batch=BATCH // 2)
+        shard = even_shard(_val(), lay.dp_rank, lay.dp_size)
+        # FSDP at the default eval_batch_size 512: 513 rows (2 batches) on rank 0 and 512
+        # (1 batch) on rank 1 unless padded; hybrid: 33 and 32 batches per replica
+        batches = Batches(shard, BATCH // 2 if pipeline else 512, shuffle=False)
+        metrics = evaluate(lay.model, batches, torch.nn.CrossEntropyLoss(), 3,
+                           reduce=lay.reduce, pipe=lay.pipe)
+        if rank == 0:
+            torch.save(metrics, out)
+
+
+def _spawn_with_deadline(fn, args: tuple, nprocs: int, seconds: float) -> None:
+    """mp.spawn that fails (and kills its ranks by pid) instead of hanging on a deadlock."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGKILL)
+            pytest.fail(f"{fn.__name__} did not finish in {seconds:.0f}s (deadlock)")
+
+
+@pytest.mark.parametrize(("strategy", "world"), [("fsdp", 2), ("hybrid", 4)])
+def test_sharded_evaluation_of_an_odd_validation_set_counts_every_sample_once(
+        tmp_path, strategy, world):
+    """Item 6: every rank runs the same number of evaluation batches (FSDP2's forward is
+    collective); the padding is left out, so the metrics equal one process's."""
+    out = tmp_path / f"eval-{strategy}.pt"
+    _spawn_with_deadline(_eval_worker, (world, f"file://{tmp_path / 'rdzv'}", strategy,
+                                        str(out)), world, 120)
+    got = torch.load(out, weights_only=False)
+    single = evaluate(_model(), Batches(_val(), 100, shuffle=False),
+                      torch.nn.CrossEntropyLoss(), 3)
+    assert set(got) == set(single)
+    for k, v in single.items():
+        assert abs(got[k] - v) < 1e-5, (k, got[k], v)
+
+
+def _precision_worker(rank: int, world: int, init: str, out: str) -> None:
+    """Dtypes a pipeline stage computes in, in training and in evaluation, under bf16."""
+    from cluster.parallel import build
+
+    with spawned_rank(rank, world, init):
+        lay = build("pipeline", _model(), torch.device("cpu"), stages=2, schedule="1f1b",
+                    microbatches=4, batch=BATCH)
+        seen: dict[bool, set] = {True: set(), False: set()}
+        for m in lay.base.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(
+                    lambda mod, i, o: seen[mod.training].add(str(o.dtype)))
+        cfg = LoopConfig(progress="off", autocast_dtype=torch.bfloat16)
+        batches = Batches(_data(), BATCH, shuffle=True, seed=3, drop_last=True)
+        opt = torch.optim.SGD(lay.model.parameters(), lr=0.1)
+        train_epoch(lay.model, batches, opt, torch.nn.CrossEntropyLoss(), cfg, TrainState(),
+                    reduce=lay.reduce, pipe=lay.pipe)
+        evaluate(lay.model, Batches(_data(), BATCH, shuffle=False),
+                 torch.nn.CrossEntropyLoss(), 3, reduce=lay.reduce, pipe=lay.pipe,
+                 autocast_dtype=torch.bfloat16)
+        _save_from_all({"train": sorted(seen[True]), "eval": sorted(seen[False])}, world, out)
+
+
+def test_pipeline_trains_and_evaluates_in_one_precision(tmp_path):
+    """Item 11: `train.precision: bf16` on a pipeline: training ran in fp32 (the schedule
+    was outside autocast) while evaluation ran in bf16."""
+    for stage in _on_two_ranks(_precision_worker, tmp_path, "precision"):
+        assert stage["train"] == stage["eval"] == ["torch.bfloat16"], stage
