@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import random
 import re
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 MAGIC = b"ATOLL-CKPT 1 "
+
+log = logging.getLogger("atoll")
 
 
 class CheckpointError(RuntimeError):
@@ -43,12 +46,25 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore every RNG `rng_state` saved that exists here.
+
+    A checkpoint may come from a machine with more GPUs than this one sees (a resume on a
+    smaller node, CUDA_VISIBLE_DEVICES): the visible devices get their saved states and
+    the rest is reported, not an error — the run continues, only not bit-identically.
+    """
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
                          state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device, rng in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(rng, device)
+    if len(saved) > visible:
+        log.warning("checkpoint holds the CUDA RNG state of %d GPU(s) but %d are visible: "
+                    "restored %d, not devices %d..%d; GPU random draws will differ from "
+                    "an uninterrupted run", len(saved), visible, visible, visible,
+                    len(saved) - 1)
 
 
 def save(payload: dict[str, Any], path: Path) -> Path:
