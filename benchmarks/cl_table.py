@@ -6,6 +6,10 @@ tables of mean ± std and each strategy's training time relative to naive, logs 
 to MLflow, and ends with `ratio: X` = best continual strategy's ACC / naive's on permuted.
 
     .venv/bin/python benchmarks/cl_table.py [--seeds 3] [--no-federated]
+        [--strategies naive replay agem] [--set continual.replay.policy=class_balanced]
+
+`--strategies` reruns only some rows (keep naive: it is the time column's baseline and the
+ratio's denominator); `--set` applies spec overrides to every run, e.g. to compare policies.
 """
 
 from __future__ import annotations
@@ -55,14 +59,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-federated", action="store_true")
+    ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
+                    help="rows to run (default: all); the federated table runs those of naive, "
+                         "ewc and replay named here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="spec override for every run (repeatable)")
     args = ap.parse_args()
+    if "naive" not in args.strategies or len(args.strategies) < 2:
+        ap.error("--strategies: name naive (the baseline) and at least one other")
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-cl-"))
     common = ["train.progress=off", "tracking.log_model=false", "tracking.enabled=false",
-              f"train.checkpoint_dir={work / 'ckpt'}"]
+              f"train.checkpoint_dir={work / 'ckpt'}", *args.overrides]
     report, figures = [], {}
     for scenario, extra in SCENARIOS.items():
         rows: dict[str, dict[str, list[float]]] = {}
-        for name in STRATEGIES:
+        for name in args.strategies:
             for seed in range(args.seeds):
                 spec = load_spec(ROOT / "configs" / "continual.yaml", [
                     *common, *extra, f"continual.strategy={name}", f"seed={seed}",
@@ -75,7 +86,7 @@ def main() -> None:
         from federated.simulation import run_federated
 
         rows = {}
-        for name in ("naive", "ewc", "replay"):
+        for name in (n for n in ("naive", "ewc", "replay") if n in args.strategies):
             for seed in range(args.seeds):
                 spec = load_spec(ROOT / "configs" / "fcl.yaml", [
                     *common, f"continual.strategy={name}", f"seed={seed}",
