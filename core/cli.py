@@ -198,6 +198,10 @@ def _report(spec: ExperimentSpec, result) -> None:
         print("accuracy matrix R[i][j] (after task i, on task j):")
         for i, row in enumerate(result.details["matrix"]):
             print(f"  after T{i}: " + " ".join(f"{a:.3f}" for a in row))
+    chosen = result.details.get("selected", {})
+    if chosen.get("rule") == "best":
+        print(f"weights: epoch {chosen['epoch']} of {result.epochs}, the best by "
+              f"{chosen['metric']} (train.early_stopping.restore_best)")
     if result.registered is not None:
         r = result.registered
         print(f"registered: {r.name} version {r.version} as @{r.alias}  ({r.uri})")

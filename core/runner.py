@@ -58,8 +58,8 @@ BEST = "best.ckpt"  # the best epoch's weights (train.early_stopping.restore_bes
 def check_resume_compatible(saved: dict[str, Any], spec: ExperimentSpec, path: Path) -> None:
     now = spec.flat()
     problems = [
-        f"{k}: {now.get(k)!r} differs from {v!r} in the checkpointed run ({path}); resume "
-        "with the same value or set train.resume: false"
+        f"{k}: {now.get(k)!r} differs from {v!r} in the checkpointed run ({path}); allowed: "
+        "the same value to resume, or atoll run --restart to discard that run"
         for k, v in flatten(saved).items()
         if now.get(k) != v and not k.startswith(RESUMABLE_CHANGES)]
     if problems:

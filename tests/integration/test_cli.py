@@ -210,3 +210,13 @@ def test_jobs_against_an_unreachable_address_is_one_line(tmp_path):
                        cwd=tmp_path)
     assert submitted.returncode == 1 and "cannot reach the Ray Job API" in _one_line(submitted)
     assert list((tmp_path / ".atoll").rglob("*.yaml")) == []
+
+
+def test_run_says_which_epoch_it_ends_with(tmp_path):
+    """Item 8: a run that restores its best epoch says so."""
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), *FAST, "--set", "train.epochs=6",
+                 "--set", "train.early_stopping.metric=train_loss", "--set",
+                 "train.early_stopping.mode=max", "--set", "train.early_stopping.patience=2",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "weights: epoch 1 of 3, the best by train_loss" in out.stdout
