@@ -250,6 +250,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop)
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             norms = update_norms(arrays, fit.ok)
+            clip = getattr(strategy, "clipping_norm", None)  # DP: the norm used this round
             refused = refusal(spec, fit, bound) or (
                 f"differential privacy: {len(present)} clients present, a DP round samples "
                 f"exactly {per_round}" if short else None)
@@ -317,6 +318,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             eps = epsilon(strategy)
             if eps is not None:
                 row["dp_epsilon"] = eps
+            if clip is not None:
+                row["dp_clipping_norm"] = float(clip)
             row.update({"bytes_sent": float(sent), "bytes_received": float(received),
                         "round_seconds": time.perf_counter() - t_round,
                         "server_peak_rss_mb": _peak_rss_mb()})

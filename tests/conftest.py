@@ -38,3 +38,16 @@ def tiny_spec():
         return load_spec(None, base + list(overrides))
 
     return make
+
+
+def _checkout_store() -> tuple[float, int] | None:
+    db = ROOT / "mlruns.db"
+    return (db.stat().st_mtime, db.stat().st_size) if db.exists() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_store_untouched():
+    """No test writes into the checkout's own ./mlruns.db (a user's runs live there)."""
+    before = _checkout_store()
+    yield
+    assert _checkout_store() == before, f"a test wrote into {ROOT / 'mlruns.db'}"

@@ -69,13 +69,17 @@ def federation(tmp_path):
                       "--disable-runtime-dependency-installation"], link_log, env=env, cwd=work)
         procs.append(link)
         _wait_https(f"https://127.0.0.1:{port}/health", certs["ca"], link, link_log)
-        for pid in (0, 1):  # each SuperNode holds its own partition via node config
+
+        def supernode(pid: int) -> None:  # each holds its own partition via node config
             procs.append(start([str(BIN / "flower-supernode"), "--superlink",
                                 f"127.0.0.1:{port}", "--root-certificates", str(certs["ca"]),
-                                "--node-config", f"partition-id={pid} num-partitions=2",
+                                "--node-config", f"partition-id={pid} num-partitions=3",
                                 "--host", "127.0.0.1", "--port", str(free_port())],
                                work / f"supernode-{pid}.log", env=env, cwd=work))
-        yield {"env": env, "work": work, "procs": procs}
+
+        supernode(0)
+        supernode(1)
+        yield {"env": env, "work": work, "procs": procs, "supernode": supernode}
     finally:
         tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
         for p in reversed(procs):
@@ -85,12 +89,15 @@ def federation(tmp_path):
         assert not [pid for pid in tree if alive(pid)]
 
 
-def test_flwr_run_over_tls_with_two_supernodes(federation, tmp_path):
+def test_flwr_run_over_tls_and_a_supernode_that_joins_late(federation, tmp_path):
+    """Two SuperNodes at the start; a third connects after round 1 and is sampled from the
+    next round on (the server re-discovers nodes when it samples)."""
     from mlflow.tracking import MlflowClient
 
     spec = load_spec(CONFIGS / "federated.yaml", [
-        "name=deployed", "federated.num_clients=2", "federated.rounds=3",
+        "name=deployed", "federated.num_clients=2", "federated.rounds=6",
         "federated.min_fit_clients=2", "federated.local_epochs=1", "train.progress=off",
+        "federated.faults.straggler=1.0", "federated.faults.straggler_delay=1.5",
         "tracking.experiment=tests-deploy", "tracking.log_model=false"])
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     run_dir = tmp_path / "run"
@@ -98,19 +105,31 @@ def test_flwr_run_over_tls_with_two_supernodes(federation, tmp_path):
                                   resume="")
     cfg = tmp_path / "run_config.toml"
     cfg.write_text(R.to_toml(run_config))
-    out = subprocess.run([str(BIN / "flwr"), "run", str(R.app_dir()), "deploy", "--stream",
-                          "--run-config", str(cfg)],
-                         env={**os.environ, **federation["env"]}, capture_output=True,
-                         text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+    runner = subprocess.Popen([str(BIN / "flwr"), "run", str(R.app_dir()), "deploy", "--stream",
+                               "--run-config", str(cfg)], env={**os.environ, **federation["env"]},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "round-000001.ckpt").is_file():
+            assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
+            time.sleep(0.2)
+        federation["supernode"](2)
+        out, _ = runner.communicate(timeout=600)
+    finally:
+        if runner.poll() is None:
+            stop(runner)
     logs = "".join((federation["work"] / f).read_text(errors="replace")[-2000:]
-                   for f in ("superlink.log", "supernode-0.log", "supernode-1.log"))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + logs
+                   for f in ("superlink.log", "supernode-0.log", "supernode-2.log"))
+    assert runner.returncode == 0, out[-3000:] + logs
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "FINISHED", result
     client = MlflowClient(uri)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["federated.clients_connected"] == "2"  # two distinct partitions
-    history = client.get_metric_history(run.info.run_id, "participants")
-    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 2.0), (3, 2.0)]
+    participants = [int(m.value) for m in sorted(
+        client.get_metric_history(run.info.run_id, "participants"), key=lambda m: m.step)]
+    assert len(participants) == 6 and participants[0] == 2
+    assert participants[-1] == 3, participants  # the late SuperNode trains
     assert run.data.metrics["central_accuracy"] > 0.5

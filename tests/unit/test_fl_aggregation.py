@@ -142,8 +142,26 @@ def test_spread_is_unweighted_min_mean_max():
                    "clients_train_loss_max": 2.0}
 
 
-def test_dp_wrapper_and_accountant():
-    s = spec("federated.privacy.mode=server-fixed", "federated.privacy.noise_multiplier=1.0")
-    strategy = build_strategy(s, 5)
-    assert type(strategy).__name__ == "DifferentialPrivacyServerSideFixedClipping"
-    assert strategy.accountant is not None
+def test_server_dp_clips_each_update_and_accounts_the_release(monkeypatch):
+    """With σ = 0 the DP aggregate is the mean of the updates clipped to norm C around
+    the global model; a released round charges ε; a round with an error is refused."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    s = spec("federated.num_clients=3", "federated.privacy.mode=server-fixed",
+             "federated.privacy.noise_multiplier=1e-9", "federated.privacy.clipping_norm=1.0")
+    strategy = build_strategy(s, 3)
+    start = ArrayRecord({"w": torch.zeros(2), "b": torch.zeros(1)})
+    list(strategy.configure_train(1, start, ConfigRecord(), _Grid()))
+    w = [{"w": np.array([3.0, 4.0], np.float32), "b": np.array([0.0], np.float32)},  # |u|=5
+         {"w": np.array([0.3, 0.0], np.float32), "b": np.array([0.4], np.float32)},  # 0.5
+         {"w": np.array([0.0, 0.0], np.float32), "b": np.array([-2.0], np.float32)}]  # 2
+    arrays, _ = strategy.aggregate_train(1, [reply(x, 1, i) for i, x in enumerate(w)])
+    got = arrays.to_numpy_ndarrays()
+    clipped_w = [np.array([0.6, 0.8]), np.array([0.3, 0.0]), np.array([0.0, 0.0])]
+    clipped_b = [0.0, 0.4, -1.0]
+    np.testing.assert_allclose(got[0], np.mean(clipped_w, axis=0), atol=1e-5)
+    np.testing.assert_allclose(got[1], [np.mean(clipped_b)], atol=1e-5)
+    assert strategy.privacy_spent().epsilon > 0

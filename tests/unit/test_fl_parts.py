@@ -27,6 +27,8 @@ def test_partitions_are_disjoint_and_seeded(method):
     assert all(len(p) > 0 for p in parts)
     again = partition_indices(LABELS, spec, 10, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition_indices(LABELS, spec, 10, seed=2)  # the seed matters
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
     if method in ("iid", "dirichlet"):
         assert len(flat) == len(LABELS)  # every sample goes somewhere
 
@@ -56,12 +58,16 @@ def test_client_split_is_seeded_per_client():
     assert len(tr) == 80 and len(va) == 20
     tr2, _ = client_split(data, idx, 0.2, seed=0, client=3)
     assert torch.equal(tr.y, tr2.y)
+    _, va_other = client_split(data, idx, 0.2, seed=0, client=4)  # each client its own cut
+    _, va_seed = client_split(data, idx, 0.2, seed=1, client=3)
+    assert not torch.equal(va.x, va_other.x) and not torch.equal(va.x, va_seed.x)
 
 
 def test_fault_rates_and_determinism():
     spec = FaultSpec(dropout=0.2, crash=0.1)
     draws = [round_fault(spec, 0, r, c) for r in range(1, 51) for c in range(20)]
     assert draws == [round_fault(spec, 0, r, c) for r in range(1, 51) for c in range(20)]
+    assert draws != [round_fault(spec, 1, r, c) for r in range(1, 51) for c in range(20)]
     assert 0.15 < draws.count("dropout") / len(draws) < 0.25
     assert draws.count("straggler") == 0
     assert round_fault(FaultSpec(), 0, 1, 1) == ""
@@ -71,6 +77,7 @@ def test_byzantine_set_is_fixed_and_sized():
     spec = ByzantineSpec(fraction=0.2, attack="sign_flip")
     bad = byzantine_clients(spec, 10, seed=4)
     assert len(bad) == 2 and bad == byzantine_clients(spec, 10, seed=4)
+    assert any(byzantine_clients(spec, 10, seed=s) != bad for s in range(5, 10))
     assert byzantine_clients(ByzantineSpec(), 10, seed=4) == set()
 
 
@@ -156,3 +163,15 @@ def test_client_specific_task_orders_are_seeded_permutations():
     # rounds 1-4 train the first task of each client's order, 5-8 the second
     assert [client_task(spec, 2, r) for r in (1, 4, 5, 8, 9, 12)] == \
         [orders[2][0]] * 2 + [orders[2][1]] * 2 + [orders[2][2]] * 2
+
+
+def test_unavailable_clients_stay_away_for_several_rounds():
+    from federated.faults import unavailable
+
+    spec = FaultSpec(unavailable=0.1, unavailable_rounds=3)
+    absent = np.array([[unavailable(spec, 0, r, c) for r in range(1, 61)] for c in range(20)])
+    assert 0.15 < absent.mean() < 0.45  # ≈ 1 − 0.9³
+    starts = absent[:, 1:] & ~absent[:, :-1]  # a client that goes away ...
+    for c, r in zip(*np.nonzero(starts), strict=True):
+        assert absent[c, r + 1: r + 4].all() or r + 4 > 59  # ... is absent 3 rounds in a row
+    assert not unavailable(FaultSpec(), 0, 5, 1)
