@@ -325,16 +325,18 @@ def selection(spec: ExperimentSpec, state: TrainState, restored_best: bool) -> A
 
 def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: TrainState,
                tracker: Any, checkpoint: Path | None, t0: float, *,
-               restored_best: bool = False) -> RunResult:
+               restored_best: bool = False, selected: Any = None) -> RunResult:
     """Test metrics, curves, the registered model; shared by every harness's rank 0.
 
     `restored_best`: the model holds the best epoch's weights (see `wants_best`), not the
-    last's. A run that completed no epoch is FAILED and registers nothing.
+    last's; `selected`: a tracking.Selection for weights chosen another way (e.g. by
+    cluster.checkpoint_metric), overriding both. A run that completed no epoch is FAILED
+    and registers nothing.
     """
     if state.epoch < 1:
         tracker.finish("FAILED")
         raise RunFailed(f"run {spec.name} completed no epoch; nothing was tested or registered")
-    chosen = selection(spec, state, restored_best)
+    chosen = selected or selection(spec, state, restored_best)
     model = unwrap(c.model)
     test = evaluate(model, eval_batches(data.test, spec.data), c.loss_fn, data.num_classes,
                     prefix="test", autocast_dtype=c.cfg.autocast_dtype)

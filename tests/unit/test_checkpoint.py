@@ -249,3 +249,22 @@ def test_best_epoch_survives_a_resume(tiny_spec, tmp_path):
     assert result.epochs == 3 and result.details["selected"]["epoch"] == 1
     root = tmp_path / ".atoll/checkpoints/atoll"
     assert result.metrics == pytest.approx(_test_metrics_of(spec, root / "epoch-000001.ckpt"))
+
+
+def test_finish_run_registers_nothing_untrained_and_takes_a_selection_made_elsewhere(tiny_spec):
+    """Item 2 (the shared rank-0 finish): no completed epoch is FAILED; a harness that chose
+    the weights itself (cluster.checkpoint_metric) passes its Selection."""
+    from core.components import build_components
+    from core.data import load_data, train_batches
+    from core.loop import TrainState
+    from core.runner import RunFailed, finish_run
+    from tracking.base import Selection
+
+    spec = tiny_spec("data.limit=100")
+    data = load_data(spec.data, spec.seed)
+    c = build_components(spec, data, len(train_batches(data, spec.data, spec.seed)))
+    with pytest.raises(RunFailed, match="completed no epoch; nothing was tested or registered"):
+        finish_run(spec, data, c, TrainState(), NullTracker(), None, 0.0)
+    out = finish_run(spec, data, c, TrainState(epoch=3), NullTracker(), None, 0.0,
+                     selected=Selection("val_accuracy", 0.9, 2, "epoch", "best"))
+    assert out.details["selected"] == {"metric": "val_accuracy", "epoch": 2, "rule": "best"}
