@@ -560,12 +560,19 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
             st.history, f"{spec.name}: {f.strategy} on {f.num_clients} clients"))
     registered = None
     if spec.tracking.log_model:
+        from tracking import Selection
+
+        # the global model after the last aggregated round, chosen by nothing but being last
+        aggregated = [int(r["round"]) for r in st.history if r.get("aggregated")]
+        selection = Selection("central_accuracy", test.get("test_accuracy"),
+                              aggregated[-1] if aggregated else 0, unit="round", rule="last")
         registered = tracker.log_model(
             model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias,
             tags={"mode": "federated", "strategy": f.strategy, "rounds": str(st.round),
                   "partition": f.partition.method,
-                  "test_accuracy": f"{test.get('test_accuracy', 0):.4f}"})
+                  "test_accuracy": f"{test.get('test_accuracy', 0):.4f}"},
+            selection=selection)
     tracker.finish("FINISHED")
     latest = ckpts.latest()
     return {"status": "FINISHED", "run_id": st.run_id, "metrics": test, "rounds": st.round,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.procs import free_port, start, stop, wait_http
-from core.runner import RunFailed, RunResult
+from core.runner import RunFailed, RunResult, check_writable
 from core.spec import ExperimentSpec
 from federated import records as R
 from federated.server import RESULT_FILE, run_dir_for
@@ -57,11 +57,13 @@ def _tracking_uri(spec: ExperimentSpec) -> str | None:
     return uri
 
 
-def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None) -> str:
-    """'' (fresh), 'latest' or a path. An unfinished run under this name resumes."""
+def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None,
+                 restart: bool = False) -> str:
+    """'' (fresh), 'latest' or a path. An unfinished run under this name resumes; its
+    checkpoints are discarded (by the server, on a fresh start) only with --restart."""
     if explicit:
         return explicit
-    if not spec.train.resume or not (run_dir / "checkpoints").is_dir():
+    if restart or not (run_dir / "checkpoints").is_dir():
         return ""
     result = run_dir / RESULT_FILE
     if result.is_file():
@@ -70,7 +72,16 @@ def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None) -> s
                 return ""
         except (OSError, json.JSONDecodeError):
             pass
-    return "latest" if any((run_dir / "checkpoints").glob("round-*.ckpt")) else ""
+    if not any((run_dir / "checkpoints").glob("round-*.ckpt")):
+        return ""
+    if not spec.train.resume:
+        from core.spec import SpecError
+
+        raise SpecError([f"train.resume: false, but run {spec.name!r} has an unfinished "
+                         f"federation in {run_dir / 'checkpoints'}; allowed: atoll run "
+                         "--restart to discard it, train.resume: true to continue it, or "
+                         "another name"])
+    return "latest"
 
 
 def _check_compatible(run_dir: Path, spec: ExperimentSpec, mode: str) -> None:
@@ -261,14 +272,17 @@ def _plain(line: str) -> str:
     return _ANSI.sub("", line).lstrip()
 
 
-def run_federated(spec: ExperimentSpec, resume: str | None = None) -> RunResult:
-    """Simulate the federation in `spec`; returns once every process is gone again."""
+def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool = False
+                  ) -> RunResult:
+    """Simulate the federation in `spec`; returns once every process is gone again.
+
+    `restart` discards an unfinished run's checkpoints and starts anew (`--restart`)."""
     t0 = time.perf_counter()
     f = spec.federated
     run_dir = run_dir_for(spec, {})
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, "train.checkpoint_dir")  # before anything starts, not at round 1
     uri = _tracking_uri(spec)
-    mode = _resume_mode(run_dir, spec, _resolve_resume(resume, uri))
+    mode = _resume_mode(run_dir, spec, _resolve_resume(resume, uri), restart)
     if mode:
         _check_compatible(run_dir, spec, mode)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only this run's result counts

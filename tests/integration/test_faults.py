@@ -196,3 +196,44 @@ def test_changing_rounds_of_a_stream_on_resume_is_refused(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("atoll: federated.rounds: 6 differs")
     assert "federated.rounds_per_task=1" in out.stderr
+
+
+def _atoll(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ATOLL), "run", str(CONFIGS / "federated.yaml"),
+                           *[f"--set={o}" for o in SMALL], *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_unwritable_run_dir_is_refused_before_the_federation_starts(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK) and os.geteuid() == 0:  # root ignores mode bits
+            ro.chmod(0o700)
+            (ro / "blocker").write_text("")
+            target = ro / "blocker"  # a file where a directory must be: never writable
+        else:
+            target = ro
+        out = _atoll(tmp_path, f"--set=train.checkpoint_dir={target}", "--set=name=ro",
+                     timeout=60)
+    finally:
+        ro.chmod(0o700)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("atoll: train.checkpoint_dir:")
+    assert "Traceback" not in out.stderr
+
+
+def test_an_unfinished_federation_is_discarded_only_with_restart(tmp_path):
+    ckpts = tmp_path / ".atoll/checkpoints/unf/checkpoints"
+    ckpts.mkdir(parents=True)
+    kept = ckpts / "round-000003.ckpt"
+    kept.write_bytes(b"an interrupted run's checkpoint")
+    out = _atoll(tmp_path, "--set=name=unf", "--set=train.resume=false", timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "atoll run --restart" in out.stderr and kept.is_file()
+    out = _atoll(tmp_path, "--set=name=unf", "--set=train.resume=false", "--restart",
+                 "--set=federated.rounds=1", "--set=federated.fraction_evaluate=0",
+                 "--set=tracking.log_model=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not kept.exists() and (ckpts / "round-000001.ckpt").is_file()

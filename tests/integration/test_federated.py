@@ -93,20 +93,35 @@ def test_fedavg_dirichlet_reaches_90_percent(no_leftovers):
     assert mv.run_id == result.run_id
     assert mv.tags["strategy"] == "fedavg" and mv.tags["partition"] == "dirichlet"
     assert mv.tags["rounds"] == "20"
+    assert mv.tags["selected_by"] == "central_accuracy" and mv.tags["selected_round"] == "20"
+    assert float(mv.tags["selected_value"]) == pytest.approx(result.metrics["test_accuracy"])
 
 
 def test_failing_clients_are_counted_and_rounds_complete(no_leftovers):
+    """Crashed clients fail part-way (an error reply); dropped-out clients never reply and
+    the round closes at round_timeout without them."""
+    from federated.faults import round_fault
+
     spec = fl_spec("federated.rounds=4", "federated.faults.dropout=0.15",
-                   "federated.faults.crash=0.15",
+                   "federated.faults.crash=0.15", "federated.round_timeout=8",
                    "federated.fraction_evaluate=0", "tracking.registered_model=null")
     result = run_federated(spec)
     assert result.epochs == 4
     h = result.history
-    injected = [r.get("failures_dropout", 0) + r.get("failures_crash", 0) for r in h]
-    assert sum(injected) > 0
-    assert [r["failures"] for r in h] == injected  # nothing else failed, nothing hung
-    assert [r["participants"] for r in h] == [10 - i for i in injected]
-    assert [v for _, v in metric_history(result.run_id, "failures")] == injected
+    drawn = [[round_fault(spec.federated.faults, spec.seed, r, c) for c in range(10)]
+             for r in range(1, 5)]
+    crashed = [d.count("crash") for d in drawn]
+    dropped = [d.count("dropout") for d in drawn]
+    assert sum(crashed) > 0 and sum(dropped) > 0
+    assert [r.get("failures_crash", 0) for r in h] == crashed
+    # they never replied in time (clients queued behind a sleeping one may time out too)
+    assert all(r["failures_timeout"] >= d for r, d in zip(h, dropped, strict=True))
+    assert [r["failures"] for r in h] == [r.get("failures_crash", 0) + r["failures_timeout"]
+                                          for r in h]
+    assert [r["participants"] for r in h] == [10 - r["failures"] for r in h]
+    assert all(r["round_seconds"] < 8 + 5 for r in h)  # closed at the timeout, not later
+    assert [v for _, v in metric_history(result.run_id, "failures")] == \
+        [r["failures"] for r in h]
     assert result.metrics["test_accuracy"] > 0.6  # rounds completed with who answered
 
 
