@@ -3,7 +3,7 @@
 Before each optimizer step the gradient g is compared with a reference gradient g_ref
 of the loss on a random memory batch; if they conflict (g·g_ref < 0), g is projected to
 g − (g·g_ref / g_ref·g_ref)·g_ref, which is orthogonal to g_ref. The memory is a bounded,
-class-balanced buffer filled at the end of each task (the replay buffer's storage).
+(task, class)-balanced buffer filled at the end of each task (the replay buffer's storage).
 """
 
 from __future__ import annotations
