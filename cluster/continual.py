@@ -26,13 +26,20 @@ CKPT_FILE = "state.ckpt"
 def continual_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from cluster.worker import newest_checkpoint, rank_tracker, start_worker
+    from cluster.parallel import even_shard
+    from cluster.worker import (
+        deterministic_failure,
+        newest_checkpoint,
+        rank_tracker,
+        saved_spec,
+        start_worker,
+    )
     from continual.base import distribute
     from continual.streams import build_stream
     from core.checkpoint import load, rng_state, save, set_rng_state
     from core.components import build_components
     from core.continual_runner import accuracy_row, task_mask
-    from core.data import Batches, Split, eval_batches
+    from core.data import Batches, eval_batches
     from core.loop import TrainState, train_task
 
     w = start_worker(config)
@@ -74,7 +81,7 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
         train = Batches(task.train, per_rank, shuffle=True, seed=spec.seed + task.index,
                         rank=rank, world=world, shift=aug.shift if aug else 0,
                         noise_std=aug.noise_std if aug else 0.0)
-        val_shard = Split(task.val.x[rank::world], task.val.y[rank::world])
+        val_shard = even_shard(task.val, rank, world)
         val = eval_batches(val_shard, spec.data) if len(task.val) else None
         fresh = build_components(spec, data, len(train), device=device, model=layout.model)
         state, rows = TrainState(), []
@@ -84,10 +91,13 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
             shown = {k: v for k, v in m.items() if k != "samples"}
             out.append({"epoch": float(base + st.epoch), "task": float(t), **shown})
 
-        train_task(layout.model, train, val, fresh.optimizer, c.loss_fn, fresh.cfg, state,
-                   data.num_classes, scheduler=fresh.scheduler, strategy=c.strategy,
-                   task=task, reduce=layout.reduce, no_sync=layout.no_sync,
-                   on_epoch_end=on_epoch_end, logit_mask=mask)
+        with deterministic_failure(run_dir, rank, tracker):
+            train_task(layout.model, train, val, fresh.optimizer, c.loss_fn, fresh.cfg, state,
+                       data.num_classes, scheduler=fresh.scheduler, strategy=c.strategy,
+                       task=task, reduce=layout.reduce, no_sync=layout.no_sync,
+                       on_epoch_end=on_epoch_end, logit_mask=mask)
+        if state.epoch < fresh.cfg.epochs and not state.stopped_early:
+            return  # a non-finite loss stopped every rank (see cluster/worker.py)
         epochs_done += state.epoch
         r.append(row())
         history.extend(rows)
@@ -102,7 +112,8 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
                 save({"model": full, "strategy_per_rank": strategies, "rng": rng_state(),
                       "r": r, "baseline": baseline, "history": history,
                       "next_task": task.index + 1, "state": {"epoch": epochs_done},
-                      "run_id": config["run_id"], "spec": config["spec"]}, Path(d) / CKPT_FILE)
+                      "run_id": config["run_id"], "spec": saved_spec(config)},
+                     Path(d) / CKPT_FILE)
                 ray.train.report({"task": task.index + 1, "acc_seen": seen, "epoch": epochs_done},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
             _log_task(tracker, rows, r, task.index)

@@ -4,19 +4,31 @@ Re-validates the spec, builds the data shard and the parallel layout, restores t
 latest Ray Train checkpoint (after a worker died, or when a job name is re-run), trains
 with the one loop, and reports each epoch with a checkpoint from rank 0. Only rank 0 logs,
 into the MLflow run the driver created.
+
+A non-finite loss is deterministic: a retry would meet it again. The ranks agree on it
+(core.loop), rank 0 records it in `atoll-failed.json` and every rank returns normally, so
+Ray Train ends the run without spending `cluster.max_failures` (its v2 failure policy
+retries every worker error) and the driver reports it as FAILED.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cluster.parallel import even_shard
+from core.loop import NonFiniteLoss
+
 CKPT_FILE = "state.ckpt"
+FAILED_MARK = "atoll-failed.json"  # a deterministic failure, for the driver to report
 
 
 @dataclass
@@ -66,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from core.checkpoint import load, save
     from core.components import build_components, checkpoint_payload
-    from core.data import Batches, Split, eval_batches
+    from core.data import Batches, eval_batches
     from core.loop import TrainState, train_task
 
     w = start_worker(config)
@@ -77,8 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train = Batches(data.train, per_rank, shuffle=True, seed=spec.seed, rank=layout.dp_rank,
                     world=layout.dp_size, shift=aug.shift if aug else 0,
                     noise_std=aug.noise_std if aug else 0.0, drop_last=layout.pipe is not None)
-    val_shard = Split(data.val.x[layout.dp_rank::layout.dp_size],
-                      data.val.y[layout.dp_rank::layout.dp_size])
+    val_shard = even_shard(data.val, layout.dp_rank, layout.dp_size)
     val = None
     if len(data.val):
         val = Batches(val_shard, per_rank, shuffle=False) if layout.pipe is not None \
@@ -108,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             staging.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=staging) as d:
                 payload = checkpoint_payload(c, st, model_state=full, run_id=config["run_id"],
-                                             spec=config["spec"])
+                                             spec=saved_spec(config))
                 payload["optimizer"] = optim
                 save(payload, Path(d) / CKPT_FILE)
                 ray.train.report({**shown, "epoch": st.epoch},
@@ -120,13 +131,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report({**shown, "epoch": st.epoch})
 
+    # steps re-trained after a restart are not logged twice: a tracker that joins an
+    # existing run skips the (key, step) pairs it already holds
     on_step = (lambda step, m: tracker.log_metrics(m, step=step)) if rank == 0 else None
-    train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state, data.num_classes,
-               scheduler=c.scheduler, strategy=c.strategy, reduce=layout.reduce,
-               on_step=on_step, on_epoch_end=on_epoch_end, no_sync=layout.no_sync,
-               pipe=layout.pipe)
+    with deterministic_failure(Path(config["run_dir"]), rank, tracker):
+        train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state,
+                   data.num_classes, scheduler=c.scheduler, strategy=c.strategy,
+                   reduce=layout.reduce, on_step=on_step,
+                   on_epoch_end=on_epoch_end, no_sync=layout.no_sync, pipe=layout.pipe)
     if rank == 0:
         tracker.wait()
+
+
+def saved_spec(config: dict[str, Any]) -> dict[str, Any]:
+    """The fully resolved spec a checkpoint records (resume compares every field with it);
+    workers re-validate the `spec` of only the fields the user set, so model warnings
+    about ignored fields stay quiet."""
+    return config.get("spec_full") or config["spec"]
+
+
+@contextmanager
+def deterministic_failure(run_dir: Path, rank: int, tracker: Any) -> Iterator[None]:
+    """A NonFiniteLoss (all ranks raise it at the same step) ends this worker normally;
+    rank 0 leaves the cause for the driver in FAILED_MARK. See the module doc."""
+    try:
+        yield
+    except NonFiniteLoss as e:
+        if rank == 0:
+            tracker.wait()  # the steps before the NaN are flushed
+            (run_dir / FAILED_MARK).write_text(json.dumps(
+                {"error": str(e), "epoch": e.epoch, "step": e.step, "value": e.value}))
+
 
 
 def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any] | None:
