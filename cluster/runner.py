@@ -206,23 +206,6 @@ def select_checkpoint(spec: ExperimentSpec, found: list[tuple[int, Path, dict[st
     return item, Selection(metric, value, item[0], "epoch", "best")
 
 
-def _retag(tracker: Any, out: RunResult, chosen: Selection) -> None:
-    """`finish_run` describes the weights as early stopping's best or the last epoch's; a
-    checkpoint chosen by `cluster.checkpoint_metric` says so on the run and the version."""
-    client = getattr(tracker, "client", None)
-    if client is None:
-        return
-    tags = chosen.tags()
-    for key, value in tags.items():
-        client.set_tag(out.run_id, f"atoll.{key}", value)
-    if out.registered is not None:
-        for key, value in {**tags, "epoch": str(chosen.step)}.items():
-            client.set_model_version_tag(out.registered.name, out.registered.version, key,
-                                         value)
-    out.details["selected"] = {"metric": chosen.metric, "epoch": chosen.step,
-                               "rule": chosen.rule}
-
-
 def _interruptible(trainer_cls: type) -> type:
     """`trainer_cls` whose Ctrl-C aborts the run and raises KeyboardInterrupt here.
 
@@ -403,13 +386,9 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
     else:
         state = TrainState()
         state.load_state_dict(newest["state"])  # every epoch's history; weights: `path`
-        by_metric = chosen is not None and spec.cluster.checkpoint_metric is not None
-        out = finish_run(spec, data, comps, state, tracker, path, t0,
-                         restored_best=chosen is not None and not by_metric
-                         and epoch != state.epoch)
+        # the Selection says which epoch's weights are tested and registered, and why
+        out = finish_run(spec, data, comps, state, tracker, path, t0, selected=chosen)
         trained = state.epoch
-        if by_metric:
-            _retag(tracker, out, chosen)
     (run_dir / FINISHED).write_text(json.dumps({"run_id": out.run_id, "epoch": trained}))
     out.parameters = sum(p.numel() for p in comps.model.parameters())
     out.train_seconds = out.seconds
