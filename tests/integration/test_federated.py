@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from core.checkpoint import load
 from core.procs import free_port, start, stop, wait_http
+from core.runner import RunFailed
 from core.spec import load_spec
 from federated.simulation import run_federated
 from tests.conftest import CONFIGS, ROOT
@@ -103,7 +104,7 @@ def test_failing_clients_are_counted_and_rounds_complete(no_leftovers):
     from federated.faults import round_fault
 
     spec = fl_spec("federated.rounds=4", "federated.faults.dropout=0.15",
-                   "federated.faults.crash=0.15", "federated.round_timeout=8",
+                   "federated.faults.crash=0.15", "federated.round_timeout=10",
                    "federated.fraction_evaluate=0", "tracking.registered_model=null")
     result = run_federated(spec)
     assert result.epochs == 4
@@ -119,21 +120,22 @@ def test_failing_clients_are_counted_and_rounds_complete(no_leftovers):
     assert [r["failures"] for r in h] == [r.get("failures_crash", 0) + r["failures_timeout"]
                                           for r in h]
     assert [r["participants"] for r in h] == [10 - r["failures"] for r in h]
-    assert all(r["round_seconds"] < 8 + 5 for r in h)  # closed at the timeout, not later
+    assert all(r["round_seconds"] < 10 + 5 for r in h)  # closed at the timeout, not later
     assert [v for _, v in metric_history(result.run_id, "failures")] == \
         [r["failures"] for r in h]
     assert result.metrics["test_accuracy"] > 0.6  # rounds completed with who answered
 
 
 def test_stragglers_miss_the_round_timeout(no_leftovers):
-    spec = fl_spec("federated.rounds=2", "federated.num_clients=4", "federated.local_epochs=1",
-                   "federated.faults.straggler=0.3", "federated.faults.straggler_delay=4",
-                   "federated.round_timeout=2", "federated.fraction_evaluate=0",
+    spec = fl_spec("federated.rounds=3", "federated.num_clients=4", "federated.local_epochs=1",
+                   "federated.faults.straggler=0.3", "federated.faults.straggler_delay=12",
+                   "federated.round_timeout=5", "federated.fraction_evaluate=0",
                    "tracking.log_model=false")
     result = run_federated(spec)
-    assert result.epochs == 2
+    assert result.epochs == 3
     assert sum(r["failures_timeout"] for r in result.history) > 0
-    assert all(r["round_seconds"] < 4 for r in result.history)  # the server did not wait
+    assert any(r["aggregated"] for r in result.history)  # the others' updates count
+    assert all(r["round_seconds"] < 5 + 4 for r in result.history)  # no wait for stragglers
 
 
 def _attacked(partition: list[str]) -> dict[str, float]:
@@ -144,8 +146,14 @@ def _attacked(partition: list[str]) -> dict[str, float]:
     runs = {"clean": base, "fedavg": base + attack,
             "fedmedian": base + attack + ["federated.strategy=fedmedian"],
             "krum": base + attack + ["federated.strategy=krum"]}
-    return {k: run_federated(fl_spec(*v, f"name=byz-{k}")).metrics["test_accuracy"]
-            for k, v in runs.items()}
+    out = {}
+    for k, v in runs.items():
+        try:
+            out[k] = run_federated(fl_spec(*v, f"name=byz-{k}")).metrics["test_accuracy"]
+        except RunFailed as e:  # the attack drove the model to NaN: the run FAILED
+            assert "non-finite" in str(e), e
+            out[k] = 0.0
+    return out
 
 
 def test_robust_aggregation_resists_sign_flip_on_iid_data():
