@@ -124,6 +124,7 @@ class Outcome:
     errors: dict[int, str] = field(default_factory=dict)  # partition -> reason
     timed_out: list[int] = field(default_factory=list)
     replies: list[Any] = field(default_factory=list)
+    capped: list[int] = field(default_factory=list)  # claimed more examples than allowed
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -147,6 +148,7 @@ class Outcome:
                     "dropout": "every sampled client dropped out",
                     "crash": "every sampled client crashed",
                     "unavailable": "every sampled client was unavailable",
+                    "malformed": "every reply was malformed",
                     }.get(kind, f"every sampled client failed ({kind})")
         shown = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
         return f"{len(self.ok)} of {len(self.sampled)} sampled clients replied ({shown})"
@@ -176,14 +178,42 @@ def _nonfinite(reply: Any) -> str | None:
     return None
 
 
+def malformed(reply: Any, sent: Any) -> str | None:
+    """Why a training reply cannot be aggregated, or None: its model arrays must have the
+    names, shapes and dtypes of the global model it was sent, and it must claim a positive,
+    finite number of examples. A bad reply is a failure of that client, never an exception
+    inside the strategy's aggregation."""
+    from flwr.app import MessageType
+
+    if sent.metadata.message_type != MessageType.TRAIN or R.ARRAYS not in sent.content:
+        return None
+    if R.ARRAYS not in reply.content.array_records:
+        return f"no {R.ARRAYS!r} record in the reply"
+    want, got = sent.content[R.ARRAYS], reply.content[R.ARRAYS]
+    if set(got.keys()) != set(want.keys()):
+        extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        return f"array names differ from the global model's (extra {extra}, missing {missing})"
+    for name, arr in want.items():
+        if tuple(got[name].shape) != tuple(arr.shape) or got[name].dtype != arr.dtype:
+            return (f"array {name!r} is {got[name].dtype}{list(got[name].shape)}, the global "
+                    f"model's is {arr.dtype}{list(arr.shape)}")
+    metrics = reply.content.metric_records.get(R.METRICS)
+    n = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
+    if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+        return f"{R.NUM_EXAMPLES} is {n!r}; a positive finite number is required"
+    return None
+
+
 def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, int],
              timeout: float, should_stop: Callable[[], bool] | None = None,
-             poll: float = 0.05) -> Outcome:
+             poll: float = 0.05, max_examples: int | None = None) -> Outcome:
     """Send, collect replies until all are in or `timeout` passes, sort them by partition.
 
     Polls the grid itself (Flower's `send_and_receive` sleeps 3 s between pulls and cannot
-    be interrupted): a stop request ends the wait at once with StopRequested. A reply
-    whose arrays are not finite counts as a failure, never as an update.
+    be interrupted): a stop request ends the wait at once with StopRequested. A reply that
+    is malformed (see `malformed`) or whose arrays are not finite counts as a failure,
+    never as an update; a claimed number of examples above `max_examples` is capped to it
+    (one client must not outweigh the federation in FedAvg by claiming 10⁹ samples).
     """
     messages = list(messages)
     sampled = sorted(node_to_partition[m.metadata.dst_node_id] for m in messages)
@@ -221,10 +251,19 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
             r = failed_reply(m, out.errors[p])
         elif r.has_error():
             out.errors[p] = str(r.error.reason)
+        elif (why := malformed(r, m)) is not None:
+            out.errors[p] = f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"
+            r = failed_reply(m, out.errors[p])
         elif (bad := _nonfinite(r)) is not None:
             out.errors[p] = f"{R.FAILURE_PREFIX}nonfinite (array {bad!r} holds NaN/inf)"
             r = failed_reply(m, out.errors[p])
         else:
+            metrics = r.content.metric_records.get(R.METRICS)
+            claimed = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
+            if max_examples is not None and isinstance(claimed, int | float) and \
+                    claimed > max_examples:
+                metrics[R.NUM_EXAMPLES] = max_examples
+                out.capped.append(p)
             out.bytes_received += sum(R.nbytes(a) for a in r.content.array_records.values())
             out.ok.append((p, r))
         by_partition.append((p, r))

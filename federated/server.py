@@ -154,6 +154,9 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     partitions = discover(grid, f.num_clients, minimum=f.min_fit_clients)
     population = sorted(partitions)
     node_to_partition = {n: p for p, n in partitions.items()}
+    # no honest client holds more training samples than the largest partition
+    max_examples = max(len(q) for q in partition_indices(
+        data.train.y.numpy(), f.partition, max(len(population), 1), spec.seed))
     sampler = ClientSampler(spec.seed)
     per_round = ClientSampler.size(len(population), f.fraction_fit, f.min_fit_clients)
     strategy = build_strategy(spec, per_round)
@@ -247,7 +250,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 pairs = R.state_to_arrays(flat)  # encoded once, like the model's arrays
                 for m in messages:  # the federation's importances travel with the model
                     m.content[R.FEDEWC] = pairs
-            fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop)
+            fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop,
+                           max_examples=max_examples)
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             norms = update_norms(arrays, fit.ok)
             clip = getattr(strategy, "clipping_norm", None)  # DP: the norm used this round
@@ -273,7 +277,11 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                                          1 for r in fit.ok
                                          if r.content[R.CLIENT][R.BYZANTINE])),
                                      "aggregated": float(new_arrays is not None),
-                                     "unavailable": float(len(population) - len(present))}
+                                     "unavailable": float(len(population) - len(present)),
+                                     "clients_examples_capped": float(len(fit.capped))}
+            if fit.capped:
+                log.warning("round %d: clients %s claimed more than %d examples; capped",
+                            rnd, fit.capped, max_examples)
             kinds = fit.failures_by_kind()
             for p, reason in sorted(fit.errors.items())[:1]:
                 log.warning("round %d: client %d failed: %s", rnd, p, reason.strip()[-300:])

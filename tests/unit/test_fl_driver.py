@@ -59,10 +59,13 @@ class FakeGrid:
         if m.metadata.message_type == MessageType.QUERY:
             return Message(RecordDict({R.CLIENT: ConfigRecord({R.PARTITION_ID: p})}),
                            reply_to=m)
-        w = torch.full((2,), float("nan") if kind == "nan" else float(p))
+        w = torch.full((3,) if kind == "shape" else (2,), float("nan") if kind == "nan"
+                       else float(p))
+        arrays = {"w": w, "extra": torch.zeros(1)} if kind == "names" else {"w": w}
+        n = 10**9 if kind == "greedy" else (-5 if kind == "negative" else 10 * (p + 1))
         return Message(RecordDict({
-            R.ARRAYS: ArrayRecord({"w": w}),
-            R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10 * (p + 1)}),
+            R.ARRAYS: ArrayRecord(arrays),
+            R.METRICS: MetricRecord({R.NUM_EXAMPLES: n}),
             R.CLIENT: ConfigRecord({R.PARTITION_ID: p, R.BYZANTINE: ""})}), reply_to=m)
 
     def pull_messages(self, message_ids):
@@ -210,3 +213,29 @@ def test_client_states_by_round(tmp_path):
     assert store.load(before=2) is None  # round 1's file was pruned (keep=2)
     prune_client_states(tmp_path, after=2)  # a resume from round 2 forgets round 4
     assert store.load(before=10) == (b"two", 0)
+
+
+def test_malformed_replies_are_failures_with_the_reason():
+    grid = FakeGrid({0: "ok", 1: "shape", 2: "names", 3: "negative"})
+    out = exchange(grid, _train_messages(grid, [0, 1, 2, 3]), {100 + p: p for p in range(4)},
+                   timeout=1, poll=0.01)
+    assert [int(r.content[R.CLIENT][R.PARTITION_ID]) for r in out.ok] == [0]
+    assert out.failures_by_kind() == {"timeout": 0, "malformed": 3}
+    assert "array 'w' is float32[3], the global model's is float32[2]" in out.errors[1]
+    assert "extra ['extra']" in out.errors[2]
+    assert "num-examples is -5" in out.errors[3]
+
+
+def test_a_client_claiming_a_billion_examples_cannot_take_over_fedavg():
+    from federated.strategies import build_strategy
+
+    grid = FakeGrid({0: "ok", 1: "ok", 2: "greedy"})
+    msgs = _train_messages(grid, [0, 1, 2])
+    out = exchange(grid, msgs, {100: 0, 101: 1, 102: 2}, timeout=1, poll=0.01,
+                   max_examples=30)
+    assert out.capped == [2]
+    arrays, _ = build_strategy(_spec("federated.num_clients=3"), 3).aggregate_train(
+        1, out.replies)
+    # weights 10, 20 and (capped) 30 for updates 0, 1, 2 — not ≈ 2 from the claimed 10⁹
+    np.testing.assert_allclose(arrays["w"].numpy(), [(0 * 10 + 1 * 20 + 2 * 30) / 60] * 2,
+                               rtol=1e-6)
