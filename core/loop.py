@@ -212,8 +212,10 @@ def train_epoch(
             scheduler.step()
         state.global_step += 1
         if on_step is not None and state.global_step % cfg.log_every_n_steps == 0:
+            # step_*: the epoch rows hold train_loss and lr, at step = epoch; one key for
+            # both would mix two series (and collide where a step number equals an epoch)
             on_step(state.global_step, {"step_loss": value,
-                                        "lr": optimizer.param_groups[0]["lr"]})
+                                        "step_lr": optimizer.param_groups[0]["lr"]})
     if reduce is not None:
         stats = reduce(stats)
     seconds = time.perf_counter() - t0
