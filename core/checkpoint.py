@@ -39,6 +39,10 @@ def rng_state() -> dict[str, Any]:
         "python_pos": random.getstate()[2],
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
+        # numpy's Box-Muller cache: after an odd number of normal draws the next one comes
+        # from it (Flower's DP noise), so a resume without it draws different noise
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -55,7 +59,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
-                         state["numpy_pos"], 0, 0.0))
+                         state["numpy_pos"], int(state.get("numpy_has_gauss", 0)),
+                         float(state.get("numpy_gauss", 0.0))))
     saved = list(state.get("cuda") or [])
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for device, rng in enumerate(saved[:visible]):

@@ -51,6 +51,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.log_every_n_steps"
                      "train.early_stopping.", "data.data_dir", "data.cache_dir", "data.mirror",
                      "data.download", "tracking.", "cluster.address", "federated.rounds",
                      "federated.checkpoint_every", "federated.round_timeout",
+                     "federated.max_failed_rounds",
                      "federated.concurrency")
 BEST = "best.ckpt"  # the best epoch's weights (train.early_stopping.restore_best)
 

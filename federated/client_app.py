@@ -7,6 +7,7 @@ beyond building the app object.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from pathlib import Path
 
@@ -52,15 +53,14 @@ def privacy_mod(msg: Message, context: Context, call_next):
 
 
 app = ClientApp()
+log = logging.getLogger("atoll.federated")
 
 
 def _fault(spec, rnd: int, partition: int) -> str:
     """Apply this round's injected fault that happens before any work; returns it."""
     fault = round_fault(spec.federated.faults, spec.seed, rnd, partition)
-    if fault == "dropout":  # never replies in time: the server waits out round_timeout
-        time.sleep(spec.federated.round_timeout + 1.0)
-        raise InjectedFault(f"{R.FAILURE_PREFIX}dropout (client {partition}, round {rnd}; "
-                            "reply after the round timed out)")
+    if fault == "dropout":  # the server never sends to a dropout (federated.server.dropouts)
+        raise InjectedFault(f"{R.FAILURE_PREFIX}dropout (client {partition}, round {rnd})")
     if fault == "straggler":
         time.sleep(spec.federated.faults.straggler_delay)
     return fault
@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content[R.CONFIG]
     rnd = int(cfg[R.ROUND])
     fault = _fault(spec, rnd, partition)
-    cl = _continual_state(spec, context, rnd)
+    cl = _continual_state(spec, context, rnd, cfg)
     if cl is not None and R.FEDEWC in msg.content:
         from federated.fedewc import decode
 
@@ -98,7 +98,11 @@ def train(msg: Message, context: Context) -> Message:
         context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: blob, R.CL_TASK: cl.current})
         store = _client_store(spec, context, partition)
         if store is not None:  # ... and an interrupted federation's resume
-            store.save(rnd, blob, cl.current)
+            try:
+                store.save(rnd, blob, cl.current)
+            except OSError as e:  # a SuperNode that cannot reach the server's run dir
+                log.warning("client %d: continual state not saved for resume (%s)",
+                            partition, e)
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
     weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
     who = {R.PARTITION_ID: partition, R.BYZANTINE: attack}
@@ -124,16 +128,18 @@ def _client_store(spec, context: Context, partition: int) -> ClientStateStore | 
     return ClientStateStore(Path(run_dir) / R.CLIENT_STATES, partition, keep)
 
 
-def _continual_state(spec, context: Context, rnd: int) -> task.ContinualState | None:
+def _continual_state(spec, context: Context, rnd: int, cfg: ConfigRecord
+                     ) -> task.ContinualState | None:
     if not task.streaming(spec):
         return None
     partition, _ = _who(context)
     saved = context.state.get(R.CL_STATE)
     if saved is not None:
         blob, last = bytes(saved[R.CL_BLOB]), int(saved[R.CL_TASK])
-    else:  # a new Flower run (resumed federation): the state this client last saved
-        store = _client_store(spec, context, partition)
-        found = store.load(before=rnd) if store is not None else None
+    else:  # a resumed federation is a new Flower run: the state saved up to its checkpoint
+        resumed = int(cfg.get(R.RESUMED_FROM, 0))
+        store = _client_store(spec, context, partition) if resumed > 0 else None
+        found = store.load(before=resumed + 1) if store is not None else None
         blob, last = found if found is not None else (None, None)
     return task.ContinualState(blob, last, current=task.client_task(spec, partition, rnd))
 

@@ -206,7 +206,8 @@ def malformed(reply: Any, sent: Any) -> str | None:
 
 def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, int],
              timeout: float, should_stop: Callable[[], bool] | None = None,
-             poll: float = 0.05, max_examples: int | None = None) -> Outcome:
+             poll: float = 0.05, max_examples: int | None = None,
+             silent: Iterable[int] = ()) -> Outcome:
     """Send, collect replies until all are in or `timeout` passes, sort them by partition.
 
     Polls the grid itself (Flower's `send_and_receive` sleeps 3 s between pulls and cannot
@@ -214,34 +215,46 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
     is malformed (see `malformed`) or whose arrays are not finite counts as a failure,
     never as an update; a claimed number of examples above `max_examples` is capped to it
     (one client must not outweigh the federation in FedAvg by claiming 10⁹ samples).
+    Messages to `silent` partitions (injected dropouts) are never delivered: those clients
+    never reply, and the round waits for them until `timeout` like for any lost client.
     """
     messages = list(messages)
     sampled = sorted(node_to_partition[m.metadata.dst_node_id] for m in messages)
     out = Outcome(sampled=sampled)
     for m in messages:
         out.bytes_sent += sum(R.nbytes(a) for a in m.content.array_records.values())
+    mute = set(silent)
+    lost = [m for m in messages if node_to_partition[m.metadata.dst_node_id] in mute]
+    delivered = [m for m in messages if node_to_partition[m.metadata.dst_node_id] not in mute]
     sent: dict[str, Any] = {}
-    if messages:
-        for msg_id, m in zip(grid.push_messages(messages), messages, strict=True):
+    if delivered:
+        for msg_id, m in zip(grid.push_messages(delivered), delivered, strict=True):
             if msg_id:
                 sent[str(msg_id)] = m
     pending = set(sent)
     got: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     delay = poll
-    while pending:
-        for r in grid.pull_messages(sorted(pending)):
-            key = str(r.metadata.reply_to_message_id)
-            if key in pending:
-                got[key] = r
-                pending.discard(key)
-        if not pending or time.monotonic() >= deadline:
+    # with a lost client the round can only end at the deadline, as in a real federation
+    while pending or (lost and time.monotonic() < deadline):
+        if pending:
+            for r in grid.pull_messages(sorted(pending)):
+                key = str(r.metadata.reply_to_message_id)
+                if key in pending:
+                    got[key] = r
+                    pending.discard(key)
+        if time.monotonic() >= deadline or not (pending or lost):
             break
         if should_stop is not None and should_stop():
             raise StopRequested("stop requested while waiting for replies")
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 1.0)
     by_partition: list[tuple[int, Any]] = []
+    for m in lost:
+        p = node_to_partition[m.metadata.dst_node_id]
+        out.timed_out.append(p)
+        out.errors[p] = f"{R.FAILURE_PREFIX}timeout (no reply within {timeout:g}s)"
+        by_partition.append((p, failed_reply(m, out.errors[p])))
     for key, m in sent.items():
         p = node_to_partition[m.metadata.dst_node_id]
         r = got.get(key)
@@ -267,7 +280,7 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
             out.bytes_received += sum(R.nbytes(a) for a in r.content.array_records.values())
             out.ok.append((p, r))
         by_partition.append((p, r))
-    for m in messages:  # never pushed (malformed): a failure of that client
+    for m in delivered:  # never pushed (malformed): a failure of that client
         if not any(m is s for s in sent.values()):
             p = node_to_partition[m.metadata.dst_node_id]
             out.errors[p] = "the SuperLink did not accept the message"

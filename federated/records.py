@@ -25,12 +25,13 @@ RUN_DIR = "run-dir"  # checkpoints and the result file; "" = train.checkpoint_di
 TRACKING_URI = "tracking-uri"  # absolute MLflow URI; "" = spec / env / default
 MLFLOW_RUN_ID = "mlflow-run-id"  # continue logging into this run (resume)
 RESUME = "resume"  # "" = fresh, "latest" = newest checkpoint in run-dir, or a path
+RESTART = "restart"  # a fresh start may discard an unfinished federation's checkpoints
 CLIENT_STATES = "client-states"  # in the run dir: each client's continual state by round
 STOP_FILE = "STOP"  # in the run dir: `atoll run` asks a running server to stop (Ctrl-C)
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     SPEC_PATH: "configs/federated.yaml", SPEC_JSON: "", OVERRIDES: "", NUM_ROUNDS: 0,
-    RUN_DIR: "", TRACKING_URI: "", MLFLOW_RUN_ID: "", RESUME: ""}
+    RUN_DIR: "", TRACKING_URI: "", MLFLOW_RUN_ID: "", RESUME: "", RESTART: False}
 
 # --- message content keys (Flower's strategy defaults for arrays/config) --------------
 ARRAYS = "arrays"
@@ -45,6 +46,7 @@ LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
+RESUMED_FROM = "resumed-from"  # the round this server process resumed after (0 = fresh)
 
 # --- reply ConfigRecord keys (client -> server) ----------------------------------------
 PARTITION_ID = "partition-id"
@@ -92,14 +94,15 @@ def spec_from_run_config(run_config: dict[str, Any]) -> ExperimentSpec:
 
 
 def run_config_for(spec: ExperimentSpec, *, run_dir: Path, tracking_uri: str | None,
-                   mlflow_run_id: str | None, resume: str) -> dict[str, Any]:
+                   mlflow_run_id: str | None, resume: str, restart: bool = False
+                   ) -> dict[str, Any]:
     """What `atoll run` hands to `flwr run` for this spec (JSON keeps every field exact)."""
     # Only the fields the user set: defaults fill in the same way on the other side, and
     # "was this field set" stays meaningful (models warn about set-but-ignored fields).
     dumped = spec.model_dump(mode="json", exclude_unset=True)
     return {**RUN_CONFIG_DEFAULTS, SPEC_JSON: json.dumps(dumped),
             RUN_DIR: str(run_dir), TRACKING_URI: tracking_uri or "",
-            MLFLOW_RUN_ID: mlflow_run_id or "", RESUME: resume}
+            MLFLOW_RUN_ID: mlflow_run_id or "", RESUME: resume, RESTART: restart}
 
 
 def to_toml(values: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -40,7 +41,7 @@ from federated.driver import (
     rediscover,
     spread,
 )
-from federated.faults import unavailable
+from federated.faults import round_fault, unavailable
 from federated.partition import label_histogram, partition_indices
 from federated.strategies import (
     build_strategy,
@@ -72,28 +73,47 @@ def run_dir_for(spec: ExperimentSpec, run_config: dict[str, Any]) -> Path:
 
 
 def serve(grid: Any, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Run the federation described by `run_config`; returns (and writes) the result."""
+    """Run the federation described by `run_config`; write the result file and return it.
+
+    A FAILED or KILLED run raises after its result is written, so `flwr run` exits non-zero
+    too. The stop file is the launcher's to create and remove (`atoll run` clears it before
+    starting), so a Ctrl-C during start-up is not lost.
+    """
     spec = R.spec_from_run_config(run_config)
     run_dir = run_dir_for(spec, run_config)
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path = run_dir / RESULT_FILE
+    finished_before = _status(result_path) == "FINISHED"
     result_path.unlink(missing_ok=True)
-    (run_dir / R.STOP_FILE).unlink(missing_ok=True)
     try:
         with _stop_on_signals() as stop:
-            result = _serve(grid, spec, run_config, run_dir, stop)
+            result = _serve(grid, spec, run_config, run_dir, stop, finished_before)
     except Stopped as e:
-        result = {"status": "KILLED", "rounds": e.rounds, "run_id": e.run_id}
-    except RoundsFailed as e:
-        result_path.write_text(json.dumps({"status": "FAILED", "error": str(e),
-                                           "rounds": e.rounds, "run_id": e.run_id}))
-        return {}
-    except BaseException as e:
-        result_path.write_text(json.dumps({"status": "FAILED", "error": f"{type(e).__name__}: "
-                                           f"{e}"}))
+        _write(result_path, {"status": "KILLED", "rounds": e.rounds, "run_id": e.run_id})
         raise
-    result_path.write_text(json.dumps(result, indent=1))
+    except RoundsFailed as e:
+        _write(result_path, {"status": "FAILED", "error": str(e), "rounds": e.rounds,
+                             "run_id": e.run_id})
+        raise
+    except BaseException as e:
+        _write(result_path, {"status": "FAILED", "error": f"{type(e).__name__}: {e}"})
+        raise
+    _write(result_path, result)
     return result
+
+
+def _status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    """Atomically: the launcher may read it while an interrupted server writes it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
 
 
 class RoundsFailed(RuntimeError):
@@ -107,7 +127,7 @@ class RoundsFailed(RuntimeError):
         return type(self), (str(self), self.rounds, self.run_id)
 
 
-class Stopped(Exception):
+class Stopped(RuntimeError):
     """The server stopped on request after flushing and checkpointing (run KILLED)."""
 
     def __init__(self, rounds: int, run_id: str | None):
@@ -135,7 +155,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 
 def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir: Path,
-           stop_event: threading.Event) -> dict[str, Any]:
+           stop_event: threading.Event, finished_before: bool) -> dict[str, Any]:
     from flwr.app import ConfigRecord
 
     from models import build_model, count_parameters
@@ -186,8 +206,17 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 fisher.load_state_dict(saved.get("fedewc", {}))
             log.info("resumed the federation from %s (round %d)", path, st.round)
     else:
+        if ckpts.all() and not finished_before and not _flag(run_config.get(R.RESTART)):
+            raise RoundsFailed(f"{ckpts.root} holds an unfinished federation's checkpoints; "
+                               "resume it (run config resume=\"latest\", or re-run with "
+                               "atoll run) or discard it (restart=true, atoll run --restart)")
         for old in ckpts.all():
             old.unlink()
+    if st.failed_streak >= f.max_failed_rounds:  # resumed right where it failed
+        raise RoundsFailed(f"the checkpointed federation had already failed "
+                           f"{st.failed_streak} consecutive rounds (federated."
+                           f"max_failed_rounds {f.max_failed_rounds}); raise it to go on, "
+                           "or atoll run --restart", st.round, st.run_id)
     # client states written after the resumed round belong to the interrupted run
     prune_client_states(run_dir / R.CLIENT_STATES, after=st.round)
 
@@ -203,27 +232,35 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     def should_stop() -> bool:
         return stop_event.is_set() or (run_dir / R.STOP_FILE).exists()
 
-    def checkpoint() -> Path:
-        path = ckpts.save({"model": R.arrays_to_state(arrays), "round": st.round,
-                           "strategy": strategy_state(strategy),
-                           "sampler": _encode_state(sampler.state_dict()),
-                           "rng": rng_state(), "history": st.history, "run_id": st.run_id,
-                           "matrix": st.matrix, "baseline": st.baseline,
-                           "failed_streak": st.failed_streak,
-                           "fedewc": fisher.state_dict() if fisher is not None else {},
-                           "spec": spec.model_dump(mode="json")}, st.round)
+    def payload() -> dict[str, Any]:
+        """Everything round st.round + 1 depends on, as of the end of round st.round."""
+        return {"model": R.arrays_to_state(arrays), "round": st.round,
+                "strategy": strategy_state(strategy),
+                "sampler": _encode_state(sampler.state_dict()),
+                "rng": rng_state(), "history": list(st.history), "run_id": st.run_id,
+                "matrix": [list(r) for r in st.matrix], "baseline": st.baseline,
+                "failed_streak": st.failed_streak,
+                "fedewc": fisher.state_dict() if fisher is not None else {},
+                "spec": spec.model_dump(mode="json")}
+
+    def checkpoint(saved: dict[str, Any]) -> Path:
+        path = ckpts.save(saved, int(saved["round"]))
         # a round reaches MLflow once its checkpoint is durable: a resumed run starts
         # after the checkpoint and logs every round exactly once
-        for row in st.history[st.logged:]:
+        done = len(saved["history"])
+        for row in st.history[st.logged:done]:
             tracker.log_metrics({k: v for k, v in row.items() if k != "round"},
                                 step=int(row["round"]))
-        st.logged = len(st.history)
+        st.logged = done
         tracker.flush()
         return path
 
     bound = robust_bound(spec)
     cause = ""
     first = st.round + 1
+    # DP calibrates noise and ε for a fixed sample of a fixed population: no late joiners
+    dp = f.privacy.mode != "none"
+    snapshot: dict[str, Any] | None = None  # the last completed round, for a stop mid-round
     try:
         for rnd in range(st.round + 1, f.rounds + 1):
             if should_stop():
@@ -233,8 +270,9 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             train_cfg = ConfigRecord({R.LR: lr, R.LOCAL_EPOCHS: f.local_epochs,
                                       R.BATCH_SIZE: f.batch_size or spec.data.batch_size,
                                       R.PROXIMAL_MU: f.proximal_mu
-                                      if f.strategy == "fedprox" else 0.0})
-            if rnd > first and rediscover(grid, partitions):  # SuperNodes that joined
+                                      if f.strategy == "fedprox" else 0.0,
+                                      R.RESUMED_FROM: first - 1})
+            if rnd > first and not dp and rediscover(grid, partitions):  # late SuperNodes
                 population = sorted(partitions)
                 node_to_partition = {n: p for p, n in partitions.items()}
                 log.info("round %d: %d clients connected", rnd, len(population))
@@ -251,7 +289,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 for m in messages:  # the federation's importances travel with the model
                     m.content[R.FEDEWC] = pairs
             fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop,
-                           max_examples=max_examples)
+                           max_examples=max_examples, silent=dropouts(spec, rnd, chosen))
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             norms = update_norms(arrays, fit.ok)
             clip = getattr(strategy, "clipping_norm", None)  # DP: the norm used this round
@@ -260,6 +298,9 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 f"exactly {per_round}" if short else None)
             new_arrays, fit_metrics = (None, None) if refused else \
                 strategy.aggregate_train(rnd, fit.replies)
+            if new_arrays is not None and not _finite(new_arrays):
+                refused = f"the {f.strategy} aggregate of {len(fit.ok)} replies is not finite"
+                new_arrays, fit_metrics = None, None
             if new_arrays is not None:
                 arrays = new_arrays
                 st.failed_streak = 0
@@ -301,7 +342,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 view_e = SampledGrid(grid, [partitions[p] for p in chosen_e])
                 ev = exchange(grid, strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
                                                                 view_e),
-                              node_to_partition, f.round_timeout, should_stop)
+                              node_to_partition, f.round_timeout, should_stop,
+                              silent=dropouts(spec, rnd, chosen_e))
                 fed = strategy.aggregate_evaluate(rnd, ev.ok) if ev.ok else None
                 row.update({f"federated_{k}": float(v) for k, v in (fed or {}).items()})
                 row.update(spread(ev.ok, "val_accuracy"))
@@ -334,9 +376,10 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             st.history.append(row)
             st.round = rnd
             _report(rnd, f.rounds, row, kinds)
+            snapshot = payload()
             if rnd % f.checkpoint_every == 0 or rnd == f.rounds or \
                     st.failed_streak >= f.max_failed_rounds:
-                checkpoint()
+                checkpoint(snapshot)
             if st.failed_streak >= f.max_failed_rounds:
                 raise RoundsFailed(
                     f"{st.failed_streak} consecutive rounds aggregated no update "
@@ -345,13 +388,16 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
         if not any(r.get("aggregated") for r in st.history):
             raise RoundsFailed(f"no round aggregated an update in {st.round} rounds; last: "
                                f"{cause}", st.round, st.run_id)
+        model.load_state_dict(R.arrays_to_state(arrays))  # also when no round was left
+        return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
     except KeyboardInterrupt:  # StopRequested, or a signal outside the wait
-        if st.logged < len(st.history):
-            checkpoint()
-        tracker.set_tags({"atoll.interrupted_after_round": str(st.round)})
+        if snapshot is not None and st.logged < len(snapshot["history"]):
+            checkpoint(snapshot)  # never the half-done round the stop interrupted
+        done = int(snapshot["round"]) if snapshot is not None else first - 1
+        tracker.set_tags({"atoll.interrupted_after_round": str(done)})
         tracker.finish("KILLED")
-        log.warning("stopped after round %d; metrics flushed, run KILLED", st.round)
-        raise Stopped(st.round, st.run_id) from None
+        log.warning("stopped after round %d; metrics flushed, run KILLED", done)
+        raise Stopped(done, st.run_id) from None
     except RoundsFailed as e:
         latest = ckpts.latest()
         kept = f"; last checkpoint kept: {latest}" if latest else ""
@@ -361,7 +407,23 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     except BaseException:
         tracker.finish("FAILED")
         raise
-    return _finish(spec, tracker, model, data, st, ckpts, time.perf_counter() - t0)
+
+
+def dropouts(spec: ExperimentSpec, rnd: int, chosen: list[int]) -> set[int]:
+    """Sampled clients that drop out this round (faults.dropout): they never reply. Drawn
+    here rather than in the client, so a dropped client holds no simulation worker while
+    the round waits for it."""
+    return {p for p in chosen if round_fault(spec.federated.faults, spec.seed, rnd, p)
+            == "dropout"}
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def _finite(arrays: Any) -> bool:
+    return all(not torch.is_floating_point(t) or bool(torch.isfinite(t).all())
+               for t in R.arrays_to_state(arrays).values())
 
 
 def robust_bound(spec: ExperimentSpec) -> tuple[str, int] | None:

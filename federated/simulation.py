@@ -25,9 +25,10 @@ from typing import Any
 
 from core.procs import free_port, start, stop, wait_http
 from core.runner import RunFailed, RunResult, check_writable
-from core.spec import ExperimentSpec
+from core.spec import ExperimentSpec, SpecError
 from federated import records as R
 from federated.server import RESULT_FILE, run_dir_for
+from federated.task import rounds_per_task
 
 log = logging.getLogger("atoll.federated")
 FEDERATION = "atoll-local"
@@ -75,8 +76,6 @@ def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None,
     if not any((run_dir / "checkpoints").glob("round-*.ckpt")):
         return ""
     if not spec.train.resume:
-        from core.spec import SpecError
-
         raise SpecError([f"train.resume: false, but run {spec.name!r} has an unfinished "
                          f"federation in {run_dir / 'checkpoints'}; allowed: atoll run "
                          "--restart to discard it, train.resume: true to continue it, or "
@@ -99,8 +98,6 @@ def _check_compatible(run_dir: Path, spec: ExperimentSpec, mode: str) -> None:
     f, was = spec.federated, saved.get("federated", {})
     if spec.continual.stream != "none" and f.rounds_per_task is None and \
             was.get("rounds") not in (None, f.rounds):
-        from federated.task import rounds_per_task
-
         frozen = rounds_per_task(spec.model_copy(update={"federated": f.model_copy(
             update={"rounds": was["rounds"]})}))
         raise ValueError(f"federated.rounds: {f.rounds} differs from {was['rounds']} in the "
@@ -231,9 +228,7 @@ def _wait_for(result_file: Path | None, proc: subprocess.Popen, seconds: float) 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if result_file is not None and result_file.is_file():
-                return
-            if proc.poll() is not None and result_file is None:
+            if (result_file is not None and result_file.is_file()) or proc.poll() is not None:
                 return
             time.sleep(0.2)
         except KeyboardInterrupt:
@@ -242,7 +237,7 @@ def _wait_for(result_file: Path | None, proc: subprocess.Popen, seconds: float) 
 
 
 _OURS = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+atoll[.:]")
-_LOUD = re.compile(r"^(WARNING|ERROR|CRITICAL)\b|^Traceback")
+_LOUD = re.compile(r"^(WARNING|ERROR|CRITICAL)\b")  # tracebacks stay in the log file
 # Flower warns about its default SuperNode count on every run; atoll always sets it
 _IRRELEVANT = ("default simulated SuperNodes changed",)
 
@@ -286,8 +281,10 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
     if mode:
         _check_compatible(run_dir, spec, mode)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only this run's result counts
+    (run_dir / R.STOP_FILE).unlink(missing_ok=True)  # a Ctrl-C from here on is this run's
+    # a fresh start here is decided: the name finished, has no checkpoints, or --restart
     run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
-                                  resume=mode)
+                                  resume=mode, restart=not mode)
     log_file = run_dir / "federation.log"
     with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency,
                     ray_address=os.environ.get("RAY_ADDRESS") or spec.cluster.address) as fed:

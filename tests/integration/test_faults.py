@@ -68,6 +68,9 @@ def test_federation_that_never_aggregates_fails_and_registers_nothing():
     assert _steps(run.info.run_id, "aggregated") == [1, 2]
     assert not _store().search_model_versions("name='digits-fed'")  # nothing registered
     assert Path(".atoll/checkpoints/all-drop/checkpoints/round-000002.ckpt").is_file()
+    with pytest.raises(RunFailed, match="had already failed 2 consecutive rounds"):
+        run_federated(spec)  # re-running the name resumes it, and it is still FAILED
+    assert not _store().search_model_versions("name='digits-fed'")
 
 
 def test_non_finite_clients_fail_the_run_with_one_line(tmp_path):
@@ -130,6 +133,7 @@ def test_ctrl_c_ends_the_federation_killed_and_resume_logs_every_round_once(tmp_
             *[f"--set={o}" for o in SMALL], "--set", "federated.rounds=8",
             "--set", "federated.faults.straggler=1.0", "--set",
             "federated.faults.straggler_delay=1", "--set", "federated.fraction_evaluate=0",
+            "--set", "federated.checkpoint_every=3",  # a stop between two checkpoints
             "--set", "tracking.log_model=false", "--set", "train.progress=log"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

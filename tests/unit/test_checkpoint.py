@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +269,17 @@ def test_finish_run_registers_nothing_untrained_and_takes_a_selection_made_elsew
     out = finish_run(spec, data, c, TrainState(epoch=3), NullTracker(), None, 0.0,
                      selected=Selection("val_accuracy", 0.9, 2, "epoch", "best"))
     assert out.details["selected"] == {"metric": "val_accuracy", "epoch": 2, "rule": "best"}
+
+
+def test_numpy_gaussian_cache_survives_a_checkpoint(tmp_path):
+    """An odd number of normal draws leaves a cached value (Flower's DP noise draws so);
+    a restored run must draw what an uninterrupted one draws."""
+    from core.checkpoint import load, rng_state, save, set_rng_state
+
+    np.random.seed(3)
+    np.random.normal(size=3)  # odd: one value cached
+    save({"rng": rng_state()}, tmp_path / "r.ckpt")
+    expected = np.random.normal(size=4)
+    np.random.seed(99)
+    set_rng_state(load(tmp_path / "r.ckpt")["rng"])
+    np.testing.assert_array_equal(np.random.normal(size=4), expected)

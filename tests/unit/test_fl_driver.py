@@ -239,3 +239,15 @@ def test_a_client_claiming_a_billion_examples_cannot_take_over_fedavg():
     # weights 10, 20 and (capped) 30 for updates 0, 1, 2 — not ≈ 2 from the claimed 10⁹
     np.testing.assert_allclose(arrays["w"].numpy(), [(0 * 10 + 1 * 20 + 2 * 30) / 60] * 2,
                                rtol=1e-6)
+
+
+def test_a_dropped_out_client_is_never_asked_and_the_round_waits_for_it():
+    import time
+
+    grid = FakeGrid({0: "ok", 1: "ok"})
+    t0 = time.monotonic()
+    out = exchange(grid, _train_messages(grid, [0, 1]), {100: 0, 101: 1}, timeout=0.4,
+                   poll=0.01, silent={1})
+    assert time.monotonic() - t0 >= 0.4  # the server cannot know it will never answer
+    assert len(grid.inbox) == 1  # nothing was delivered to client 1
+    assert out.timed_out == [1] and len(out.ok) == 1 and len(out.replies) == 2
