@@ -251,12 +251,14 @@ def _ray_connection(address: str | None, cpus: int) -> Iterator[None]:
         yield
         return
     temp = None
+    # the CLI lowers the "ray" logger unless -v; ray.init would reset it to INFO
+    level = logging.getLogger("ray").getEffectiveLevel()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
     else:
         temp = tempfile.mkdtemp(prefix="atoll-ray-")  # short: Ray's socket paths
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _temp_dir=temp)
+                 _temp_dir=temp, logging_level=level)
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ retries every worker error) and the driver reports it as FAILED.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +44,18 @@ class WorkerStart:
     per_rank: int  # this replica's share of the global batch
 
 
+def quiet_ray_train() -> None:
+    """Ray Train logs every `report` with the whole metrics dict at INFO, from every rank,
+    and the driver echoes it (`Reporting training result …`): chatter for the run's log
+    files, not the console. Its logger is named by its file path, not `ray.train`."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint created at …"
+
+
 def start_worker(config: dict[str, Any]) -> WorkerStart:
     """Re-validate the spec, pin threads and device, record the rank, load the data and
     build the model (same seed on every rank) in its parallel layout."""
@@ -54,6 +67,7 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     from core.spec import validate
     from models import build_model
 
+    quiet_ray_train()
     spec = validate(config["spec"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -95,6 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = Batches(val_shard, per_rank, shuffle=False) if layout.pipe is not None \
             else eval_batches(val_shard, spec.data)
     c = build_components(spec, data, len(train), device=device, model=layout.model)
+    if rank != 0:  # one epoch line per epoch, not one per rank
+        c.cfg.progress = "off"
     state = TrainState()
 
     payload = newest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]), load)

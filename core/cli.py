@@ -13,6 +13,8 @@ from pathlib import Path
 from core.spec import ExperimentSpec, SpecError, load_spec
 
 EXIT_SPEC = 2
+# loggers whose INFO lines are the libraries' bookkeeping, not the user's run (-v shows them)
+LIBRARY_LOGGERS = ("mlflow", "alembic", "ray", "flwr", "httpx", "urllib3", "filelock")
 EXIT_FAILED = 1
 DEMO_SPEC = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_FEDERATED = DEMO_SPEC.parent / "federated.yaml"
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="atoll", description="Distributed, federated and continual deep learning from "
         "one experiment spec. Runs are tracked in MLflow.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also the libraries' INFO lines (MLflow, Ray, Flower)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train a spec (mode from the spec: local, cluster, federated)",
@@ -249,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not args.verbose:  # atoll's own progress stays; the libraries' INFO chatter goes
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # MLflow resets its logger's level when imported, here and in workers/ServerApps
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     signal.signal(signal.SIGTERM, _terminated)  # `kill PID` stops a run like Ctrl-C does
     try:
         return args.func(args)
