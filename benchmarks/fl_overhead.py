@@ -52,7 +52,7 @@ def plain_once(clients: int, rounds: int, work: Path, i: int) -> dict:
     t0 = time.perf_counter()
     with Federation(num_clients=clients, client_cpus=1) as fed:
         fed.run(PLAIN, {"num-server-rounds": rounds, "local-epochs": 3, "result-file": str(out)},
-                quiet=True)
+                work / f"plain-{i}.log", quiet=True)
     wall = time.perf_counter() - t0
     r = json.loads(out.read_text())
     return {"wall": wall, "first_round": r["round_seconds"][0], "rounds": r["round_seconds"][1:],
