@@ -30,6 +30,8 @@ from typing import Any
 
 from cluster.worker import FAILED_MARK
 from core.checkpoint import CheckpointError, load
+from core.components import build_components, pick_device
+from core.data import load_data
 from core.runner import RunFailed, RunResult, check_resume_compatible, finish_run
 from core.spec import ExperimentSpec, SpecError
 from tracking.base import Selection
@@ -276,13 +278,17 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     from tracking import make_tracker
 
     t0 = time.perf_counter()
+    # what the spec alone cannot tell is refused before an MLflow run or Ray exists
+    data = load_data(spec.data, spec.seed)
+    comps = build_components(spec, data, 1, device=pick_device(spec))
+    _check_layout(spec, comps.model)
     root = storage_root(spec)
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir, restart)
     tracker = make_tracker(spec.tracking, spec.name, mode="cluster",
                            run_id=resumed.get("run_id") if resumed else None)
     try:
-        return _run(spec, root, run_dir, resumed, tracker, t0)
+        return _run(spec, root, run_dir, resumed, tracker, t0, data, comps)
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             tracker.finish("KILLED")
@@ -295,20 +301,15 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
 
 
 def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any] | None,
-         tracker: Any, t0: float) -> RunResult:
+         tracker: Any, t0: float, data: Any, comps: Any) -> RunResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.continual import continual_loop_per_worker
     from cluster.worker import train_loop_per_worker
-    from core.components import build_components, pick_device
-    from core.data import load_data
     from core.loop import TrainState
     from tracking import resolve_uri
 
-    data = load_data(spec.data, spec.seed)
-    comps = build_components(spec, data, 1, device=pick_device(spec))
-    _check_layout(spec, comps.model)
     c = spec.cluster
     dp, pp = c.mesh()
     if resumed is None:
