@@ -178,6 +178,11 @@ def _nonfinite(reply: Any) -> str | None:
     return None
 
 
+def _kind(dtype: Any) -> str:
+    """'f' float, 'i'/'u' integer, 'b' bool, … of a numpy dtype (or its name)."""
+    return np.dtype(str(dtype)).kind
+
+
 def malformed(reply: Any, sent: Any) -> str | None:
     """Why a training reply cannot be aggregated, or None: its model arrays must have the
     names, shapes and dtypes of the global model it was sent, and it must claim a positive,
@@ -194,7 +199,10 @@ def malformed(reply: Any, sent: Any) -> str | None:
         extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
         return f"array names differ from the global model's (extra {extra}, missing {missing})"
     for name, arr in want.items():
-        if tuple(got[name].shape) != tuple(arr.shape) or got[name].dtype != arr.dtype:
+        # the kind, not the width: server optimisers (FedAdam) send float64 globals back
+        # to clients whose models reply in float32
+        if tuple(got[name].shape) != tuple(arr.shape) or \
+                _kind(got[name].dtype) != _kind(arr.dtype):
             return (f"array {name!r} is {got[name].dtype}{list(got[name].shape)}, the global "
                     f"model's is {arr.dtype}{list(arr.shape)}")
     metrics = reply.content.metric_records.get(R.METRICS)

@@ -226,6 +226,16 @@ def test_malformed_replies_are_failures_with_the_reason():
     assert "num-examples is -5" in out.errors[3]
 
 
+def test_a_float32_reply_to_a_float64_global_model_is_well_formed():
+    """FedAdam's aggregate is float64; clients' models answer in float32."""
+    grid = FakeGrid({0: "ok"})
+    msg = Message(RecordDict({R.ARRAYS: ArrayRecord({"w": torch.zeros(2, dtype=torch.float64)}),
+                              R.CONFIG: ConfigRecord()}), dst_node_id=100,
+                  message_type=MessageType.TRAIN)
+    out = exchange(grid, [msg], {100: 0}, timeout=1, poll=0.01)
+    assert len(out.ok) == 1 and not out.errors
+
+
 def test_a_client_claiming_a_billion_examples_cannot_take_over_fedavg():
     from federated.strategies import build_strategy
 
