@@ -440,10 +440,7 @@ class FederatedSpec(_Section):
 
     def sampled_per_round(self) -> int:
         """Clients asked to train each round (the seeded sampler's k)."""
-        if self.fraction_fit >= 1.0:
-            return self.num_clients
-        return min(self.num_clients, max(self.min_fit_clients,
-                                         math.ceil(self.fraction_fit * self.num_clients)))
+        return sample_size(self.num_clients, self.fraction_fit, self.min_fit_clients)
 
     def malicious(self) -> int:
         """f, the number of Byzantine clients the robust rules assume."""
@@ -451,17 +448,29 @@ class FederatedSpec(_Section):
             return self.num_malicious
         return int(self.byzantine.fraction * self.num_clients)
 
-    def _robust_bound(self) -> None:
+    def replies_needed(self) -> tuple[str, int] | None:
+        """(rule, n) for the Byzantine-robust rules, or None: Krum and MultiKrum need
+        n ≥ 2f+3 replies, Bulyan n ≥ 4f+3 (f = the malicious clients assumed)."""
         if self.strategy not in ("krum", "multikrum", "bulyan"):
+            return None
+        f = self.malicious()
+        return ("4f+3", 4 * f + 3) if self.strategy == "bulyan" else ("2f+3", 2 * f + 3)
+
+    def _robust_bound(self) -> None:
+        if (bound := self.replies_needed()) is None:
             return
-        n, f = self.sampled_per_round(), self.malicious()
-        need, rule = (4 * f + 3, "4f+3") if self.strategy == "bulyan" else (2 * f + 3, "2f+3")
+        (rule, need), n, f = bound, self.sampled_per_round(), self.malicious()
         if n < need:
             raise ValueError(f"federated.strategy: {self.strategy} with f = {f} malicious "
                              f"clients needs n ≥ {rule} = {need} clients per round, but "
                              f"num_clients {self.num_clients} × fraction_fit "
                              f"{self.fraction_fit:g} samples {n}; allowed: more clients per "
                              "round or a smaller federated.num_malicious / byzantine.fraction")
+
+
+def sample_size(n: int, fraction: float, minimum: int) -> int:
+    """How many of n clients a round samples: ⌈fraction·n⌉, at least `minimum`, at most n."""
+    return n if fraction >= 1.0 else min(n, max(minimum, math.ceil(fraction * n)))
 
 
 class TrackingSpec(_Section):

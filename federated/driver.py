@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from core.spec import sample_size
 from federated import records as R
 
 
@@ -89,9 +90,7 @@ class ClientSampler:
     def __init__(self, seed: int):
         self.rng = np.random.default_rng([seed, 31])
 
-    @staticmethod
-    def size(n: int, fraction: float, minimum: int) -> int:
-        return n if fraction >= 1.0 else min(n, max(minimum, math.ceil(fraction * n)))
+    size = staticmethod(sample_size)
 
     def sample(self, population: list[int], fraction: float, minimum: int) -> list[int]:
         k = self.size(len(population), fraction, minimum)

@@ -47,7 +47,6 @@ from federated.strategies import (
     build_strategy,
     epsilon,
     load_strategy_state,
-    num_malicious,
     strategy_state,
 )
 
@@ -427,16 +426,13 @@ def _finite(arrays: Any) -> bool:
 
 
 def robust_bound(spec: ExperimentSpec) -> tuple[str, int] | None:
-    """(rule, replies needed) for the Byzantine-robust rules: Krum and MultiKrum need
-    n ≥ 2f+3, Bulyan n ≥ 4f+3 (f = assumed malicious clients)."""
-    name = spec.federated.strategy
-    if name not in ("krum", "multikrum", "bulyan"):
+    """(the rule in words, replies needed) for Krum/MultiKrum/Bulyan (core/spec.py)."""
+    f = spec.federated
+    if (bound := f.replies_needed()) is None:
         return None
-    f = num_malicious(spec)
-    if name == "bulyan":
-        return f"Bulyan needs ≥ 4f+3 = {4 * f + 3} replies (f = {f})", 4 * f + 3
-    label = "Krum" if name == "krum" else "MultiKrum"
-    return f"{label} needs ≥ 2f+3 = {2 * f + 3} replies (f = {f})", 2 * f + 3
+    rule, need = bound
+    label = {"krum": "Krum", "multikrum": "MultiKrum", "bulyan": "Bulyan"}[f.strategy]
+    return f"{label} needs ≥ {rule} = {need} replies (f = {f.malicious()})", need
 
 
 def refusal(spec: ExperimentSpec, fit: Any, bound: tuple[str, int] | None) -> str | None:
