@@ -167,47 +167,93 @@ def failed_reply(msg: Any, reason: str) -> Any:
     return Message(Error(code=0, reason=reason), reply_to=msg)
 
 
-def _nonfinite(reply: Any) -> str | None:
-    """Name of the first array holding NaN/inf in a reply, if any."""
-    for record in reply.content.array_records.values():
-        for name, arr in record.items():
-            t = arr.numpy()
-            if t.dtype.kind in "fc" and not np.isfinite(t).all():
-                return name
-    return None
-
-
 def _kind(dtype: Any) -> str:
     """'f' float, 'i'/'u' integer, 'b' bool, … of a numpy dtype (or its name)."""
     return np.dtype(str(dtype)).kind
 
 
+# What a training reply may carry: the model, its metrics, who answered, and a FedEWC
+# Fisher. Anything else (a record nobody asked for) is refused before it is decoded.
+REPLY_RECORDS = frozenset({R.ARRAYS, R.METRICS, R.CLIENT, R.FISHER})
+
+
+def _decoded(name: str, arr: Any, want: Any) -> tuple[np.ndarray | None, str | None]:
+    """The array a reply's bytes hold, checked against its own header and the global
+    model's: numpy's format only, never a pickle (np.load(allow_pickle=False) inside
+    Flower), and the bytes must hold exactly the shape and dtype the header claims."""
+    if arr.stype != "numpy.ndarray":
+        return None, f"array {name!r} is serialised as {arr.stype!r}, not 'numpy.ndarray'"
+    # the kind, not the width: server optimisers (FedAdam) send float64 globals back to
+    # clients whose models reply in float32
+    if tuple(arr.shape) != tuple(want.shape) or _kind(arr.dtype) != _kind(want.dtype):
+        return None, (f"array {name!r} is {arr.dtype}{list(arr.shape)}, the global "
+                      f"model's is {want.dtype}{list(want.shape)}")
+    try:
+        t = arr.numpy()
+    except (ValueError, TypeError, OSError, EOFError) as e:  # an object array, not npy
+        return None, f"array {name!r} cannot be decoded ({str(e).splitlines()[0][:120]})"
+    if tuple(t.shape) != tuple(arr.shape) or t.dtype != np.dtype(str(arr.dtype)):
+        return None, (f"array {name!r} holds {t.dtype}{list(t.shape)}, its header says "
+                      f"{arr.dtype}{list(arr.shape)}")
+    return t, None
+
+
 def malformed(reply: Any, sent: Any) -> str | None:
-    """Why a training reply cannot be aggregated, or None: its model arrays must have the
-    names, shapes and dtypes of the global model it was sent, and it must claim a positive,
-    finite number of examples. A bad reply is a failure of that client, never an exception
-    inside the strategy's aggregation."""
+    """Why a training reply cannot be aggregated, or None: it may carry only the records
+    atoll's client sends; its model arrays must decode to the names, shapes and dtypes of
+    the global model it was sent; a Fisher must match the model too and be finite and
+    non-negative; and it must claim a positive, finite number of examples. A bad reply is
+    a failure of that client, never an exception inside the strategy's aggregation."""
     from flwr.app import MessageType
 
     if sent.metadata.message_type != MessageType.TRAIN or R.ARRAYS not in sent.content:
         return None
+    records = set(reply.content.keys())
+    if extra := sorted(records - REPLY_RECORDS):
+        return f"unexpected record(s) {extra} in the reply"
     if R.ARRAYS not in reply.content.array_records:
         return f"no {R.ARRAYS!r} record in the reply"
+    if R.CLIENT not in reply.content.config_records:
+        return f"no {R.CLIENT!r} record in the reply"
     want, got = sent.content[R.ARRAYS], reply.content[R.ARRAYS]
     if set(got.keys()) != set(want.keys()):
         extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
         return f"array names differ from the global model's (extra {extra}, missing {missing})"
     for name, arr in want.items():
-        # the kind, not the width: server optimisers (FedAdam) send float64 globals back
-        # to clients whose models reply in float32
-        if tuple(got[name].shape) != tuple(arr.shape) or \
-                _kind(got[name].dtype) != _kind(arr.dtype):
-            return (f"array {name!r} is {got[name].dtype}{list(got[name].shape)}, the global "
-                    f"model's is {arr.dtype}{list(arr.shape)}")
+        t, why = _decoded(name, got[name], arr)
+        if why is not None:
+            return why
+        if t.dtype.kind in "fc" and not np.isfinite(t).all():
+            return f"{R.FAILURE_PREFIX}nonfinite (array {name!r} holds NaN/inf)"
+    if R.FISHER in records and (why := _bad_fisher(reply, want)) is not None:
+        return why
     metrics = reply.content.metric_records.get(R.METRICS)
     n = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
     if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
         return f"{R.NUM_EXAMPLES} is {n!r}; a positive finite number is required"
+    return None
+
+
+def _bad_fisher(reply: Any, want: Any) -> str | None:
+    """A FedEWC Fisher: model parameters only, finite, ≥ 0, for a task and with a weight."""
+    if R.FISHER not in reply.content.array_records:
+        return f"{R.FISHER!r} is not an array record"
+    who = reply.content[R.CLIENT]
+    task, weight = who.get(R.FISHER_TASK), who.get(R.FISHER_WEIGHT)
+    if isinstance(task, bool) or not isinstance(task, int) or task < 0:
+        return f"{R.FISHER_TASK} is {task!r}; a task index ≥ 0 is required"
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or \
+            not math.isfinite(weight) or weight <= 0:
+        return f"{R.FISHER_WEIGHT} is {weight!r}; a positive finite number is required"
+    fisher = reply.content[R.FISHER]
+    if extra := sorted(set(fisher.keys()) - set(want.keys())):
+        return f"the Fisher names arrays the model does not have: {extra}"
+    for name, arr in fisher.items():
+        t, why = _decoded(f"{R.FISHER}/{name}", arr, want[name])
+        if why is not None:
+            return why
+        if not np.isfinite(t).all() or (t < 0).any():
+            return f"Fisher array {name!r} is not finite and non-negative"
     return None
 
 
@@ -272,10 +318,8 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
         elif r.has_error():
             out.errors[p] = str(r.error.reason)
         elif (why := malformed(r, m)) is not None:
-            out.errors[p] = f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"
-            r = failed_reply(m, out.errors[p])
-        elif (bad := _nonfinite(r)) is not None:
-            out.errors[p] = f"{R.FAILURE_PREFIX}nonfinite (array {bad!r} holds NaN/inf)"
+            out.errors[p] = why if why.startswith(R.FAILURE_PREFIX) else \
+                f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"
             r = failed_reply(m, out.errors[p])
         else:
             metrics = r.content.metric_records.get(R.METRICS)

@@ -315,7 +315,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                                      "sampled": float(len(fit.sampled)),
                                      "byzantine_participants": float(sum(
                                          1 for r in fit.ok
-                                         if r.content[R.CLIENT][R.BYZANTINE])),
+                                         if r.content[R.CLIENT].get(R.BYZANTINE))),
                                      "aggregated": float(new_arrays is not None),
                                      "unavailable": float(len(population) - len(present)),
                                      "clients_examples_capped": float(len(fit.capped))}

@@ -3,10 +3,22 @@ failure counting, round refusals (robust bounds, DP) and client state on disk.""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from core.spec import SpecError, load_spec
 from federated import records as R
@@ -63,10 +75,19 @@ class FakeGrid:
                        else float(p))
         arrays = {"w": w, "extra": torch.zeros(1)} if kind == "names" else {"w": w}
         n = 10**9 if kind == "greedy" else (-5 if kind == "negative" else 10 * (p + 1))
-        return Message(RecordDict({
+        content = RecordDict({
             R.ARRAYS: ArrayRecord(arrays),
             R.METRICS: MetricRecord({R.NUM_EXAMPLES: n}),
-            R.CLIENT: ConfigRecord({R.PARTITION_ID: p, R.BYZANTINE: ""})}), reply_to=m)
+            R.CLIENT: ConfigRecord({R.PARTITION_ID: p, R.BYZANTINE: ""})})
+        if kind in CRAFTED:
+            content[R.ARRAYS]["w"] = CRAFTED[kind]()
+        if kind == "junk":  # a record nobody asked for, 8 MB of it
+            content["junk"] = ArrayRecord({"x": torch.zeros(2 * 2**20)})
+        if kind == "fisher":  # FedEWC would add a negative importance to every client's loss
+            content[R.FISHER] = ArrayRecord({"w": -torch.ones(2)})
+            content[R.CLIENT][R.FISHER_TASK] = 0
+            content[R.CLIENT][R.FISHER_WEIGHT] = 5.0
+        return Message(content, reply_to=m)
 
     def pull_messages(self, message_ids):
         self.pulls += 1
@@ -79,6 +100,41 @@ class FakeGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(list(messages)))
+
+
+def _evil_npy() -> Array:
+    """A float32[2] by its header whose bytes are an object-array pickle that would run
+    `touch PWNED` when unpickled."""
+    import io
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {PWNED}",))
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([Payload(), Payload()], dtype=object), allow_pickle=True)
+    return Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=buf.getvalue())
+
+
+def _oversized() -> Array:
+    """Declares float32[2]; carries 4 MB."""
+    real = Array(np.zeros(2**20, dtype=np.float32))
+    return Array(dtype="float32", shape=(2,), stype=real.stype, data=real.data)
+
+
+def _garbage() -> Array:
+    return Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"\x93NUMPY garbage")
+
+
+def _foreign_stype() -> Array:
+    real = Array(np.zeros(2, dtype=np.float32))
+    return Array(dtype="float32", shape=(2,), stype="torch.save", data=real.data)
+
+
+PWNED = Path(tempfile.gettempdir()) / f"atoll-pwned-{os.getpid()}"
+CRAFTED = {"pickle": _evil_npy, "oversized": _oversized, "garbage": _garbage,
+           "stype": _foreign_stype}
 
 
 def _train_messages(grid: FakeGrid, partitions: list[int]) -> list[Message]:
@@ -261,3 +317,26 @@ def test_a_dropped_out_client_is_never_asked_and_the_round_waits_for_it():
     assert time.monotonic() - t0 >= 0.4  # the server cannot know it will never answer
     assert len(grid.inbox) == 1  # nothing was delivered to client 1
     assert out.timed_out == [1] and len(out.ok) == 1 and len(out.replies) == 2
+
+
+def test_crafted_replies_are_refused_without_decoding_a_pickle():
+    """Attacks on the aggregate through the reply's bytes: an object-array pickle (would run
+    a command), an array whose bytes hold far more than its header claims, bytes that are
+    not an array, a serialisation other than numpy's, an extra 8 MB record and a negative
+    Fisher. Each is a malformed reply of that client; the honest one is aggregated alone."""
+    PWNED.unlink(missing_ok=True)
+    kinds = ["ok", "pickle", "oversized", "garbage", "stype", "junk", "fisher"]
+    grid = FakeGrid(dict(enumerate(kinds)))
+    n2p = {100 + p: p for p in range(len(kinds))}
+    out = exchange(grid, _train_messages(grid, list(range(len(kinds)))), n2p, timeout=1,
+                   poll=0.01)
+    assert not PWNED.exists()
+    assert [int(r.content[R.CLIENT][R.PARTITION_ID]) for r in out.ok] == [0]
+    assert out.failures_by_kind() == {"timeout": 0, "malformed": 6}
+    assert "array 'w' cannot be decoded" in out.errors[1]
+    assert "array 'w' holds float32[1048576], its header says float32[2]" in out.errors[2]
+    assert "array 'w' cannot be decoded" in out.errors[3]
+    assert "array 'w' is serialised as 'torch.save'" in out.errors[4]
+    assert "unexpected record(s) ['junk']" in out.errors[5]
+    assert "Fisher array 'w' is not finite and non-negative" in out.errors[6]
+    assert out.bytes_received == R.nbytes(ArrayRecord({"w": torch.zeros(2)}))
