@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -111,8 +112,23 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             "earlier one")
     try:
         return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # an object outside torch's allow-list
+        raise CheckpointError(f"{path}: {refusal(e)}") from None
     except Exception as e:  # hash matched, so this is a format/version problem
         raise CheckpointError(f"{path}: checkpoint payload cannot be loaded ({e})") from None
+
+
+def refusal(e: Exception) -> str:
+    """One line for torch's multi-paragraph weights-only error: what the file asked for.
+
+    The header's hash is integrity, not authenticity (whoever can write the file can
+    recompute it); the weights-only unpickler is what keeps a crafted file from running
+    code, so its refusal is named as such."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "GLOBAL" in ln or "global" in ln.split()[:3]),
+               lines[-1] if lines else type(e).__name__)
+    why = why.split(". Please use")[0].removeprefix("WeightsUnpickler error: ").rstrip(".")
+    return f"refused by a weights-only load ({why}); atoll never unpickles code"
 
 
 class CheckpointDir:

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
 
 import torch
 
+from core.checkpoint import refusal
+
 _NAME = re.compile(r"^round-(\d{6})\.state$")
+
+
+class ClientStateError(RuntimeError):
+    """A state file that a weights-only load refuses or that is not atoll's format."""
 
 
 class ClientStateStore:
@@ -56,8 +63,14 @@ class ClientStateStore:
         for rnd, path in reversed(self._files()):
             if rnd >= before:
                 continue
-            saved = torch.load(path, weights_only=True)
-            return bytes(saved["blob"].numpy().tobytes()), int(saved["task"])
+            try:
+                saved = torch.load(path, weights_only=True)
+                return bytes(saved["blob"].numpy().tobytes()), int(saved["task"])
+            except pickle.UnpicklingError as e:
+                raise ClientStateError(f"{path}: {refusal(e)}") from None
+            except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+                raise ClientStateError(f"{path}: not a client state atoll wrote ({e})") \
+                    from None
         return None
 
 

@@ -67,8 +67,30 @@ class Evil:
 
 def test_weights_only_refuses_arbitrary_objects(tmp_path):
     path = save({"obj": Evil()}, tmp_path / "c.ckpt")
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
+    with pytest.raises(CheckpointError, match="refused by a weights-only load"):
         load(path)
+
+
+class RunsACommand:
+    """What a crafted checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.flag}",))
+
+
+def test_a_crafted_pickle_with_a_valid_header_is_refused_and_never_runs(tmp_path):
+    """The header's SHA-256 is integrity, not authenticity: anyone who can write the file
+    can recompute it. The weights-only load is what stops the payload."""
+    flag = tmp_path / "pwned"
+    path = save({"model": RunsACommand(flag)}, tmp_path / "epoch-000001.ckpt")
+    with pytest.raises(CheckpointError, match="refused by a weights-only load"):
+        load(path)
+    assert not flag.exists()
 
 
 def test_keep_last_n_and_no_temp_files(tmp_path):

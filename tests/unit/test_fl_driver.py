@@ -22,7 +22,7 @@ from flwr.app import (
 
 from core.spec import SpecError, load_spec
 from federated import records as R
-from federated.client_state import ClientStateStore, prune_client_states
+from federated.client_state import ClientStateError, ClientStateStore, prune_client_states
 from federated.driver import SampledGrid, StopRequested, discover, exchange, rediscover
 from federated.server import refusal, robust_bound, update_norms
 
@@ -269,6 +269,24 @@ def test_client_states_by_round(tmp_path):
     assert store.load(before=2) is None  # round 1's file was pruned (keep=2)
     prune_client_states(tmp_path, after=2)  # a resume from round 2 forgets round 4
     assert store.load(before=10) == (b"two", 0)
+
+
+def test_a_crafted_client_state_file_is_refused_and_never_runs(tmp_path):
+    """A file planted in client-states/ (the run dir is shared storage in a deployment)."""
+    import io
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    store = ClientStateStore(tmp_path, partition=0, keep=2)
+    store.save(1, b"honest", 0)
+    buf = io.BytesIO()
+    torch.save({"blob": Payload(), "task": 0, "round": 2}, buf)
+    (store.dir / "round-000002.state").write_bytes(buf.getvalue())
+    with pytest.raises(ClientStateError, match="round-000002.state.*refused by a weights-only"):
+        store.load(before=3)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_malformed_replies_are_failures_with_the_reason():
