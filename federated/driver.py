@@ -135,6 +135,10 @@ class Outcome:
             kinds[failure_kind(reason)] = kinds.get(failure_kind(reason), 0) + 1
         return kinds
 
+    def refused(self) -> list[int]:
+        """Clients whose reply the server refused to aggregate (malformed), sorted."""
+        return sorted(p for p, r in self.errors.items() if failure_kind(r) == "malformed")
+
     def cause(self) -> str:
         """Why no update came back, in words (for a failed round)."""
         if not self.sampled:

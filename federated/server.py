@@ -323,7 +323,14 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 log.warning("round %d: clients %s claimed more than %d examples; capped",
                             rnd, fit.capped, max_examples)
             kinds = fit.failures_by_kind()
-            for p, reason in sorted(fit.errors.items())[:1]:
+            refused = fit.refused()
+            if refused:  # every one: these are the replies an attacker would send
+                log.warning("round %d: refused replies from clients %s", rnd, refused)
+                for p in refused:
+                    log.warning("round %d: client %d refused: %s", rnd, p,
+                                fit.errors[p].strip()[-300:])
+            for p, reason in [(p, r) for p, r in sorted(fit.errors.items())
+                              if p not in refused][:1]:
                 log.warning("round %d: client %d failed: %s", rnd, p, reason.strip()[-300:])
             row["failures"] = float(len(fit.sampled) - len(fit.ok))
             row.update({f"failures_{k}": float(v) for k, v in kinds.items()})

@@ -351,6 +351,7 @@ def test_crafted_replies_are_refused_without_decoding_a_pickle():
     assert not PWNED.exists()
     assert [int(r.content[R.CLIENT][R.PARTITION_ID]) for r in out.ok] == [0]
     assert out.failures_by_kind() == {"timeout": 0, "malformed": 6}
+    assert out.refused() == [1, 2, 3, 4, 5, 6]
     assert "array 'w' cannot be decoded" in out.errors[1]
     assert "array 'w' holds float32[1048576], its header says float32[2]" in out.errors[2]
     assert "array 'w' cannot be decoded" in out.errors[3]
