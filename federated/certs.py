@@ -1,10 +1,18 @@
-"""Self-signed TLS material for a Flower SuperLink: a CA and a server certificate.
+"""Credentials for a Flower federation: TLS, SuperNode identities, the SuperExec secret.
 
-For tests and small deployments (docker/compose.yaml): SuperNodes and `flwr run` trust
-`ca.crt`; the SuperLink serves `server.pem` / `server.key` for the names it is reached
-by. Keys are written 0600. A real deployment uses its organisation's CA instead.
+For tests and small deployments (docker/compose.yaml), into one directory:
+- `ca.crt`, `server.pem`, `server.key`: a self-signed CA and the SuperLink's certificate for
+  the names it is reached by; SuperNodes, `flwr run` and SuperExecs trust `ca.crt`.
+- `supernodes/supernode-K.key` / `.pub`: one EC P-384 key pair per SuperNode (OpenSSH
+  formats, what `flower-supernode --auth-supernode-private-key` and `flwr supernode
+  register` read). The SuperLink admits a SuperNode only once its `.pub` is registered
+  (`python -m federated.supernode_auth`); the registered `.pub` files are the allow-list.
+- `superexec.secret`: random bytes shared by a SuperLink/SuperNode in process isolation
+  and the `flower-superexec` that runs its apps (`--superexec-auth-secret-file`).
 
-    python -m federated.certs docker/certs [--host superlink --host localhost]
+Private material is created 0600. A real deployment uses its organisation's CA instead.
+
+    python -m federated.certs docker/certs [--host superlink --host localhost] [--supernodes 2]
 """
 
 from __future__ import annotations
@@ -13,9 +21,19 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "superlink")
+DEFAULT_SUPERNODES = 2
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` readable by the owner only, from the first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode under O_CREAT
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def generate(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365) -> dict[str, Path]:
@@ -60,23 +78,65 @@ def generate(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365)
     paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    os.chmod(paths["key"], 0o600)
+    _write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
     return paths
+
+
+def supernode_keypair(private: Path) -> Path:
+    """Write a SuperNode's key pair: `private` (OpenSSH private key, unencrypted, 0600 --
+    Flower loads it with `load_ssh_private_key`) and its `.pub` (an OpenSSH public key
+    line, what `flwr supernode register` accepts); returns the `.pub` path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())  # Flower's own choice of curve
+    _write_private(private, key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+    pub = private.with_suffix(".pub")
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                  serialization.PublicFormat.OpenSSH) + b"\n")
+    return pub
+
+
+def supernode_keys(out: Path, n: int = DEFAULT_SUPERNODES) -> list[tuple[Path, Path]]:
+    """`n` key pairs as `out/supernodes/supernode-K.key` / `.pub`; [(private, public)]."""
+    keys = []
+    for k in range(n):
+        private = out / "supernodes" / f"supernode-{k}.key"
+        keys.append((private, supernode_keypair(private)))
+    return keys
+
+
+def superexec_secret(out: Path) -> Path:
+    """A random shared secret, `out/superexec.secret` (0600; Flower reads the raw bytes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "superexec.secret"
+    _write_private(path, secrets.token_hex(32).encode())
+    return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path, help="directory for ca.crt, server.pem, server.key")
+    ap.add_argument("out", type=Path, help="directory for ca.crt, server.pem, server.key, "
+                    "supernodes/ and superexec.secret")
     ap.add_argument("--host", action="append", default=None,
                     help=f"a name the SuperLink is reached by (default: {DEFAULT_HOSTS})")
     ap.add_argument("--days", type=int, default=365)
+    ap.add_argument("--supernodes", type=int, default=DEFAULT_SUPERNODES, metavar="N",
+                    help="SuperNode key pairs to write (default: %(default)s)")
     args = ap.parse_args()
+    if args.supernodes < 0:
+        ap.error("--supernodes must be >= 0")
     paths = generate(args.out, tuple(args.host) if args.host else DEFAULT_HOSTS, args.days)
     for kind, p in paths.items():
         print(f"{kind}: {p}")
+    for private, public in supernode_keys(args.out, args.supernodes):
+        print(f"supernode: {private} (public: {public})")
+    print(f"superexec secret: {superexec_secret(args.out)}")
 
 
 if __name__ == "__main__":

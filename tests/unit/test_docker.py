@@ -34,7 +34,8 @@ def test_compose_parses_with_the_expected_services(compose):
     assert {"postgres", "mlflow", "ray-head", "ray-worker", "superlink", "supernode-0",
             "supernode-1"} <= set(services)
     flower = {n for n, s in services.items() if "flower" in s.get("profiles", [])}
-    assert flower == {"superlink", "supernode-0", "supernode-1"}
+    assert flower == {"superlink", "superexec-superlink", "supernode-auth", "supernode-0",
+                      "superexec-0", "supernode-1", "superexec-1"}
     assert services["ray-worker"]["deploy"]["replicas"] >= 1  # scaled with --scale
 
 
@@ -162,3 +163,70 @@ def test_flower_certificates_are_generated_for_the_superlink(tmp_path):
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "superlink"} <= set(sans.get_values_for_type(x509.DNSName))
     assert paths["key"].stat().st_mode & 0o777 == 0o600
+
+
+def _flag(command: list[str], name: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in command if a.startswith(f"{name}=")]
+    return values[0] if values else None
+
+
+def test_flower_profile_admits_only_registered_supernodes_and_secret_holding_superexecs(
+        compose, tmp_path, monkeypatch):
+    """SuperNode authentication: the SuperLink admits only keys that the one-shot
+    supernode-auth service registered before any SuperNode starts, each SuperNode signs with
+    its own key; process isolation: every SuperLink/SuperNode has a SuperExec that holds the
+    same secret. Every /certs file these services read is one `python -m federated.certs`
+    writes with its defaults."""
+    from federated import certs
+
+    s = compose["services"]
+    secret = "/certs/superexec.secret"
+    link = s["superlink"]["command"]
+    assert {"--enable-supernode-auth", "--isolation=process"} <= set(link)
+    assert _flag(link, "--superexec-auth-secret-file") == secret
+    nodes = sorted(n for n in s if re.fullmatch(r"supernode-\d+", n))
+    assert nodes == ["supernode-0", "supernode-1"]
+
+    auth = s["supernode-auth"]
+    assert auth["restart"] == "no"  # others wait for it to complete
+    assert auth["command"][:3] == ["python", "-m", "federated.supernode_auth"]
+    assert (ROOT / "federated" / "supernode_auth.py").is_file()
+    assert _flag(auth["command"], "--superlink") == "superlink:9093"
+    assert _flag(auth["command"], "--root-certificates") == "/certs/ca.crt"
+    assert auth["depends_on"] == {"superlink": {"condition": "service_healthy"}}
+    registered = {a for a in auth["command"] if a.endswith(".pub")}
+    assert registered == {f"/certs/supernodes/{n}.pub" for n in nodes}
+
+    for name, svc in s.items():  # a service others wait to complete must not restart
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            if cond.get("condition") == "service_completed_successfully":
+                assert s[dep].get("restart") == "no", (name, dep)
+    for n in nodes:
+        cmd = s[n]["command"]
+        assert s[n]["depends_on"]["supernode-auth"] == {
+            "condition": "service_completed_successfully"}
+        assert _flag(cmd, "--auth-supernode-private-key") == f"/certs/supernodes/{n}.key"
+        assert "--isolation=process" in cmd and _flag(cmd, "--superexec-auth-secret-file") == \
+            secret
+        # its SuperExec shares its network namespace: the Runtime API stays on loopback
+        assert _flag(cmd, "--host") == "127.0.0.1"
+        executor = s[n.replace("supernode", "superexec")]
+        assert executor["network_mode"] == f"service:{n}"
+        assert executor["depends_on"][n]["restart"] is True
+        assert _flag(executor["command"], "--runtime-api-address") == \
+            f"127.0.0.1:{_flag(cmd, '--port')}"
+        assert _flag(executor["command"], "--superexec-auth-secret-file") == secret
+    executor = s["superexec-superlink"]["command"]
+    assert _flag(executor, "--runtime-api-address") == "superlink:9093"
+    assert _flag(executor, "--root-certificates") == "/certs/ca.crt"
+    assert _flag(executor, "--superexec-auth-secret-file") == secret
+    # the ServerApp runs under that SuperExec: it is the one that logs to MLflow
+    assert s["superexec-superlink"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+    out = tmp_path / "certs"
+    monkeypatch.setattr(sys, "argv", ["certs", str(out)])  # GENERATED's command, defaults
+    certs.main()
+    flower = [svc for svc in s.values() if "flower" in svc.get("profiles", [])]
+    read = {m for svc in flower for a in svc["command"] for m in re.findall(r"/certs/[\w./-]+", a)}
+    assert read and all((out / p.removeprefix("/certs/")).is_file() for p in read), read
+    assert all("./certs:/certs:ro" in svc["volumes"] for svc in flower)
