@@ -4,6 +4,14 @@ The spec (with `--set` overrides applied) is validated here, then written into t
 working directory with the paths a job cannot guess made absolute: the MLflow store (a
 sqlite file next to the submitter, unless a server URI is given) and Ray Train's storage.
 The entrypoint is the same `atoll run` a user would type.
+
+Against a cluster with Ray's token authentication on, every call here sends the token
+configured in RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN (see `cluster.auth`) as an explicit
+`Authorization` header. A missing, unreadable or refused token is a `RayAuthError` (one
+line, exit 2) raised when the client is made, before a spec file is written or anything
+is uploaded. The token never goes into the job (entrypoint, runtime_env, metadata, nor
+the uploaded working_dir when its file lies inside it): the job runs with the cluster's
+own environment.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from cluster import auth
 from core.spec import ExperimentSpec
 
 # What never goes into a job's working_dir (Ray uploads it to the cluster).
@@ -28,14 +37,20 @@ class JobsUnavailable(RuntimeError):
 
 
 def client(address: str) -> Any:
+    """A Job API client for `address`, authenticated when a token is configured."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        return JobSubmissionClient(address)
+    headers, found = auth.headers()  # a bad token file fails here, before any request
+    try:  # the constructor already asks the server for its version
+        return JobSubmissionClient(address, headers=headers or None)
     except ConnectionError:  # Ray's own: "Failed to connect to Ray at address: ..."
         raise JobsUnavailable(
             f"cannot reach the Ray Job API at {address}; start a cluster (ray start --head) "
             "or pass --address (or set RAY_ADDRESS) to its dashboard URL") from None
+    except AuthenticationError:  # 401 without a token, 403 with a wrong one
+        raise auth.refused(f"the Ray Job API at {address}", found,
+                           sent=found is not None) from None
 
 
 def resolved_for_job(spec: ExperimentSpec) -> ExperimentSpec:
@@ -67,7 +82,8 @@ def submit(spec: ExperimentSpec, address: str, working_dir: Path | None = None,
             try:
                 return c.submit_job(
                     entrypoint=f"{entrypoint_cmd} run {rel.as_posix()}",
-                    runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
+                    runtime_env={"working_dir": str(working_dir),
+                                 "excludes": EXCLUDES + auth.excludes_for(working_dir),
                                  "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
                     metadata={"atoll.name": spec.name, "atoll.mode": spec.mode})
             except RuntimeError as e:  # a head that just started has no job agent yet

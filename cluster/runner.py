@@ -10,7 +10,10 @@ selected checkpoint on the test set and registers it, exactly as a local run doe
 Outcomes: FINISHED; FAILED (RunFailed: one line with the cause and the last good
 checkpoint; a non-finite loss is never retried); KILLED on Ctrl-C (RunInterrupted says
 how to resume); refused before start (SpecError) for a resume whose settings changed or,
-inside a Ray job, for stores that would land in the job's throw-away working directory.
+inside a Ray job, for stores that would land in the job's throw-away working directory;
+refused before an MLflow run begins (RayAuthError, one line) by a cluster whose token
+authentication would refuse this driver (the token: RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN,
+see `cluster.auth`).
 """
 
 from __future__ import annotations
@@ -256,7 +259,7 @@ def _ray_connection(address: str | None, cpus: int) -> Iterator[None]:
     # the CLI lowers the "ray" logger unless -v; ray.init would reset it to INFO
     level = logging.getLogger("ray").getEffectiveLevel()
     if address:
-        ray.init(address=address, log_to_driver=True, logging_level=level)
+        _connect(address, level)
     else:
         temp = tempfile.mkdtemp(prefix="atoll-ray-")  # short: Ray's socket paths
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -269,6 +272,46 @@ def _ray_connection(address: str | None, cpus: int) -> Iterator[None]:
         ray.shutdown()
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _sent_token() -> tuple[Any, Any]:
+    """(the configured token, what Ray in this process will send: it, or None)."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    from cluster import auth
+
+    found = auth.token()  # a bad token file fails here, in one line
+    return found, found if get_authentication_mode() == AuthenticationMode.TOKEN else None
+
+
+def _check_auth(address: str) -> None:
+    """A cluster with Ray's token authentication that would refuse this driver is one line
+    naming the variable to set (`cluster.auth.RayAuthError`, exit 2), before an MLflow run
+    begins. Ray's driver says only "Failed to connect" after ~20 s of warnings, so the
+    cluster is asked first, with exactly what Ray will send (`auth.check_cluster`).
+
+    Ray sends the token itself when RAY_AUTH_MODE=token was set before ray was imported:
+    importing `cluster` sets it for a token in RAY_AUTH_TOKEN(_PATH) (`cluster.auth`).
+    """
+    from cluster import auth
+
+    found, sent = _sent_token()
+    auth.check_cluster(address, sent, found)
+
+
+def _connect(address: str, level: int) -> None:
+    """`ray.init(address)`; Ray's AuthenticationError becomes the one-line RayAuthError."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    from cluster import auth
+
+    try:
+        ray.init(address=address, log_to_driver=True, logging_level=level)
+    except AuthenticationError:
+        found, sent = _sent_token()
+        raise auth.refused(f"the Ray cluster at {address}", found,
+                           sent=sent is not None) from None
 
 
 def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
@@ -285,6 +328,9 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     root = storage_root(spec)
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir, restart)
+    address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
+    if address:  # a cluster that refuses us (token authentication) is told before a run
+        _check_auth(address)
     tracker = make_tracker(spec.tracking, spec.name, mode="cluster",
                            run_id=resumed.get("run_id") if resumed else None)
     try:

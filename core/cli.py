@@ -16,6 +16,8 @@ EXIT_SPEC = 2
 # loggers whose INFO lines are the libraries' bookkeeping, not the user's run (-v shows them)
 LIBRARY_LOGGERS = ("mlflow", "alembic", "ray", "flwr", "httpx", "urllib3", "filelock")
 EXIT_FAILED = 1
+# known failures that are a setting to fix before anything ran: exit 2, like a bad spec
+SETTING_FAILURES = {"RayAuthError"}
 DEMO_SPEC = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_FEDERATED = DEMO_SPEC.parent / "federated.yaml"
 DEMO_FCL = DEMO_SPEC.parent / "fcl.yaml"
@@ -74,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Submit `atoll run SPEC` to a Ray cluster's Job API. The "
                        "spec is validated and resolved here (absolute MLflow store and Ray "
                        "storage path) and shipped in the job's working directory (the current "
-                       "directory, without .venv, .git, mlruns*, mlartifacts, data caches).")
+                       "directory, without .venv, .git, mlruns*, mlartifacts, data caches). "
+                       "A cluster with Ray token authentication needs its token: set "
+                       "RAY_AUTH_TOKEN_PATH to a file holding it (or RAY_AUTH_TOKEN).")
     _spec_args(p)
     _address_arg(p)
     p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
@@ -82,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs",
                        description="Ray jobs on a cluster: list | status ID | logs ID "
-                       "[--follow] | stop ID.")
+                       "[--follow] | stop ID. With Ray token authentication on, the token "
+                       "comes from RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN).")
     jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     for name, hlp in (("list", "all jobs"), ("status", "one job's status"),
                       ("logs", "one job's logs"), ("stop", "stop a job")):
@@ -278,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         if known is None:
             raise
         print(f"atoll: error: {known}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_SPEC if type(e).__name__ in SETTING_FAILURES else EXIT_FAILED
 
 
 def _known_failure(e: Exception) -> str | None:
     """A one-line message for failures with a defined behaviour; None means a real bug."""
     names = {"RunFailed", "TrackingUnavailable", "DataUnavailable", "CheckpointError",
-             "JobsUnavailable", "NothingToRegister"}
+             "JobsUnavailable", "NothingToRegister", *SETTING_FAILURES}
     return str(e) if type(e).__name__ in names else None
 
 

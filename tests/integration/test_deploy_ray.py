@@ -1,15 +1,25 @@
-"""Two Ray nodes on one machine: a head and a second node joined with `ray start --address`,
-each with 1 CPU and its own ports. A DDP job with STRICT_SPREAD placement puts one worker
-on each node; both write checkpoints to one shared storage path. Both nodes are stopped
-by their own pids.
+"""Two Ray nodes on one machine with Ray's token authentication on: a head and a second
+node joined with `ray start --address`, each with 1 CPU and its own ports, both started
+with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH naming a 0600 file this module writes.
+
+A DDP job with STRICT_SPREAD placement puts one worker on each node; both write
+checkpoints to one shared storage path. Around it: an unauthenticated `ray job submit` is
+refused; `atoll submit` / `atoll jobs` without a token, with a wrong one or with a bad
+token file fail in one line (exit 2) before anything is written or uploaded; with the
+token (only ever as RAY_AUTH_TOKEN_PATH in the environment) they work, and the token shows
+up in no output, log, spec file, job record or MLflow store. Both nodes are stopped by
+their own pids (core.procs), never by name.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,21 +32,41 @@ from tests.conftest import CONFIGS
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+# the smallest job: one epoch on a slice of digits, nothing registered (the DDP test is the
+# one that runs Ray Train through an authenticated job)
+SMALL = ["--set", "train.epochs=1", "--set", "data.limit=256", "--set", "train.progress=off",
+         "--set", "tracking.log_model=false", "--set", "tracking.experiment=tests-auth"]
+CLUSTER = ["--set", "mode=cluster"]
 
 
 def _node_ports() -> list[str]:
-    """Every port a Ray node opens, chosen free (another Ray may run on this machine)."""
+    """Every port a Ray node opens, chosen free (another Ray may run on this machine).
+    The Ray client server's default port (10001) is fixed: another head would collide."""
     names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
-             "object-manager-port")
+             "object-manager-port", "ray-client-server-port")
     return [f"--{n}={free_port()}" for n in names]
+
+
+def _write_secret(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return path
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
     tmp = tempfile.mkdtemp(prefix="atoll-mn-")  # short: Ray's socket paths
+    token = secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
+    token_file = _write_secret(Path(tmp) / "auth_token", token)
     port, dash = free_port(), free_port()
-    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           # token auth on every node; the token itself only in the file
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "RAY_AUTH_TOKEN": "",  # Ray ignores an empty one; it would win over the file
+           # the dashboard's modules get 30 s to start, too few on a loaded 2-core machine
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
     common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     head_log, node_log = Path(tmp) / "head.log", Path(tmp) / "node.log"
     head = start([str(BIN / "ray"), "start", "--head", *common, f"--port={port}",
@@ -45,11 +75,13 @@ def two_nodes():
     node = None
     try:
         http = f"http://127.0.0.1:{dash}"
-        wait_http(f"{http}/api/version", head, head_log, timeout=120)
+        # public without a token (/api/version needs one)
+        wait_http(f"{http}/api/gcs_healthz", head, head_log, timeout=240)
         node = start([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common,
                       *_node_ports()], node_log, env=env, cwd=Path(tmp))
-        _wait_for_nodes(http, 2, node, node_log)
-        yield {"http": http, "tmp": tmp}
+        _wait_for_nodes(http, token, 2, node, node_log)
+        yield {"http": http, "gcs": f"127.0.0.1:{port}", "tmp": Path(tmp), "token": token,
+               "token_file": token_file}
     finally:
         if node is not None:
             stop(node)
@@ -57,21 +89,23 @@ def two_nodes():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive_nodes(http: str) -> list[str]:
-    from ray.util.state import list_nodes
+def _alive_nodes(http: str, token: str) -> list[str]:
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
-    return [n.node_id for n in list_nodes(address=http) if n.state == "ALIVE"]
+    c = StateApiClient(address=http, headers={"Authorization": f"Bearer {token}"})
+    return [n.node_id for n in c.list(StateResource.NODES, options=ListApiOptions(),
+                                      raise_on_missing_output=False) if n.state == "ALIVE"]
 
 
-def _wait_for_nodes(http: str, count: int, proc, log: Path, timeout: float = 120) -> None:
-    import time
-
+def _wait_for_nodes(http: str, token: str, count: int, proc, log: Path,
+                    timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(log.read_text(errors="replace")[-3000:])
         try:
-            if len(_alive_nodes(http)) >= count:
+            if len(_alive_nodes(http, token)) >= count:
                 return
         except Exception:  # the state API may not answer in the first seconds
             pass
@@ -79,9 +113,91 @@ def _wait_for_nodes(http: str, count: int, proc, log: Path, timeout: float = 120
     raise TimeoutError(log.read_text(errors="replace")[-3000:])
 
 
-def test_ddp_job_spreads_over_both_nodes_with_shared_checkpoints(two_nodes, tmp_path):
+@pytest.fixture
+def with_token(two_nodes, monkeypatch):
+    """This process authenticates the way a user would: RAY_AUTH_TOKEN_PATH only."""
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(two_nodes["token_file"]))
+    return two_nodes
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A user's environment with no Ray token anywhere: no RAY_AUTH_* variables and a HOME
+    without ~/.ray/auth_token. `extra` adds what a test gives it."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    return {**env, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            **extra}
+
+
+def _atoll(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600
+           ) -> subprocess.CompletedProcess:
+    """The installed console script, as a user types it."""
+    return subprocess.run([str(BIN / "atoll"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, check=False)
+
+
+def _one_line(out: subprocess.CompletedProcess) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr + out.stdout, \
+        out.stdout[-2000:] + out.stderr[-3000:]
+    return lines[0]
+
+
+def _job_ids(http: str, token_file: Path, monkeypatch) -> set[str]:
+    with monkeypatch.context() as m:
+        m.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+        return {row["id"] for row in jobs.listing(http)}
+
+
+def _files_holding(root: Path, needle: str, skip: Path | None = None) -> list[str]:
+    """Every file under `root` whose bytes contain `needle`."""
+    found = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p != skip:
+            try:
+                if needle.encode() in p.read_bytes():
+                    found.append(str(p))
+            except OSError:
+                continue
+    return found
+
+
+def _assert_token_hidden(two_nodes, job_id: str, workdir: Path,
+                         *outputs: subprocess.CompletedProcess,
+                         token_file: Path | None = None) -> None:
+    """The token is in no command output, in nothing the job carries (entrypoint,
+    metadata, runtime_env), not in its logs, not in the working dir (the submitted spec
+    file, the MLflow store and artifacts; `token_file` aside) and nowhere in Ray's session
+    folder (its logs, the job's unpacked working_dir)."""
+    token = two_nodes["token"]
+    for out in outputs:
+        assert token not in out.stdout + out.stderr
+    c = jobs.client(two_nodes["http"])  # authenticated: the caller set RAY_AUTH_TOKEN_PATH
+    info = c.get_job_info(job_id)
+    assert token not in repr((info.entrypoint, info.metadata, info.runtime_env))
+    assert token not in c.get_job_logs(job_id)
+    submitted = list((workdir / ".atoll" / "submit").glob("*.yaml"))
+    assert submitted and all(token not in p.read_text() for p in submitted)
+    assert _files_holding(workdir, token, skip=token_file) == []
+    assert _files_holding(two_nodes["tmp"], token, skip=two_nodes["token_file"]) == []
+
+
+def _mlflow_run(workdir: Path, experiment: str):
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns.db'}")
+    run, = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def test_ddp_job_spreads_over_both_nodes_with_shared_checkpoints(with_token, tmp_path):
+    """The multi-node DDP job through `jobs.submit` authenticated by RAY_AUTH_TOKEN_PATH
+    alone (this process imported ray without RAY_AUTH_MODE)."""
+    two_nodes = with_token
     shared = tmp_path / "shared"
     spec = load_spec(CONFIGS / "demo.yaml", [
         "mode=cluster", "name=spread", "train.epochs=2", "train.progress=off",
@@ -93,11 +209,119 @@ def test_ddp_job_spreads_over_both_nodes_with_shared_checkpoints(two_nodes, tmp_
     assert final == "SUCCEEDED", jobs.client(two_nodes["http"]).get_job_logs(job)[-4000:]
     workers = shared / "spread" / "workers"
     placed = {(workers / f"rank-{r}.node").read_text() for r in (0, 1)}
-    assert len(placed) == 2 and placed <= set(_alive_nodes(two_nodes["http"]))
+    assert len(placed) == 2 and placed <= set(_alive_nodes(two_nodes["http"],
+                                                           two_nodes["token"]))
     # both ranks recorded themselves in the one storage path; the checkpoints are there too
     assert len(list((shared / "spread").glob("checkpoint_*/state.ckpt"))) >= 1
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    exp = client.get_experiment_by_name("tests-multinode")
-    run, = client.search_runs([exp.experiment_id])
+    run = _mlflow_run(tmp_path, "tests-multinode")
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] > 0.8
     assert run.data.params["cluster.placement"] == "STRICT_SPREAD"
+    token = two_nodes["token"]
+    assert token not in repr((run.data.params, run.data.tags))
+    _assert_token_hidden(two_nodes, job, tmp_path)
+
+
+def test_unauthenticated_ray_job_submit_is_refused(two_nodes, tmp_path, monkeypatch):
+    """Ray's own CLI without a token: refused with 401, and no job exists afterwards."""
+    before = _job_ids(two_nodes["http"], two_nodes["token_file"], monkeypatch)
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", two_nodes["http"], "--",
+         "python", "-c", "'print(1)'"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=300,
+        check=False)
+    assert out.returncode != 0
+    assert "Unauthorized: Missing authentication token" in out.stdout + out.stderr
+    assert _job_ids(two_nodes["http"], two_nodes["token_file"], monkeypatch) == before
+
+
+def test_atoll_without_a_token_fails_in_one_line_before_writing(two_nodes, tmp_path,
+                                                                monkeypatch):
+    """`atoll submit` and `atoll jobs list`: exit 2, one line naming RAY_AUTH_TOKEN_PATH;
+    submit leaves no spec file behind and no job on the cluster."""
+    before = _job_ids(two_nodes["http"], two_nodes["token_file"], monkeypatch)
+    out = _atoll("submit", str(CONFIGS / "demo.yaml"), *CLUSTER, *SMALL,
+                 "--address", two_nodes["http"], cwd=tmp_path, env=_env(tmp_path))
+    assert out.returncode == 2, out.stdout + out.stderr[-3000:]
+    line = _one_line(out)
+    assert line.startswith(f"atoll: error: the Ray Job API at {two_nodes['http']} requires "
+                           "a token"), line
+    assert "set RAY_AUTH_TOKEN_PATH" in line and "RAY_AUTH_TOKEN)" in line
+    assert not (tmp_path / ".atoll").exists()
+    listed = _atoll("jobs", "list", "--address", two_nodes["http"], cwd=tmp_path,
+                    env=_env(tmp_path))
+    assert listed.returncode == 2 and "set RAY_AUTH_TOKEN_PATH" in _one_line(listed)
+    assert _job_ids(two_nodes["http"], two_nodes["token_file"], monkeypatch) == before
+
+
+@pytest.mark.parametrize("problem", ["wrong", "missing"])
+def test_a_bad_token_is_refused_in_one_line(two_nodes, tmp_path, monkeypatch, problem):
+    """A token the cluster refuses (403), or a RAY_AUTH_TOKEN_PATH without a token file: one
+    line naming the variable and the file, exit 2, nothing written, no job. (An empty or
+    unreadable file: tests/unit/test_ray_auth.py.)"""
+    path = tmp_path / "token"
+    if problem == "wrong":
+        _write_secret(path, secrets.token_hex(32))
+    before = _job_ids(two_nodes["http"], two_nodes["token_file"], monkeypatch)
+    out = _atoll("submit", str(CONFIGS / "demo.yaml"), *CLUSTER, *SMALL,
+                 "--address", two_nodes["http"], cwd=tmp_path,
+                 env=_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(path)))
+    assert out.returncode == 2, out.stdout + out.stderr[-3000:]
+    line = _one_line(out)
+    assert f"RAY_AUTH_TOKEN_PATH ({path})" in line, line
+    expected = {"wrong": f"the Ray Job API at {two_nodes['http']} refused the token",
+                "missing": "the token file does not exist"}[problem]
+    assert expected in line, line
+    assert not (tmp_path / ".atoll").exists()
+    assert _job_ids(two_nodes["http"], two_nodes["token_file"], monkeypatch) == before
+
+
+def test_authenticated_atoll_submit_succeeds_and_never_shows_the_token(with_token, tmp_path):
+    """`atoll submit --wait` with only RAY_AUTH_TOKEN_PATH set (no RAY_AUTH_MODE): the job
+    trains and is tracked; `atoll jobs list` sees it; the token is nowhere to be read, not
+    even from the token file kept inside the working dir that the job uploads.
+    A local-mode spec: the job's driver trains in the job, the smallest job there is."""
+    two_nodes = with_token
+    (tmp_path / ".secrets").mkdir()
+    token_file = _write_secret(tmp_path / ".secrets" / "ray_token", two_nodes["token"])
+    env = _env(tmp_path, RAY_AUTH_TOKEN_PATH=str(token_file))
+    out = _atoll("submit", str(CONFIGS / "demo.yaml"), *SMALL, "--set", "name=auth-small",
+                 "--address", two_nodes["http"], "--wait", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "SUCCEEDED" in out.stdout
+    job_id = out.stdout.split("submitted: ")[1].split()[0]
+    listed = _atoll("jobs", "list", "--address", two_nodes["http"], cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert any(line.split()[:2] == [job_id, "SUCCEEDED"] for line in listed.stdout.splitlines())
+    run = _mlflow_run(tmp_path, "tests-auth")
+    assert run.info.status == "FINISHED"
+    assert two_nodes["token"] not in repr((run.data.params, run.data.tags))
+    _assert_token_hidden(two_nodes, job_id, tmp_path, out, listed, token_file=token_file)
+    # that scan saw the upload: the job's unpacked working dir is in the session folder
+    spec_file, = (tmp_path / ".atoll" / "submit").glob("auth-small-*.yaml")
+    unpacked = [p.parent.parent.parent for p in two_nodes["tmp"].rglob(spec_file.name)]
+    assert unpacked and not any((u / ".secrets" / "ray_token").exists() for u in unpacked)
+
+
+def test_a_driver_reaches_an_authenticated_cluster_only_with_the_token(two_nodes, tmp_path):
+    """`atoll run` in cluster mode with RAY_ADDRESS at the cluster's GCS and no token: one
+    line naming the variables, exit 2, no MLflow run begun (not Ray's 20 s of retries and
+    warnings). With RAY_AUTH_TOKEN_PATH alone (no RAY_AUTH_MODE) the same driver code
+    (`cluster.runner`: the check `run_cluster` makes, then `_ray_connection`) connects:
+    importing `cluster` turned token mode on before ray was imported."""
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), *CLUSTER, *SMALL, cwd=tmp_path,
+                 env=_env(tmp_path, RAY_ADDRESS=two_nodes["gcs"]), timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    line = _one_line(out)
+    assert line.startswith(f"atoll: error: the Ray cluster at {two_nodes['gcs']} requires "
+                           "a token"), line
+    assert "set RAY_AUTH_TOKEN_PATH" in line
+    assert not (tmp_path / "mlruns.db").exists()
+    driver = ("from cluster import runner\nimport ray\n"
+              f"runner._check_auth({two_nodes['gcs']!r})\n"
+              f"with runner._ray_connection({two_nodes['gcs']!r}, 1):\n"
+              "    print('nodes', len([n for n in ray.nodes() if n['Alive']]))\n")
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300, check=False,
+                         env=_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(two_nodes["token_file"])))
+    assert out.returncode == 0 and "nodes 2" in out.stdout, out.stderr[-3000:]
+    assert two_nodes["token"] not in out.stdout + out.stderr
