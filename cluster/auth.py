@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,9 +159,48 @@ def check_cluster(address: str, sent: Token | None, found: Token | None,
                               sent=sent is not None) from None
 
 
+def new_token(path: Path) -> Path:
+    """Write a fresh token (64 hex characters, as Ray's own generator makes) to `path`,
+    created 0600 from the first byte; an existing file is replaced (rotation)."""
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cluster.auth PATH`: a new cluster token file (docker/secrets/ray_token)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m cluster.auth",
+        description="Write a new Ray cluster token to PATH (0600). Start every Ray node "
+                    f"with {MODE_VAR}=token and {PATH_VAR}=PATH; give submitters the file.")
+    ap.add_argument("path", type=Path, help="where to write the token, e.g. "
+                    "docker/secrets/ray_token")
+    args = ap.parse_args(argv)
+    try:
+        print(f"token: {new_token(args.path)}")  # the path, never the value
+    except OSError as e:
+        print(f"python -m cluster.auth: {args.path}: cannot write ({e.strerror})",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 def token_mode_for_ray() -> None:
     """RAY_AUTH_MODE=token for this process when a token is configured and no mode is set
     (before ray is imported; see the module docstring)."""
     configured = os.environ.get(TOKEN_VAR, "").strip() or os.environ.get(PATH_VAR, "")
     if configured and MODE_VAR not in os.environ:
         os.environ[MODE_VAR] = "token"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

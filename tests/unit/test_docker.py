@@ -230,3 +230,27 @@ def test_flower_profile_admits_only_registered_supernodes_and_secret_holding_sup
     read = {m for svc in flower for a in svc["command"] for m in re.findall(r"/certs/[\w./-]+", a)}
     assert read and all((out / p.removeprefix("/certs/")).is_file() for p in read), read
     assert all("./certs:/certs:ro" in svc["volumes"] for svc in flower)
+
+
+def test_every_ray_node_runs_with_token_auth_from_a_generated_secret(compose, tmp_path):
+    """The Job API runs arbitrary code: the head and every worker need the token, which
+    comes from a git-ignored file that `python -m cluster.auth` writes (0600), never from
+    the compose file or .env; the head's healthcheck uses the one route without auth."""
+    from cluster.auth import main
+
+    for name in ("ray-head", "ray-worker"):
+        svc = compose["services"][name]
+        env = svc["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", name
+        assert env["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_token", name
+        assert "RAY_AUTH_TOKEN" not in env and svc["secrets"] == ["ray_token"], name
+    assert "/api/gcs_healthz" in " ".join(compose["services"]["ray-head"]["healthcheck"]["test"])
+    source = compose["secrets"]["ray_token"]["file"]
+    assert source == "./secrets/ray_token"
+    assert "docker/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "python -m cluster.auth docker/secrets/ray_token" in COMPOSE.read_text()
+    out = tmp_path / "secrets" / "ray_token"
+    assert main([str(out)]) == 0
+    token = out.read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and out.stat().st_mode & 0o777 == 0o600
+    assert main([str(out)]) == 0 and out.read_text().strip() != token  # rotation
