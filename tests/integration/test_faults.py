@@ -25,9 +25,9 @@ from core.runner import RunFailed
 from core.spec import load_spec
 from federated.simulation import run_federated
 from tests.conftest import CONFIGS
-from tests.integration.test_federated import no_leftovers  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.integration
+# one Ray head for the module's federations (tests/integration/conftest.py)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 
 ATOLL = Path(sys.executable).parent / "atoll"
 SMALL = ["train.progress=off", "tracking.experiment=tests-faults", "federated.num_clients=4",

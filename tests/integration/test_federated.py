@@ -1,7 +1,8 @@
 """Real Flower simulations (SuperLink + flwr run + Ray), tracked in a real sqlite MLflow.
 
-Each `run_federated` call starts and stops its own SuperLink; every test checks that no
-process it started is left behind.
+Each `run_federated` call starts and stops its own SuperLink; the clients run on one Ray
+head the module shares (`shared_ray`); every test checks that no process it started is
+left behind.
 """
 
 from __future__ import annotations
@@ -24,49 +25,10 @@ from core.runner import RunFailed
 from core.spec import load_spec
 from federated.simulation import run_federated
 from tests.conftest import CONFIGS, ROOT
+from tests.integration.conftest import start_head
 
-pytestmark = pytest.mark.integration
-
-MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp",
-           "raylet", "gcs_server", "ray::", "default_worker.py")
-
-
-def _ours() -> dict[int, str]:
-    """Flower/Ray processes of this checkout's environment (its venv in their command line
-    or PATH), by pid — not other checkouts' or other users' runs on the same machine."""
-    venv_bin = str(Path(sys.executable).parent).encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            raw = (entry / "cmdline").read_bytes()
-            cmd = raw.replace(b"\0", b" ").decode(errors="replace")
-            if not any(m in cmd for m in MARKERS):
-                continue
-            if venv_bin not in raw and venv_bin not in (entry / "environ").read_bytes():
-                continue
-        except OSError:
-            continue
-        found[int(entry.name)] = cmd[:120]
-    return found
-
-
-@pytest.fixture
-def no_leftovers():
-    """Fail if a Flower/Ray process that the test started is still running afterwards."""
-    before = set(_ours())
-    yield
-    import time
-
-    deadline = time.monotonic() + 10
-    while (left := {p: c for p, c in _ours().items() if p not in before}) and \
-            time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left behind: {left}"
-
+# one Ray head for the module's federations (tests/integration/conftest.py)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 
 def fl_spec(*overrides: str):
     base = ["train.progress=off", "tracking.experiment=tests-fl"]
@@ -165,18 +127,11 @@ def _attacked(partition: list[str]) -> dict[str, float]:
     return out
 
 
-def test_robust_aggregation_resists_sign_flip_on_iid_data():
-    attacked = _attacked(["federated.partition.method=iid"])
-    print(f"\ntest accuracy under 20% sign-flip, IID: {attacked}")
-    assert attacked["clean"] >= 0.9
-    assert attacked["fedmedian"] >= attacked["clean"] - 0.05
-    assert attacked["krum"] >= attacked["clean"] - 0.05
-    assert attacked["fedavg"] < attacked["clean"] - 0.05  # the attack does bite FedAvg
-
-
 def test_robust_aggregation_under_sign_flip_on_non_iid_data():
     """Dirichlet α = 0.5: honest updates disagree too, so robust rules pay for their
-    robustness (Krum keeps one client's update); they must still beat attacked FedAvg."""
+    robustness (Krum keeps one client's update); they must still beat attacked FedAvg.
+    (The IID variant of this comparison was dropped for suite time: non-IID data is the
+    harder case for the robust rules, and the one federations meet.)"""
     attacked = _attacked(["federated.partition.method=dirichlet",
                           "federated.partition.alpha=0.5"])
     print(f"\ntest accuracy under 20% sign-flip, Dirichlet 0.5: {attacked}")
@@ -269,44 +224,24 @@ def test_flwr_run_dot_works_and_leaves_nothing_behind(tmp_path, no_leftovers):
 def test_federation_reuses_an_existing_ray_cluster(tmp_path, no_leftovers):
     """RAY_ADDRESS set: the clients run on that cluster, which outlives the federation."""
     ray_tmp = tempfile.mkdtemp(prefix="atoll-rh-")
-    port = free_port()
-    log = tmp_path / "ray-head.log"
-    bin_dir = Path(sys.executable).parent
-    head = start([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2",
-                  "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={ray_tmp}",
-                  "--include-dashboard=false", "--disable-usage-stats"], log)
+    head, address = start_head(ray_tmp, tmp_path / "ray-head.log")
     try:
-        address = f"127.0.0.1:{port}"
-        _wait_ray(address, head, log)
+        was = os.environ.get("RAY_ADDRESS")  # the module's shared head
         os.environ["RAY_ADDRESS"] = address
         try:
             spec = fl_spec("federated.rounds=2", "federated.num_clients=3",
                            "federated.fraction_evaluate=0", "tracking.log_model=false")
             result = run_federated(spec)
         finally:
-            del os.environ["RAY_ADDRESS"]
+            os.environ.pop("RAY_ADDRESS")
+            if was is not None:
+                os.environ["RAY_ADDRESS"] = was
         assert result.epochs == 2 and result.history[-1]["participants"] == 3
         assert head.poll() is None  # the cluster we were given is still up
         assert "ClientAppActor" in _ray_log_text(ray_tmp)  # clients ran on it
     finally:
         stop(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _wait_ray(address: str, head: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address="
-                                f"'{address}', log_to_driver=False); ray.shutdown()"],
-                               capture_output=True, timeout=60, check=False)
-        if probe.returncode == 0:
-            return
-        time.sleep(1)
-    raise TimeoutError(log.read_text()[-3000:])
 
 
 def _ray_log_text(ray_tmp: str) -> str:

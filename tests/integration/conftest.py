@@ -1,0 +1,118 @@
+"""Fixtures for modules that run many federations: one Ray head they all share, and a
+guard that a test leaves none of its Flower/Ray processes behind.
+
+A Flower simulation started without RAY_ADDRESS starts (and stops) a Ray of its own, about
+11 s of every run on two cores; `atoll run` with RAY_ADDRESS set runs the clients on that
+cluster instead (a supported mode, tested on its own in test_federated). `shared_ray`
+starts one `ray start --head` for a module and points RAY_ADDRESS at it, so the module's
+federations only connect. The head and the workers it forks stay in its process group;
+`no_leftovers` ignores that group and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from core.procs import free_port, start, stop
+
+MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp",
+           "raylet", "gcs_server", "ray::", "default_worker.py")
+SHARED_GROUPS: set[int] = set()  # process groups of shared heads: not a test's leftovers
+
+
+def ours() -> dict[int, str]:
+    """Flower/Ray processes of this checkout's environment (its venv in their command line
+    or PATH), by pid — not other checkouts' or other users' runs on the same machine."""
+    venv_bin = str(Path(sys.executable).parent).encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            raw = (entry / "cmdline").read_bytes()
+            cmd = raw.replace(b"\0", b" ").decode(errors="replace")
+            if not any(m in cmd for m in MARKERS):
+                continue
+            if venv_bin not in raw and venv_bin not in (entry / "environ").read_bytes():
+                continue
+            if os.getpgid(int(entry.name)) in SHARED_GROUPS:
+                continue
+        except OSError:
+            continue
+        found[int(entry.name)] = cmd[:120]
+    return found
+
+
+@pytest.fixture
+def no_leftovers():
+    """Fail if a Flower/Ray process that the test started is still running afterwards."""
+    before = set(ours())
+    yield
+    deadline = time.monotonic() + 10
+    while (left := {p: c for p, c in ours().items() if p not in before}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {left}"
+
+
+def wait_ray(address: str, head: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    """Until a driver can connect to the head at `address`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address="
+                                f"'{address}', log_to_driver=False); ray.shutdown()"],
+                               capture_output=True, timeout=60, check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+def start_head(ray_tmp: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """A 2-CPU Ray head without a dashboard on free loopback ports; (process, address)."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    head = start([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2",
+                  "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={ray_tmp}",
+                  f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
+                  "--disable-usage-stats"], log)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_ray(address, head, log)
+    except BaseException:
+        stop(head)
+        raise
+    return head, address
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One Ray head for the module's federations (RAY_ADDRESS), stopped by its pid."""
+    ray_tmp = tempfile.mkdtemp(prefix="atoll-rs-")  # short: Ray's socket paths
+    head, address = start_head(ray_tmp, Path(ray_tmp) / "head.log")
+    group = os.getpgid(head.pid)
+    SHARED_GROUPS.add(group)
+    was = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        if was is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = was
+        SHARED_GROUPS.discard(group)
+        stop(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
