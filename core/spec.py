@@ -682,6 +682,14 @@ def _annotation_at(path: list[str]) -> Any:
     return cls
 
 
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _optional(ann: Any) -> bool:
+    return typing.get_origin(ann) in (typing.Union, types.UnionType) and \
+        type(None) in typing.get_args(ann)
+
+
 def _is_stringish(ann: Any) -> bool:
     """True when a `--set` value should stay the raw string (str, Path, string Literals)."""
     if ann in (str, Path):
@@ -704,8 +712,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. federated.rounds=20")
             continue
         path = key.strip().split(".")
-        if _is_stringish(_annotation_at(path)):
-            value: Any = raw
+        ann = _annotation_at(path)
+        if _is_stringish(ann):  # YAML's null spellings still clear an optional string
+            value: Any = None if raw in YAML_NULLS and _optional(ann) else raw
         else:
             try:
                 value = yaml.safe_load(raw) if raw != "" else None

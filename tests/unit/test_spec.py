@@ -237,3 +237,13 @@ def test_restore_best_defaults_to_true():
     assert load_spec(None).train.early_stopping.restore_best is True
     assert load_spec(None, ["train.early_stopping.restore_best=false"]
                      ).train.early_stopping.restore_best is False
+
+
+@pytest.mark.parametrize("raw", ["null", "~"])
+def test_set_null_clears_an_optional_string_field(raw):
+    """`--set tracking.registered_model=null` turns registration off; it registered a model
+    literally named 'null' (found in test_federated's fault test)."""
+    spec = load_spec(None, [f"tracking.registered_model={raw}"])
+    assert spec.tracking.registered_model is None
+    assert load_spec(None, ["tracking.registered_model=nullable"]).tracking.registered_model \
+        == "nullable"
