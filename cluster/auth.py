@@ -164,14 +164,9 @@ def new_token(path: Path) -> Path:
     created 0600 from the first byte; an existing file is replaced (rotation)."""
     import secrets
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    os.replace(tmp, path)
-    return path
+    from core.private_files import write_private
+
+    return write_private(path, (secrets.token_hex(32) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,20 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 
+from core.private_files import write_private
+
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "superlink")
 DEFAULT_SUPERNODES = 2
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` readable by the owner only, from the first byte on."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its old mode under O_CREAT
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def generate(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365) -> dict[str, Path]:
@@ -78,7 +71,7 @@ def generate(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365)
     paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM,
+    write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM,
                                                    serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
     return paths
@@ -93,7 +86,7 @@ def supernode_keypair(private: Path) -> Path:
 
     private.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())  # Flower's own choice of curve
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM,
+    write_private(private, key.private_bytes(serialization.Encoding.PEM,
                                               serialization.PrivateFormat.OpenSSH,
                                               serialization.NoEncryption()))
     pub = private.with_suffix(".pub")
@@ -115,7 +108,7 @@ def superexec_secret(out: Path) -> Path:
     """A random shared secret, `out/superexec.secret` (0600; Flower reads the raw bytes)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "superexec.secret"
-    _write_private(path, secrets.token_hex(32).encode())
+    write_private(path, secrets.token_hex(32).encode())
     return path
 
 
