@@ -27,6 +27,7 @@ from core.procs import free_port, start, stop, wait_http
 from core.runner import RunFailed, RunResult, check_writable
 from core.spec import ExperimentSpec, SpecError
 from federated import records as R
+from federated.app_bundle import stage_app
 from federated.server import RESULT_FILE, run_dir_for
 from federated.task import rounds_per_task
 
@@ -160,6 +161,14 @@ class Federation:
         if self.ray_address:
             self.env["RAY_ADDRESS"] = self.ray_address
         self.proc: subprocess.Popen | None = None
+        self._app: Path | None = None
+
+    @property
+    def app(self) -> Path:
+        """atoll's Flower App, staged once per federation (see federated.app_bundle)."""
+        if self._app is None:
+            self._app = stage_app(self.work / "app")
+        return self._app
 
     def __enter__(self) -> Federation:
         self.proc = start([_bin("flower-superlink"), "--insecure", "--simulation", "--host",
@@ -293,7 +302,7 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
                  fed.ray_address or "started for this run",
                  f", resuming {mode}" if mode else "", log_file)
         try:
-            code = fed.run(R.app_dir(), run_config, log_file,
+            code = fed.run(fed.app, run_config, log_file,
                            quiet=spec.train.progress == "off",
                            stop_file=run_dir / R.STOP_FILE, result_file=run_dir / RESULT_FILE)
         except KeyboardInterrupt:
