@@ -3,14 +3,16 @@ guard that a test leaves none of its Flower/Ray processes behind.
 
 A Flower simulation started without RAY_ADDRESS starts (and stops) a Ray of its own, about
 11 s of every run on two cores; `atoll run` with RAY_ADDRESS set runs the clients on that
-cluster instead (a supported mode, tested on its own in test_federated). `shared_ray`
-starts one `ray start --head` for a module and points RAY_ADDRESS at it, so the module's
-federations only connect. The head and the workers it forks stay in its process group;
+cluster instead (a supported mode: test_federated checks that the clients ran on this
+head and that it outlives the federation; `make demo`'s test covers a run's own Ray).
+`shared_ray` starts one `ray start --head` for a module and points RAY_ADDRESS at it, so
+the module's federations only connect. The head and the workers it forks stay in its process group;
 `no_leftovers` ignores that group and nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -97,6 +99,19 @@ def start_head(ray_tmp: str, log: Path) -> tuple[subprocess.Popen, str]:
     return head, address
 
 
+@dataclasses.dataclass
+class SharedRay:
+    address: str
+    head: subprocess.Popen
+    tmp: Path  # its --temp-dir: session logs
+
+    def log_text(self) -> str:
+        """Every log the cluster's processes wrote (which actors ran on it)."""
+        return "\n".join(p.read_text(errors="replace")
+                         for p in self.tmp.glob("session_*/logs/*")
+                         if p.is_file() and p.suffix in (".out", ".err", ".log"))
+
+
 @pytest.fixture(scope="module")
 def shared_ray():
     """One Ray head for the module's federations (RAY_ADDRESS), stopped by its pid."""
@@ -107,7 +122,7 @@ def shared_ray():
     was = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
     try:
-        yield address
+        yield SharedRay(address, head, Path(ray_tmp))
     finally:
         if was is None:
             os.environ.pop("RAY_ADDRESS", None)

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from core.checkpoint import load
 from core.runner import RunFailed
-from core.spec import load_spec
+from core.spec import SpecError, load_spec
 from federated.simulation import run_federated
 from tests.conftest import CONFIGS
 
@@ -123,9 +123,11 @@ def test_server_dp_refuses_rounds_with_failed_clients():
     for r, c in zip(h, crashed, strict=True):
         if c:  # refused: no release, ε unchanged
             assert r.get("dp_epsilon", 0.0) == eps
-        else:
+        else:  # every release spends privacy: ε grows
             assert r["dp_epsilon"] > eps
             eps = r["dp_epsilon"]
+    params = _store().get_run(result.run_id).data.params
+    assert params["federated.privacy.noise_multiplier"] == "0.1"
 
 
 def test_ctrl_c_ends_the_federation_killed_and_resume_logs_every_round_once(tmp_path):
@@ -168,20 +170,31 @@ def test_ctrl_c_ends_the_federation_killed_and_resume_logs_every_round_once(tmp_
 
 @pytest.mark.usefixtures("no_leftovers")
 def test_resumed_continual_federation_equals_an_uninterrupted_one():
-    """Clients' EWC/replay memories survive the end of a Flower run (client-states/)."""
+    """Resuming restores everything a round depends on: the model, FedAdam's moments, the
+    client sampler, and the clients' EWC/replay memories, which outlive the Flower run
+    (client-states/). Resumed by MLflow run id, into the same MLflow run, each round
+    logged once; a resume with another strategy is refused before anything starts."""
     common = ["federated.rounds_per_task=2", "continual.n_tasks=2", "federated.num_clients=3",
-              "tracking.log_model=false", "federated.local_epochs=1"]
+              "federated.fraction_fit=0.6", "federated.strategy=fedadam",
+              "federated.server_lr=0.05", "tracking.log_model=false",
+              "federated.local_epochs=1"]
     full = run_federated(fl("name=fcl-full", "federated.rounds=4", *common,
                             config="fcl.yaml"))
     part = run_federated(fl("name=fcl-part", "federated.rounds=2", *common,
                             config="fcl.yaml"))
+    assert [h["participants"] for h in part.history] == [2, 2]  # sampled 2 of 3
+    changed = fl("name=fcl-part", "federated.rounds=4", *common, "federated.strategy=fedavg",
+                 config="fcl.yaml")
+    with pytest.raises(SpecError, match="federated.strategy"):
+        run_federated(changed, resume="latest")
     resumed = run_federated(fl("name=fcl-part", "federated.rounds=4", *common,
-                               config="fcl.yaml"), resume="latest")
-    assert resumed.run_id == part.run_id
+                               config="fcl.yaml"), resume=part.run_id)
+    assert resumed.run_id == part.run_id  # the same MLflow run continues
     a, b = load(full.checkpoint)["model"], load(resumed.checkpoint)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert resumed.details["matrix"] == full.details["matrix"]
+    assert _steps(resumed.run_id, "round_seconds") == [1, 2, 3, 4]
 
 
 def test_changing_rounds_of_a_stream_on_resume_is_refused(tmp_path):
