@@ -113,7 +113,7 @@ def test_stragglers_miss_the_round_timeout(no_leftovers):
 
 def _attacked(partition: list[str]) -> dict[str, float]:
     """Clean FedAvg vs 20 % sign-flip attackers under FedAvg, FedMedian and Krum."""
-    base = ["federated.rounds=15", "federated.local_epochs=2", "federated.fraction_evaluate=0",
+    base = ["federated.rounds=8", "federated.local_epochs=2", "federated.fraction_evaluate=0",
             "tracking.log_model=false", "federated.byzantine.scale=4", *partition]
     attack = ["federated.byzantine.fraction=0.2", "federated.byzantine.attack=sign_flip"]
     runs = {"clean": base, "fedavg": base + attack,
