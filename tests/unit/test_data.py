@@ -210,3 +210,15 @@ def test_cifar10_archive(tmp_path, monkeypatch):
     d = load_data(spec, 0)
     assert d.input_shape == (3, 32, 32) and len(d.test) == 10
     assert d.mean.shape == (3, 1, 1)  # per-channel statistics
+
+
+def test_digits_read_from_the_csv_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from core.data import _digits
+
+    x, y, _, _ = _digits(DataSpec(), 0)
+    d = load_digits()
+    assert x.dtype == np.float32 and y.dtype == np.int64 and x.shape == (1797, 1, 8, 8)
+    np.testing.assert_array_equal(x, d.images.astype(np.float32)[:, None] / 16.0)
+    np.testing.assert_array_equal(y, d.target)
