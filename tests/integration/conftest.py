@@ -32,8 +32,12 @@ SHARED_GROUPS: set[int] = set()  # process groups of shared heads: not a test's 
 
 def ours() -> dict[int, str]:
     """Flower/Ray processes of this checkout's environment (its venv in their command line
-    or PATH), by pid — not other checkouts' or other users' runs on the same machine."""
+    or PATH), by pid — not other checkouts' or other users' runs on the same machine, and
+    under pytest-xdist not another worker's (each process inherits its worker's
+    PYTEST_XDIST_WORKER)."""
     venv_bin = str(Path(sys.executable).parent).encode()
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    mark = f"PYTEST_XDIST_WORKER={worker}\0".encode() if worker else None
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,7 +49,10 @@ def ours() -> dict[int, str]:
             cmd = raw.replace(b"\0", b" ").decode(errors="replace")
             if not any(m in cmd for m in MARKERS):
                 continue
-            if venv_bin not in raw and venv_bin not in (entry / "environ").read_bytes():
+            environ = (entry / "environ").read_bytes()
+            if venv_bin not in raw and venv_bin not in environ:
+                continue
+            if mark is not None and mark not in environ:
                 continue
             if os.getpgid(int(entry.name)) in SHARED_GROUPS:
                 continue
@@ -131,3 +138,23 @@ def shared_ray():
         SHARED_GROUPS.discard(group)
         stop(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store, created once: MLflow builds a new store's tables by
+    running its migrations, ~3.6 s of CPU that every federation's server would repeat."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store") / "mlruns.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def warm_store(_store_template: Path) -> Path:
+    """./mlruns.db (the default store, in the test's directory) already initialised."""
+    db = Path("mlruns.db").resolve()
+    shutil.copyfile(_store_template, db)
+    return db
+

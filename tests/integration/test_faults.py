@@ -26,8 +26,10 @@ from core.spec import SpecError, load_spec
 from federated.simulation import run_federated
 from tests.conftest import CONFIGS
 
-# one Ray head for the module's federations (tests/integration/conftest.py)
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
+# one Ray head for the module's federations, an initialised ./mlruns.db for each test
+# (tests/integration/conftest.py)
+pytestmark = [pytest.mark.integration,
+              pytest.mark.usefixtures("shared_ray", "warm_store")]
 
 ATOLL = Path(sys.executable).parent / "atoll"
 SMALL = ["train.progress=off", "tracking.experiment=tests-faults", "federated.num_clients=4",

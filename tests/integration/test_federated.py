@@ -25,8 +25,10 @@ from core.spec import load_spec
 from federated.simulation import run_federated
 from tests.conftest import CONFIGS, ROOT
 
-# one Ray head for the module's federations (tests/integration/conftest.py)
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
+# one Ray head for the module's federations, an initialised ./mlruns.db for each test
+# (tests/integration/conftest.py)
+pytestmark = [pytest.mark.integration,
+              pytest.mark.usefixtures("shared_ray", "warm_store")]
 
 def fl_spec(*overrides: str):
     base = ["train.progress=off", "tracking.experiment=tests-fl"]
