@@ -80,9 +80,13 @@ def test_failing_clients_are_counted_and_rounds_complete(no_leftovers):
     crashed = [d.count("crash") for d in drawn]
     dropped = [d.count("dropout") for d in drawn]
     assert sum(crashed) > 0 and sum(dropped) > 0
-    assert [r.get("failures_crash", 0) for r in h] == crashed
-    # they never replied in time (clients queued behind a sleeping one may time out too)
-    assert all(r["failures_timeout"] >= d for r, d in zip(h, dropped, strict=True))
+    # a crash is reported as one when the client got to run before round_timeout; on a
+    # loaded machine (round 1 also starts the client actors) it may be a timeout instead
+    seen = [r.get("failures_crash", 0) for r in h]
+    assert all(s <= c for s, c in zip(seen, crashed, strict=True)) and sum(seen) > 0
+    # every dropout and every crash failed the round (clients queued behind them may too)
+    assert all(r["failures_timeout"] + s >= d + c
+               for r, s, d, c in zip(h, seen, dropped, crashed, strict=True))
     assert [r["failures"] for r in h] == [r.get("failures_crash", 0) + r["failures_timeout"]
                                           for r in h]
     assert [r["participants"] for r in h] == [10 - r["failures"] for r in h]
