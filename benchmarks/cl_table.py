@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.continual_runner import run_continual  # noqa: E402
-from core.spec import STRATEGIES, load_spec  # noqa: E402
+from atoll.core.continual_runner import run_continual  # noqa: E402
+from atoll.core.spec import STRATEGIES, load_spec  # noqa: E402
 
 SCENARIOS = {"permuted/domain": ["continual.stream=permuted", "continual.scenario=domain"],
              "split/class": ["continual.stream=split", "continual.scenario=class"]}
@@ -83,7 +83,7 @@ def main() -> None:
         figures[scenario] = rows
         report.append(table(f"local, {scenario} (5 tasks, {args.seeds} seeds)", rows))
     if not args.no_federated:
-        from federated.simulation import run_federated
+        from atoll.federated.simulation import run_federated
 
         rows = {}
         for name in (n for n in ("naive", "ewc", "replay") if n in args.strategies):
@@ -109,8 +109,8 @@ def main() -> None:
 
 def _log(text: str, figures: dict) -> None:
     """The table as an MLflow run of its own (default store), so it sits with the runs."""
-    from core.spec import TrackingSpec
-    from tracking import make_tracker
+    from atoll.core.spec import TrackingSpec
+    from atoll.tracking import make_tracker
 
     tracker = make_tracker(TrackingSpec(experiment="atoll-benchmarks"), "cl_table",
                            mode="benchmark")

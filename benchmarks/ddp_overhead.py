@@ -64,7 +64,7 @@ def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from core.spec import load_spec
+    from atoll.core.spec import load_spec
 
     spec = load_spec(config, overrides)
 
@@ -72,8 +72,8 @@ def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
         import ray.train
 
         sys.path.insert(0, cfg["root"])
+        from atoll.core.spec import validate
         from benchmarks.plain_ddp.train import train
-        from core.spec import validate
 
         report = train(validate(cfg["spec"]))
         if ray.train.get_context().get_world_rank() == 0:  # metrics need a checkpoint: a file
@@ -95,8 +95,8 @@ def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
 def run_atoll(config: str, overrides: list[str], name: str) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from cluster.runner import run_cluster
-    from core.spec import load_spec
+    from atoll.cluster.runner import run_cluster
+    from atoll.core.spec import load_spec
 
     spec = load_spec(config, [*overrides, f"name={name}"])
     per_rank = -(-_train_size(spec) // 2)  # padded like DistributedSampler
@@ -121,13 +121,13 @@ def _throughput(epochs: list[dict[str, float]]) -> float:
 
 
 def _train_size(spec) -> int:
-    from core.data import load_data
+    from atoll.core.data import load_data
 
     return len(load_data(spec.data, spec.seed).train)
 
 
 def _free_port() -> int:
-    from core.procs import free_port
+    from atoll.core.procs import free_port
 
     return free_port()
 

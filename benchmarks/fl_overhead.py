@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.spec import load_spec  # noqa: E402
-from federated.simulation import Federation, run_federated  # noqa: E402
+from atoll.core.spec import load_spec  # noqa: E402
+from atoll.federated.simulation import Federation, run_federated  # noqa: E402
 
 PLAIN = ROOT / "benchmarks" / "plain_flower"
 

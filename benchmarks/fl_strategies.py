@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.spec import FL_STRATEGIES, load_spec  # noqa: E402
-from federated.simulation import run_federated  # noqa: E402
+from atoll.core.spec import FL_STRATEGIES, load_spec  # noqa: E402
+from atoll.federated.simulation import run_federated  # noqa: E402
 
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 

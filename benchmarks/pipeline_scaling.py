@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _setup(hidden: int, layers: int) -> tuple[torch.nn.Sequential, object]:
-    from core.data import load_data
-    from core.spec import load_spec
-    from models import build_model
+    from atoll.core.data import load_data
+    from atoll.core.spec import load_spec
+    from atoll.models import build_model
 
     spec = load_spec(ROOT / "configs" / "demo.yaml",
                      [f"model.hidden=[{','.join([str(hidden)] * layers)}]", "model.dropout=0"])
@@ -41,7 +41,7 @@ def _setup(hidden: int, layers: int) -> tuple[torch.nn.Sequential, object]:
 
 
 def _epochs(model, batches, epochs: int, pipe=None, reduce=None) -> float:
-    from core.loop import LoopConfig, TrainState, train_epoch
+    from atoll.core.loop import LoopConfig, TrainState, train_epoch
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     state, rates = TrainState(), []
@@ -54,7 +54,7 @@ def _epochs(model, batches, epochs: int, pipe=None, reduce=None) -> float:
 
 
 def single(threads: int, hidden: int, layers: int, epochs: int, batch: int) -> float:
-    from core.data import Batches
+    from atoll.core.data import Batches
 
     torch.set_num_threads(threads)
     model, data = _setup(hidden, layers)
@@ -63,9 +63,9 @@ def single(threads: int, hidden: int, layers: int, epochs: int, batch: int) -> f
 
 def _stage(rank: int, init: str, schedule: str, micro: int, hidden: int, layers: int,
            epochs: int, batch: int, out: str) -> None:
-    from cluster.gloo import spawned_rank
-    from cluster.parallel import build
-    from core.data import Batches
+    from atoll.cluster.gloo import spawned_rank
+    from atoll.cluster.parallel import build
+    from atoll.core.data import Batches
 
     torch.set_num_threads(1)
     with spawned_rank(rank, 2, init):

@@ -34,10 +34,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from core.runner import run_local
-    from core.spec import load_spec
-    from tracking import make_tracker
-    from tracking.base import NullTracker
+    from atoll.core.runner import run_local
+    from atoll.core.spec import load_spec
+    from atoll.tracking import make_tracker
+    from atoll.tracking.base import NullTracker
 
     os.chdir(tempfile.mkdtemp(prefix="atoll-bench-"))
     spec = load_spec(args.config, ["train.log_every_n_steps=1", "train.progress=off",

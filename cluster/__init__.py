@@ -8,6 +8,6 @@ authentication on; importing this package turns on RAY_AUTH_MODE=token for a con
 token before ray is imported (see `cluster.auth`).
 """
 
-from cluster.auth import token_mode_for_ray
+from atoll.cluster.auth import token_mode_for_ray
 
 token_mode_for_ray()

@@ -164,17 +164,17 @@ def new_token(path: Path) -> Path:
     created 0600 from the first byte; an existing file is replaced (rotation)."""
     import secrets
 
-    from core.private_files import write_private
+    from atoll.core.private_files import write_private
 
     return write_private(path, (secrets.token_hex(32) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cluster.auth PATH`: a new cluster token file (docker/secrets/ray_token)."""
+    """`python -m atoll.cluster.auth PATH`: a new cluster token file (docker/secrets/ray_token)."""
     import argparse
 
     ap = argparse.ArgumentParser(
-        prog="python -m cluster.auth",
+        prog="python -m atoll.cluster.auth",
         description="Write a new Ray cluster token to PATH (0600). Start every Ray node "
                     f"with {MODE_VAR}=token and {PATH_VAR}=PATH; give submitters the file.")
     ap.add_argument("path", type=Path, help="where to write the token, e.g. "
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"token: {new_token(args.path)}")  # the path, never the value
     except OSError as e:
-        print(f"python -m cluster.auth: {args.path}: cannot write ({e.strerror})",
+        print(f"python -m atoll.cluster.auth: {args.path}: cannot write ({e.strerror})",
               file=sys.stderr)
         return 2
     return 0

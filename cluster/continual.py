@@ -26,21 +26,21 @@ CKPT_FILE = "state.ckpt"
 def continual_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from cluster.parallel import even_shard
-    from cluster.worker import (
+    from atoll.cluster.parallel import even_shard
+    from atoll.cluster.worker import (
         deterministic_failure,
         newest_checkpoint,
         rank_tracker,
         saved_spec,
         start_worker,
     )
-    from continual.base import distribute
-    from continual.streams import build_stream
-    from core.checkpoint import load, rng_state, save, set_rng_state
-    from core.components import build_components
-    from core.continual_runner import accuracy_row, task_mask
-    from core.data import Batches, eval_batches
-    from core.loop import TrainState, train_task
+    from atoll.continual.base import distribute
+    from atoll.continual.streams import build_stream
+    from atoll.core.checkpoint import load, rng_state, save, set_rng_state
+    from atoll.core.components import build_components
+    from atoll.core.continual_runner import accuracy_row, task_mask
+    from atoll.core.data import Batches, eval_batches
+    from atoll.core.loop import TrainState, train_task
 
     w = start_worker(config)
     spec, rank, device, data, layout = w.spec, w.rank, w.device, w.data, w.layout

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from cluster import auth
-from core.spec import ExperimentSpec
+from atoll.cluster import auth
+from atoll.core.spec import ExperimentSpec
 
 # What never goes into a job's working_dir (Ray uploads it to the cluster).
 EXCLUDES = [".venv", ".git", "mlruns*", "mlartifacts", ".atoll/data", ".atoll/checkpoints",
@@ -55,8 +55,8 @@ def client(address: str) -> Any:
 
 def resolved_for_job(spec: ExperimentSpec) -> ExperimentSpec:
     """Absolute tracking URI and storage path, so the job's cwd does not matter."""
-    from cluster.runner import storage_root
-    from tracking import resolve_uri
+    from atoll.cluster.runner import storage_root
+    from atoll.tracking import resolve_uri
 
     tracking = spec.tracking.model_copy(update={"uri": resolve_uri(spec.tracking.uri)})
     cluster = spec.cluster.model_copy(update={"storage_path": str(storage_root(spec)),

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from core.data import Split
-from core.loop import PAD_LABEL
+from atoll.core.data import Split
+from atoll.core.loop import PAD_LABEL
 
 
 @dataclass
@@ -127,7 +127,7 @@ def build(strategy: str, model: nn.Module, device: torch.device, **pipeline: Any
     if strategy == "fsdp":
         return fsdp(model, device)
     if strategy in ("pipeline", "hybrid"):
-        from cluster.pipeline import pipeline as pipelined
+        from atoll.cluster.pipeline import pipeline as pipelined
 
         return pipelined(model, device, **pipeline)
     raise ValueError(f"cluster.strategy: {strategy!r}; allowed: ddp, fsdp, pipeline, hybrid")

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cluster.parallel import Layout, all_reduce_sum
-from models.stages import split_stages
+from atoll.cluster.parallel import Layout, all_reduce_sum
+from atoll.models.stages import split_stages
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

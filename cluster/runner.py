@@ -31,13 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cluster.worker import FAILED_MARK
-from core.checkpoint import CheckpointError, load
-from core.components import build_components, pick_device
-from core.data import load_data
-from core.runner import RunFailed, RunResult, check_resume_compatible, finish_run
-from core.spec import ExperimentSpec, SpecError
-from tracking.base import Selection
+from atoll.cluster.worker import FAILED_MARK
+from atoll.core.checkpoint import CheckpointError, load
+from atoll.core.components import build_components, pick_device
+from atoll.core.data import load_data
+from atoll.core.runner import RunFailed, RunResult, check_resume_compatible, finish_run
+from atoll.core.spec import ExperimentSpec, SpecError
+from atoll.tracking.base import Selection
 
 log = logging.getLogger("atoll.cluster")
 
@@ -278,7 +278,7 @@ def _sent_token() -> tuple[Any, Any]:
     """(the configured token, what Ray in this process will send: it, or None)."""
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
-    from cluster import auth
+    from atoll.cluster import auth
 
     found = auth.token()  # a bad token file fails here, in one line
     return found, found if get_authentication_mode() == AuthenticationMode.TOKEN else None
@@ -293,7 +293,7 @@ def _check_auth(address: str) -> None:
     Ray sends the token itself when RAY_AUTH_MODE=token was set before ray was imported:
     importing `cluster` sets it for a token in RAY_AUTH_TOKEN(_PATH) (`cluster.auth`).
     """
-    from cluster import auth
+    from atoll.cluster import auth
 
     found, sent = _sent_token()
     auth.check_cluster(address, sent, found)
@@ -304,7 +304,7 @@ def _connect(address: str, level: int) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
-    from cluster import auth
+    from atoll.cluster import auth
 
     try:
         ray.init(address=address, log_to_driver=True, logging_level=level)
@@ -318,7 +318,7 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     """Train `spec` on Ray Train; returns after the test evaluation and registration.
     `restart` (`atoll run --restart`) discards an unfinished run's checkpoints first."""
     check_job_paths(spec)
-    from tracking import make_tracker
+    from atoll.tracking import make_tracker
 
     t0 = time.perf_counter()
     # what the spec alone cannot tell is refused before an MLflow run or Ray exists
@@ -351,10 +351,10 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.continual import continual_loop_per_worker
-    from cluster.worker import train_loop_per_worker
-    from core.loop import TrainState
-    from tracking import resolve_uri
+    from atoll.cluster.continual import continual_loop_per_worker
+    from atoll.cluster.worker import train_loop_per_worker
+    from atoll.core.loop import TrainState
+    from atoll.tracking import resolve_uri
 
     c = spec.cluster
     dp, pp = c.mesh()
@@ -425,8 +425,8 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
     tracker.set_tags({"atoll.selected_checkpoint": str(path.parent)})
     newest = found[-1][2]
     if stream:
-        from continual.streams import build_stream
-        from core.continual_runner import finish_stream
+        from atoll.continual.streams import build_stream
+        from atoll.core.continual_runner import finish_stream
 
         out = finish_stream(spec, data, comps.model, build_stream(data, spec.continual, spec.seed),
                             newest["r"], newest["baseline"], newest["history"], tracker, path,

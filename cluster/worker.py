@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from cluster.parallel import even_shard
-from core.loop import NonFiniteLoss
+from atoll.cluster.parallel import even_shard
+from atoll.core.loop import NonFiniteLoss
 
 CKPT_FILE = "state.ckpt"
 FAILED_MARK = "atoll-failed.json"  # a deterministic failure, for the driver to report
@@ -61,11 +61,11 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     build the model (same seed on every rank) in its parallel layout."""
     import ray.train
 
-    from cluster.parallel import build
-    from core.components import seed_everything
-    from core.data import load_data
-    from core.spec import validate
-    from models import build_model
+    from atoll.cluster.parallel import build
+    from atoll.core.components import seed_everything
+    from atoll.core.data import load_data
+    from atoll.core.spec import validate
+    from atoll.models import build_model
 
     quiet_ray_train()
     spec = validate(config["spec"])
@@ -90,10 +90,10 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from core.checkpoint import load, save
-    from core.components import build_components, checkpoint_payload
-    from core.data import Batches, eval_batches
-    from core.loop import TrainState, train_task
+    from atoll.core.checkpoint import load, save
+    from atoll.core.components import build_components, checkpoint_payload
+    from atoll.core.data import Batches, eval_batches
+    from atoll.core.loop import TrainState, train_task
 
     w = start_worker(config)
     spec, rank, device, data, layout, per_rank = (w.spec, w.rank, w.device, w.data, w.layout,
@@ -188,7 +188,7 @@ def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any]
     SHA-256-verified payload) and its epoch already logged. Resuming from the newest
     verified file keeps every epoch in MLflow exactly once.
     """
-    from cluster.runner import _checkpoints
+    from atoll.cluster.runner import _checkpoints
 
     payload = None
     if ray_ckpt is not None:
@@ -202,7 +202,7 @@ def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any]
 
 def restore_rest(c: Any, state: Any, payload: dict[str, Any], layout: Any) -> None:
     """Optimizer (through the layout), scheduler, strategy, counters and RNGs."""
-    from core.checkpoint import set_rng_state
+    from atoll.core.checkpoint import set_rng_state
 
     layout.load_full_optim_state(c.optimizer, payload["optimizer"])
     c.scheduler.load_state_dict(payload["scheduler"])
@@ -223,7 +223,7 @@ def record_worker(run_dir: Path, rank: int) -> None:
 
 
 def rank_tracker(spec: Any, config: dict[str, Any], rank: int) -> Any:
-    from tracking import NullTracker, make_tracker
+    from atoll.tracking import NullTracker, make_tracker
 
     if rank != 0 or not config.get("run_id"):
         return NullTracker()

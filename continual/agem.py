@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from continual.base import BaseStrategy, Batch
-from continual.replay import Replay
-from core.spec import AgemSpec, ReplaySpec
+from atoll.continual.base import BaseStrategy, Batch
+from atoll.continual.replay import Replay
+from atoll.core.spec import AgemSpec, ReplaySpec
 
 
 class AGEM(BaseStrategy):

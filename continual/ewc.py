@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from continual.base import BaseStrategy, Batch, placed
-from core.spec import EwcSpec
+from atoll.continual.base import BaseStrategy, Batch, placed
+from atoll.core.spec import EwcSpec
 
 Params = dict[str, torch.Tensor]
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from continual.base import BaseStrategy, Batch
-from continual.replay import _unaugmented
+from atoll.continual.base import BaseStrategy, Batch
+from atoll.continual.replay import _unaugmented
 
 
 class Joint(BaseStrategy):

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from continual.base import BaseStrategy, Batch
-from core.spec import LwfSpec
+from atoll.continual.base import BaseStrategy, Batch
+from atoll.core.spec import LwfSpec
 
 
 class LwF(BaseStrategy):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from continual.agem import AGEM
-from continual.base import Composite, Naive, Strategy
-from continual.ewc import EWC
-from continual.joint import Joint
-from continual.lwf import LwF
-from continual.replay import Replay
-from continual.si import SI
-from core.spec import ExperimentSpec
+from atoll.continual.agem import AGEM
+from atoll.continual.base import Composite, Naive, Strategy
+from atoll.continual.ewc import EWC
+from atoll.continual.joint import Joint
+from atoll.continual.lwf import LwF
+from atoll.continual.replay import Replay
+from atoll.continual.si import SI
+from atoll.core.spec import ExperimentSpec
 
 STRATEGIES: dict[str, Callable[[ExperimentSpec], Strategy]] = {
     "naive": lambda spec: Naive(),

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from continual.base import BaseStrategy, Batch
-from core.spec import ReplaySpec
+from atoll.continual.base import BaseStrategy, Batch
+from atoll.core.spec import ReplaySpec
 
 # Task id of memory restored from a state saved before task ids were stored: all of it
 # counts as one task, distinct from every stream position.

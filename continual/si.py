@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from continual.base import BaseStrategy, Batch, placed
-from core.spec import SiSpec
+from atoll.continual.base import BaseStrategy, Batch, placed
+from atoll.core.spec import SiSpec
 
 Params = dict[str, torch.Tensor]
 

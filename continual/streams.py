@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.data import DataBundle, Split
-from core.spec import ContinualSpec
+from atoll.core.data import DataBundle, Split
+from atoll.core.spec import ContinualSpec
 
 
 @dataclass

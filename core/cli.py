@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from core.spec import ExperimentSpec, SpecError, load_spec
+from atoll.core.spec import ExperimentSpec, SpecError, load_spec
 
 EXIT_SPEC = 2
 # loggers whose INFO lines are the libraries' bookkeeping, not the user's run (-v shows them)
@@ -118,7 +118,7 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from atoll.cluster import jobs
 
     spec = _load(args)
     job_id = jobs.submit(spec, args.address)
@@ -133,7 +133,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from atoll.cluster import jobs
 
     if args.jobs_command == "list":
         for row in jobs.listing(args.address):
@@ -176,21 +176,21 @@ def dispatch(spec: ExperimentSpec, resume: str | None = None, restart: bool = Fa
                          "allowed: one of --restart, --resume"])
     more = {"restart": True} if restart else {}
     if spec.continual.stream != "none" and spec.mode == "local":
-        from core.continual_runner import run_continual
+        from atoll.core.continual_runner import run_continual
 
         return run_continual(spec, **more)
     if resume is not None and spec.mode != "federated":
         raise SpecError([f"--resume: applies to federated runs; a {spec.mode} run resumes by "
                          "re-running its name (train.resume); allowed: drop --resume"])
     if spec.mode == "local":
-        from core.runner import run_local
+        from atoll.core.runner import run_local
 
         return run_local(spec, **more)
     if spec.mode == "federated":
-        from federated.simulation import run_federated
+        from atoll.federated.simulation import run_federated
 
         return run_federated(spec, resume=resume, **more)
-    from cluster.runner import run_cluster
+    from atoll.cluster.runner import run_cluster
 
     return run_cluster(spec, **more)
 
@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from tracking.uri import resolve_uri
+    from atoll.tracking.uri import resolve_uri
 
     uri = args.uri or resolve_uri(None)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

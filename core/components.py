@@ -14,15 +14,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core.checkpoint import rng_state, set_rng_state
-from core.data import DataBundle
-from core.loop import LoopConfig, TrainState
-from core.metrics import build_loss
-from core.optim import build_optimizer, build_scheduler
-from core.spec import ExperimentSpec
+from atoll.core.checkpoint import rng_state, set_rng_state
+from atoll.core.data import DataBundle
+from atoll.core.loop import LoopConfig, TrainState
+from atoll.core.metrics import build_loss
+from atoll.core.optim import build_optimizer, build_scheduler
+from atoll.core.spec import ExperimentSpec
 
 if TYPE_CHECKING:
-    from continual.base import Strategy
+    from atoll.continual.base import Strategy
 
 
 def seed_everything(seed: int) -> None:
@@ -73,8 +73,8 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
                      device: torch.device | None = None, model: nn.Module | None = None
                      ) -> Components:
     """Everything `core.loop.train_task` needs; `model` may be pre-built (e.g. DDP-wrapped)."""
-    from continual import build_strategy
-    from models import build_model
+    from atoll.continual import build_strategy
+    from atoll.models import build_model
 
     device = device or pick_device(spec)
     if model is None:
@@ -91,7 +91,7 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
 def checkpoint_payload(c: Components, state: TrainState, model_state: dict[str, Any] | None = None,
                        **extra: Any) -> dict[str, Any]:
     """Full resume state; `model_state` overrides for wrapped/sharded models."""
-    from core.loop import unwrap
+    from atoll.core.loop import unwrap
 
     return {
         "model": model_state if model_state is not None else unwrap(c.model).state_dict(),
@@ -105,7 +105,7 @@ def checkpoint_payload(c: Components, state: TrainState, model_state: dict[str, 
 
 
 def restore(c: Components, state: TrainState, payload: dict[str, Any]) -> None:
-    from core.loop import unwrap
+    from atoll.core.loop import unwrap
 
     unwrap(c.model).load_state_dict(payload["model"])
     c.optimizer.load_state_dict(payload["optimizer"])

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from continual.metrics import summary
-from continual.streams import Task, build_stream
-from core.checkpoint import CheckpointDir, rng_state, set_rng_state
-from core.components import build_components, seed_everything
-from core.data import Batches, DataBundle, Split, eval_batches, load_data
-from core.loop import MaskFn, NonFiniteLoss, Reducer, TrainState, evaluate, train_task
-from core.runner import (
+from atoll.continual.metrics import summary
+from atoll.continual.streams import Task, build_stream
+from atoll.core.checkpoint import CheckpointDir, rng_state, set_rng_state
+from atoll.core.components import build_components, seed_everything
+from atoll.core.data import Batches, DataBundle, Split, eval_batches, load_data
+from atoll.core.loop import MaskFn, NonFiniteLoss, Reducer, TrainState, evaluate, train_task
+from atoll.core.runner import (
     RunFailed,
     RunResult,
     check_resume_compatible,
@@ -33,7 +33,7 @@ from core.runner import (
     prepare,
     start_anew,
 )
-from core.spec import ExperimentSpec
+from atoll.core.spec import ExperimentSpec
 
 log = logging.getLogger("atoll.continual")
 
@@ -70,7 +70,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
     `restart` discards the name's task checkpoints first (`atoll run --restart`); otherwise
     an unfinished stream resumes and a finished one (its marker) starts anew.
     """
-    from models import count_parameters
+    from atoll.models import count_parameters
 
     t0 = time.perf_counter()
     ckpts = CheckpointDir(Path(spec.train.checkpoint_dir) / spec.name,
@@ -106,7 +106,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
             log.info("resumed %s from %s: every task was trained before it stopped; "
                      "finishing it (metrics and registration)", spec.name, path)
     if tracker is None:
-        from tracking import make_tracker
+        from atoll.tracking import make_tracker
 
         tracker = make_tracker(spec.tracking, spec.name, mode=spec.mode, run_id=run_id)
     if start == 0:
@@ -164,9 +164,9 @@ def finish_stream(spec: ExperimentSpec, data: DataBundle, model: torch.nn.Module
                   history: list[dict[str, float]], tracker: Any, checkpoint: Path | None,
                   t0: float) -> RunResult:
     """ACC/BWT/FWT/forgetting, the matrix and curves, the registered model (local, cluster)."""
-    from models import count_parameters
-    from tracking.base import Selection
-    from tracking.plots import accuracy_matrix, task_curves
+    from atoll.models import count_parameters
+    from atoll.tracking.base import Selection
+    from atoll.tracking.plots import accuracy_matrix, task_curves
 
     if not r:  # registration requires at least one completed task
         tracker.finish("FAILED")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core import sources
-from core.spec import DataSpec
+from atoll.core import sources
+from atoll.core.spec import DataSpec
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 

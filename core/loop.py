@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn as nn
 
-from core.metrics import confusion, from_confusion
-from core.progress import Progress
+from atoll.core.metrics import confusion, from_confusion
+from atoll.core.progress import Progress
 
 if TYPE_CHECKING:  # the protocol lives in continual/, which depends on core/, not back
-    from continual.base import Strategy
+    from atoll.continual.base import Strategy
 
 log = logging.getLogger("atoll")
 

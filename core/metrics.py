@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.spec import LossSpec
+from atoll.core.spec import LossSpec
 
 
 class FocalLoss(nn.Module):

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from core.spec import OptimSpec, SchedulerSpec
+from atoll.core.spec import OptimSpec, SchedulerSpec
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimSpec

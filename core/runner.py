@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from core.checkpoint import CheckpointDir, CheckpointError, load, save
-from core.components import Components, build_components, checkpoint_payload, restore
-from core.data import DataBundle, eval_batches, load_data, train_batches
-from core.loop import NonFiniteLoss, TrainState, evaluate, train_task, unwrap
-from core.spec import ExperimentSpec, SpecError, flatten
+from atoll.core.checkpoint import CheckpointDir, CheckpointError, load, save
+from atoll.core.components import Components, build_components, checkpoint_payload, restore
+from atoll.core.data import DataBundle, eval_batches, load_data, train_batches
+from atoll.core.loop import NonFiniteLoss, TrainState, evaluate, train_task, unwrap
+from atoll.core.spec import ExperimentSpec, SpecError, flatten
 
 log = logging.getLogger("atoll")
 
@@ -173,7 +173,7 @@ def finished_in_mlflow(spec: ExperimentSpec, saved: dict[str, Any]) -> bool:
     its MLflow run says so; otherwise it stopped between its last epoch and registration."""
     if not saved.get("run_id"):
         return False
-    from tracking import run_status
+    from atoll.tracking import run_status
 
     return run_status(spec.tracking, saved["run_id"]) == "FINISHED"
 
@@ -264,11 +264,11 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
     if keep_best and payload is not None and state.best_epoch == state.epoch:
         save_best(c, state, best)  # killed between the epoch's checkpoint and its best copy
     if tracker is None:
-        from tracking import make_tracker
+        from atoll.tracking import make_tracker
 
         tracker = make_tracker(spec.tracking, spec.name, mode="local",
                                run_id=payload.get("run_id") if payload else None)
-    from models import count_parameters
+    from atoll.models import count_parameters
 
     if payload is None:
         tracker.log_params(spec.flat())
@@ -314,7 +314,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
 def selection(spec: ExperimentSpec, state: TrainState, restored_best: bool) -> Any:
     """The tracking.Selection of the weights a run ends with: the early-stopping metric's
     best epoch when those were restored, else the last epoch (and what it ended with)."""
-    from tracking.base import Selection
+    from atoll.tracking.base import Selection
 
     es = spec.train.early_stopping
     if restored_best:
@@ -346,7 +346,7 @@ def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: Tra
                       "atoll.stopped_early": str(state.stopped_early),
                       **{f"atoll.{k}": v for k, v in chosen.tags().items()}})
     if state.history:
-        from tracking.plots import curves
+        from atoll.tracking.plots import curves
 
         title = f"{spec.name} ({spec.model.name} on {spec.data.name})"
         tracker.log_plot("plots/curves.png", lambda: curves(state.history, title))

@@ -6,13 +6,14 @@ For tests and small deployments (docker/compose.yaml), into one directory:
 - `supernodes/supernode-K.key` / `.pub`: one EC P-384 key pair per SuperNode (OpenSSH
   formats, what `flower-supernode --auth-supernode-private-key` and `flwr supernode
   register` read). The SuperLink admits a SuperNode only once its `.pub` is registered
-  (`python -m federated.supernode_auth`); the registered `.pub` files are the allow-list.
+  (`python -m atoll.federated.supernode_auth`); the registered `.pub` files are the allow-list.
 - `superexec.secret`: random bytes shared by a SuperLink/SuperNode in process isolation
   and the `flower-superexec` that runs its apps (`--superexec-auth-secret-file`).
 
 Private material is created 0600. A real deployment uses its organisation's CA instead.
 
-    python -m federated.certs docker/certs [--host superlink --host localhost] [--supernodes 2]
+    python -m atoll.federated.certs docker/certs [--host superlink --host localhost] \
+        [--supernodes 2]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ipaddress
 import secrets
 from pathlib import Path
 
-from core.private_files import write_private
+from atoll.core.private_files import write_private
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "superlink")
 DEFAULT_SUPERNODES = 2

@@ -15,11 +15,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from core.loop import NonFiniteLoss
-from federated import records as R
-from federated import task
-from federated.client_state import ClientStateStore
-from federated.faults import InjectedFault, round_fault
+from atoll.core.loop import NonFiniteLoss
+from atoll.federated import records as R
+from atoll.federated import task
+from atoll.federated.client_state import ClientStateStore
+from atoll.federated.faults import InjectedFault, round_fault
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     fault = _fault(spec, rnd, partition)
     cl = _continual_state(spec, context, rnd, cfg)
     if cl is not None and R.FEDEWC in msg.content:
-        from federated.fedewc import decode
+        from atoll.federated.fedewc import decode
 
         cl.federation = decode(R.arrays_to_state(msg.content[R.FEDEWC]))
     data = task.client_data(spec, partition, num_clients, cl.current if cl else None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import refusal
+from atoll.core.checkpoint import refusal
 
 _NAME = re.compile(r"^round-(\d{6})\.state$")
 

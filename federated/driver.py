@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from core.spec import sample_size
-from federated import records as R
+from atoll.core.spec import sample_size
+from atoll.federated import records as R
 
 
 class SampledGrid:

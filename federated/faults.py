@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.spec import ByzantineSpec, FaultSpec
+from atoll.core.spec import ByzantineSpec, FaultSpec
 
 
 class InjectedFault(RuntimeError):

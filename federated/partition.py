@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.data import DataBundle, Split
-from core.spec import PartitionSpec
+from atoll.core.data import DataBundle, Split
+from atoll.core.spec import PartitionSpec
 
 
 def partitioner(spec: PartitionSpec, num_clients: int, seed: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from continual.base import BaseStrategy
+from atoll.continual.base import BaseStrategy
 
 
 class Proximal(BaseStrategy):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from core.spec import ExperimentSpec, load_spec, validate
+from atoll.core.spec import ExperimentSpec, load_spec, validate
 
 # --- run_config keys (must exist in [tool.flwr.app.config] to be overridable) ---------
 SPEC_PATH = "spec"  # YAML path, relative to the app directory or absolute
@@ -69,7 +69,8 @@ NODE_NUM_PARTITIONS = "num-partitions"
 
 
 def app_dir() -> Path:
-    """The installed app's root (the project root under `flwr run .`)."""
+    """Where the bundled `configs/` lie: the checkout's root in an editable install, the
+    installed `atoll/` directory otherwise (a spec path in run_config is relative to it)."""
     return Path(__file__).resolve().parent.parent
 
 
@@ -79,7 +80,7 @@ def spec_from_run_config(run_config: dict[str, Any]) -> ExperimentSpec:
     overrides = [o.strip() for o in str(cfg[OVERRIDES]).replace("\n", ";").split(";")
                  if o.strip()]
     if cfg[SPEC_JSON]:
-        from core.spec import apply_overrides
+        from atoll.core.spec import apply_overrides
 
         data = json.loads(str(cfg[SPEC_JSON]))
         spec = validate(apply_overrides(data, overrides) if overrides else data)

@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from core.checkpoint import CheckpointDir, rng_state, set_rng_state
-from core.components import seed_everything
-from core.data import DataBundle, eval_batches, load_data
-from core.loop import evaluate
-from core.metrics import build_loss
-from core.runner import latest_valid
-from core.spec import ExperimentSpec
-from federated import records as R
-from federated.client_state import prune_client_states
-from federated.driver import (
+from atoll.core.checkpoint import CheckpointDir, rng_state, set_rng_state
+from atoll.core.components import seed_everything
+from atoll.core.data import DataBundle, eval_batches, load_data
+from atoll.core.loop import evaluate
+from atoll.core.metrics import build_loss
+from atoll.core.runner import latest_valid
+from atoll.core.spec import ExperimentSpec
+from atoll.federated import records as R
+from atoll.federated.client_state import prune_client_states
+from atoll.federated.driver import (
     ClientSampler,
     SampledGrid,
     StopRequested,
@@ -41,9 +41,9 @@ from federated.driver import (
     rediscover,
     spread,
 )
-from federated.faults import round_fault, unavailable
-from federated.partition import label_histogram, partition_indices
-from federated.strategies import (
+from atoll.federated.faults import round_fault, unavailable
+from atoll.federated.partition import label_histogram, partition_indices
+from atoll.federated.strategies import (
     build_strategy,
     epsilon,
     load_strategy_state,
@@ -157,7 +157,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
            stop_event: threading.Event, finished_before: bool) -> dict[str, Any]:
     from flwr.app import ConfigRecord
 
-    from models import build_model, count_parameters
+    from atoll.models import build_model, count_parameters
 
     t0 = time.perf_counter()
     f = spec.federated
@@ -491,7 +491,7 @@ def _federated_fisher(spec: ExperimentSpec) -> Any:
     """FedEWC's server-side state when the spec asks for it (EWC with aggregate: server)."""
     if "ewc" not in spec.continual.strategy or spec.continual.ewc.aggregate != "server":
         return None
-    from federated.fedewc import FederatedFisher
+    from atoll.federated.fedewc import FederatedFisher
 
     return FederatedFisher(online=spec.continual.ewc.mode == "online")
 
@@ -516,9 +516,9 @@ class _Stream:
     global model's accuracy on every task's test split (a row of R)."""
 
     def __init__(self, spec: ExperimentSpec, data: DataBundle, loss_fn: torch.nn.Module):
-        from continual.streams import build_stream
-        from core.continual_runner import task_mask
-        from federated.task import rounds_per_task
+        from atoll.continual.streams import build_stream
+        from atoll.core.continual_runner import task_mask
+        from atoll.federated.task import rounds_per_task
 
         self.spec, self.loss_fn, self.num_classes = spec, loss_fn, data.num_classes
         self.tasks = build_stream(data, spec.continual, spec.seed)
@@ -570,7 +570,7 @@ def _find_checkpoint(ckpts: CheckpointDir, resume: str) -> tuple[Path, dict[str,
 
 
 def _tracker(spec: ExperimentSpec, run_config: dict[str, Any], run_id: str | None) -> Any:
-    from tracking import make_tracker
+    from atoll.tracking import make_tracker
 
     uri = str(run_config.get(R.TRACKING_URI, "") or "") or spec.tracking.uri
     return make_tracker(spec.tracking.model_copy(update={"uri": uri}), spec.name,
@@ -592,7 +592,7 @@ def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population:
     if mismatch:
         log.warning("%d clients connected but federated.num_clients is %d; partitions follow "
                     "the federation's size", len(population), f.num_clients)
-    from tracking.plots import label_heatmap
+    from atoll.tracking.plots import label_heatmap
 
     hist = label_histogram(labels, parts, data.num_classes)
     title = f"{f.partition.method} partition of {spec.data.name} over {len(parts)} clients"
@@ -615,8 +615,8 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
             if k.startswith("central_")}
     cl_out = {}
     if st.matrix and len(st.matrix) == spec.continual.n_tasks:
-        from continual.metrics import summary
-        from tracking.plots import accuracy_matrix, task_curves
+        from atoll.continual.metrics import summary
+        from atoll.tracking.plots import accuracy_matrix, task_curves
 
         cl_out = summary(st.matrix, st.baseline)
         names = [f"task {j}" for j in range(len(st.matrix))]
@@ -627,13 +627,13 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
     tracker.log_metrics(test, step=st.round)
     tracker.set_tags({"atoll.rounds": str(st.round)})
     if st.history:
-        from tracking.plots import rounds
+        from atoll.tracking.plots import rounds
 
         tracker.log_plot("plots/rounds.png", lambda: rounds(
             st.history, f"{spec.name}: {f.strategy} on {f.num_clients} clients"))
     registered = None
     if spec.tracking.log_model:
-        from tracking import Selection
+        from atoll.tracking import Selection
 
         # the global model after the last aggregated round, chosen by nothing but being last
         aggregated = [int(r["round"]) for r in st.history if r.get("aggregated")]

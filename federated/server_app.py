@@ -11,7 +11,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from federated.server import serve
+from atoll.federated.server import serve
 
 app = ServerApp()
 

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.procs import free_port, start, stop, wait_http
-from core.runner import RunFailed, RunResult, check_writable
-from core.spec import ExperimentSpec, SpecError
-from federated import records as R
-from federated.app_bundle import stage_app
-from federated.server import RESULT_FILE, run_dir_for
-from federated.task import rounds_per_task
+from atoll.core.procs import free_port, start, stop, wait_http
+from atoll.core.runner import RunFailed, RunResult, check_writable
+from atoll.core.spec import ExperimentSpec, SpecError
+from atoll.federated import records as R
+from atoll.federated.app_bundle import stage_app
+from atoll.federated.server import RESULT_FILE, run_dir_for
+from atoll.federated.task import rounds_per_task
 
 log = logging.getLogger("atoll.federated")
 FEDERATION = "atoll-local"
@@ -45,8 +45,8 @@ def _tracking_uri(spec: ExperimentSpec) -> str | None:
     """Resolved (absolute) before anything starts, so an unreachable server fails fast."""
     if not spec.tracking.enabled:
         return None
-    from tracking import TrackingUnavailable, default_uri, resolve_uri
-    from tracking.uri import check_reachable
+    from atoll.tracking import TrackingUnavailable, default_uri, resolve_uri
+    from atoll.tracking.uri import check_reachable
 
     uri = resolve_uri(spec.tracking.uri)
     try:
@@ -86,8 +86,8 @@ def _resume_mode(run_dir: Path, spec: ExperimentSpec, explicit: str | None,
 
 def _check_compatible(run_dir: Path, spec: ExperimentSpec, mode: str) -> None:
     """Refuse (exit 2) before starting anything if the resumed run trained another spec."""
-    from core.checkpoint import CheckpointDir
-    from core.runner import check_resume_compatible, latest_valid
+    from atoll.core.checkpoint import CheckpointDir
+    from atoll.core.runner import check_resume_compatible, latest_valid
 
     where = run_dir / "checkpoints" if mode == "latest" else Path(mode)
     found = latest_valid(CheckpointDir(where if where.is_dir() else where.parent, 1, "round"))
@@ -114,7 +114,7 @@ def _resolve_resume(resume: str | None, uri: str | None) -> str | None:
     if uri is None:
         raise ValueError(f"--resume: {resume!r} is not a path and tracking is off; allowed: "
                          "a checkpoint directory or file, or 'latest'")
-    from tracking import run_tag
+    from atoll.tracking import run_tag
 
     try:
         where = run_tag(uri, resume, "atoll.run_dir")
@@ -310,7 +310,7 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
         result = _read_result(run_dir, code, log_file)
     registered = None
     if result.get("registered"):
-        from tracking.base import RegisteredModel
+        from atoll.tracking.base import RegisteredModel
 
         registered = RegisteredModel(**result["registered"])
     out = RunResult(result.get("run_id"), result.get("metrics", {}), int(result["rounds"]),

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.spec import ExperimentSpec
-from federated import records as R
+from atoll.core.spec import ExperimentSpec
+from atoll.federated import records as R
 
 
 def num_malicious(spec: ExperimentSpec) -> int:

@@ -4,7 +4,7 @@ A SuperLink started with `--enable-supernode-auth` admits a SuperNode only if th
 half of the key the SuperNode signs with (`--auth-supernode-private-key`) was registered
 through its Control API first; any other node is refused when it activates, so it never
 gets a node id or a message. Flower 1.41 has no allow-list file, so this is the one step
-that turns `.pub` files (`python -m federated.certs`) into registrations, for the
+that turns `.pub` files (`python -m atoll.federated.certs`) into registrations, for the
 deployment test and the compose service that runs before the SuperNodes start.
 
 It drives `flwr supernode register`, Flower's own client of the Control API, with a
@@ -12,7 +12,7 @@ private temporary FLWR_HOME that names only this SuperLink: a user's ~/.flwr is 
 read nor changed. A key that is already registered counts as done, because the
 SuperLink's database outlives a restart of this step. Only public keys are read.
 
-    python -m federated.supernode_auth --superlink superlink:9093 \\
+    python -m atoll.federated.supernode_auth --superlink superlink:9093 \\
         --root-certificates certs/ca.crt certs/supernodes/*.pub
 """
 
@@ -148,7 +148,7 @@ def register(pub_keys: Iterable[Path], superlink_address: str, root_ca: Path,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m federated.supernode_auth",
+        prog="python -m atoll.federated.supernode_auth",
         description="Register SuperNode public keys (OpenSSH .pub) with a Flower SuperLink "
                     "started with --enable-supernode-auth. Keys already registered are "
                     "left as they are.")

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.components import build_components, pick_device
-from core.data import Batches, DataBundle, Split, eval_batches, load_data
-from core.loop import TrainState, evaluate, train_task, unwrap
-from core.metrics import build_loss
-from core.spec import ExperimentSpec, validate
-from federated.faults import byzantine_clients, flip_labels, poison_update
-from federated.partition import client_split, partition_indices
-from federated.proximal import Proximal
+from atoll.core.components import build_components, pick_device
+from atoll.core.data import Batches, DataBundle, Split, eval_batches, load_data
+from atoll.core.loop import TrainState, evaluate, train_task, unwrap
+from atoll.core.metrics import build_loss
+from atoll.core.spec import ExperimentSpec, validate
+from atoll.federated.faults import byzantine_clients, flip_labels, poison_update
+from atoll.federated.partition import client_split, partition_indices
+from atoll.federated.proximal import Proximal
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def _parts(spec_json: str, num_clients: int) -> tuple[np.ndarray, ...]:
 
 @functools.lru_cache(maxsize=4)
 def _tasks(spec_json: str) -> tuple[Any, ...]:
-    from continual.streams import build_stream
+    from atoll.continual.streams import build_stream
 
     spec = _spec(spec_json)
     return tuple(build_stream(_bundle(spec_json), spec.continual, spec.seed))
@@ -172,7 +172,7 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
         strategy, task, mask = continual.enter(spec, c.model, partition, num_clients,
                                                batch_size)
     if proximal_mu > 0:
-        from continual.base import Composite
+        from atoll.continual.base import Composite
 
         strategy = Composite([strategy, Proximal(proximal_mu, global_state)])
     on_step = None
@@ -200,7 +200,7 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
 def local_evaluate(spec: ExperimentSpec, data: ClientData,
                    global_state: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
     """The global model on this client's validation split."""
-    from models import build_model
+    from atoll.models import build_model
 
     split = data.val
     if not len(split):
@@ -233,9 +233,9 @@ class ContinualState:
               num_clients: int, batch_size: int) -> tuple[Any, Any, Any]:
         import io
 
-        from continual import build_strategy
-        from core.continual_runner import task_mask
-        from federated.fedewc import adopt, ewc_of
+        from atoll.continual import build_strategy
+        from atoll.core.continual_runner import task_mask
+        from atoll.federated.fedewc import adopt, ewc_of
 
         tasks = stream(spec)
         self.strategy = build_strategy(spec)

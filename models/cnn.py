@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from core.spec import ModelSpec
-from models.common import activation
+from atoll.core.spec import ModelSpec
+from atoll.models.common import activation
 
 
 def build_cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:

@@ -6,8 +6,8 @@ import math
 
 import torch.nn as nn
 
-from core.spec import ModelSpec
-from models.common import activation
+from atoll.core.spec import ModelSpec
+from atoll.models.common import activation
 
 
 def build_mlp(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:

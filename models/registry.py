@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from core.spec import ModelSpec
-from models.cnn import build_cnn
-from models.common import init_weights
-from models.mlp import build_mlp
-from models.resnet import build_resnet
-from models.transformer import build_transformer
+from atoll.core.spec import ModelSpec
+from atoll.models.cnn import build_cnn
+from atoll.models.common import init_weights
+from atoll.models.mlp import build_mlp
+from atoll.models.resnet import build_resnet
+from atoll.models.transformer import build_transformer
 
 Builder = Callable[[ModelSpec, tuple[int, ...], int], nn.Sequential]
 

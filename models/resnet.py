@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.spec import ModelSpec
-from models.common import activation
+from atoll.core.spec import ModelSpec
+from atoll.models.common import activation
 
 
 class BasicBlock(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from core.spec import ModelSpec
-from models.common import activation
+from atoll.core.spec import ModelSpec
+from atoll.models.common import activation
 
 
 class PatchEmbed(nn.Module):

@@ -30,7 +30,7 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def tiny_spec():
     """A spec small enough for a few-second run, tracking to the test's sqlite store."""
-    from core.spec import load_spec
+    from atoll.core.spec import load_spec
 
     def make(*overrides: str):
         base = ["train.epochs=2", "train.progress=off", "model.hidden=[32]",

@@ -11,16 +11,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-from core.spec import TrackingSpec  # noqa: E402
-from tracking.base import (  # noqa: E402
+from atoll.core.spec import TrackingSpec  # noqa: E402
+from atoll.tracking.base import (  # noqa: E402
     NothingToRegister,
     NullTracker,
     RegisteredModel,
     Selection,
     Tracker,
 )
-from tracking.context import run_tags  # noqa: E402
-from tracking.uri import (  # noqa: E402
+from atoll.tracking.context import run_tags  # noqa: E402
+from atoll.tracking.uri import (  # noqa: E402
     TrackingUnauthorized,
     TrackingUnavailable,
     check_reachable,
@@ -80,7 +80,7 @@ def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,
             raise
         uri = default_uri()
         log.warning("%s — logging to the local store %s instead", e, uri)
-    from tracking.mlflow_tracker import MlflowTracker
+    from atoll.tracking.mlflow_tracker import MlflowTracker
 
     root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite") \
         else None

@@ -22,7 +22,7 @@ import torch.nn as nn
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tracking.base import RegisteredModel, Selection
+from atoll.tracking.base import RegisteredModel, Selection
 
 MAX_BATCH = 1000  # MLflow's per-request limit on metrics
 PARAM_VALUE_LIMIT = 6000
@@ -127,7 +127,7 @@ class MlflowTracker:
 
     def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None:
         """Draw (only now), save as an artifact, and free the figure."""
-        from tracking.plots import close
+        from atoll.tracking.plots import close
 
         fig = make()
         try:

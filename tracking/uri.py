@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from core.spec import SpecError, check_tracking_uri
+from atoll.core.spec import SpecError, check_tracking_uri
 
 
 class TrackingUnavailable(RuntimeError):

@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    from cluster.gloo import spawned_rank
-    from core.spec import load_spec
+    from atoll.cluster.gloo import spawned_rank
+    from atoll.core.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
     with spawned_rank():
@@ -44,8 +44,8 @@ def main() -> None:
 
 def train(spec: Any) -> dict[str, Any]:
     """The hand-written DDP loop on an initialised process group."""
-    from core.data import load_data
-    from models import build_model
+    from atoll.core.data import load_data
+    from atoll.models import build_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(spec.cluster.cpus_per_worker)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from core.procs import free_port, start, stop
+from atoll.core.procs import free_port, start, stop
 
 MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp",
            "raylet", "gcs_server", "ray::", "default_worker.py")

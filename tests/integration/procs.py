@@ -4,6 +4,6 @@ Kept as a module so tests say `procs.start(...)`; a process runs in its own sess
 stopped with everything below it, by pid.
 """
 
-from core.procs import free_port, start, stop, wait_http
+from atoll.core.procs import free_port, start, stop, wait_http
 
 __all__ = ["free_port", "start", "stop", "wait_http"]

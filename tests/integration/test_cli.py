@@ -15,7 +15,7 @@ from tests.integration import procs
 
 pytestmark = pytest.mark.integration
 
-ATOLL = [sys.executable, "-m", "core.cli"]
+ATOLL = [sys.executable, "-m", "atoll.core.cli"]
 
 
 def _atoll(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -20,9 +20,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cluster import jobs
-from core.procs import free_port, start, stop, wait_http
-from core.spec import load_spec
+from atoll.cluster import jobs
+from atoll.core.procs import free_port, start, stop, wait_http
+from atoll.core.spec import load_spec
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration
@@ -127,21 +127,34 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypa
     # the same spec without the kill, in this process against the same head
     monkeypatch.setenv("RAY_ADDRESS", ray_head["gcs"])
     monkeypatch.chdir(tmp_path)
-    from cluster.runner import run_cluster
+    from atoll.cluster.runner import run_cluster
 
     clean = run_cluster(load_spec(CONFIGS / "demo.yaml", [*overrides, "name=clean"]))
     assert abs(run.data.metrics["test_accuracy"] - clean.metrics["test_accuracy"]) <= 0.02
     assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 6
 
 
+def _user_project(root: Path) -> Path:
+    """A user's repository with packages named like atoll's folders: on a Ray worker its
+    working_dir comes first on sys.path, so atoll must never import these."""
+    for pkg in ("core", "models"):
+        (root / pkg).mkdir(parents=True)
+        (root / pkg / "__init__.py").write_text(
+            f"raise ImportError('the user project\\'s own {pkg} package was imported')\n")
+    shutil.copy(CONFIGS / "demo.yaml", root / "spec.yaml")
+    return root
+
+
 def test_plain_ray_job_submit(ray_head, tmp_path):
     """The README's `ray job submit ... -- atoll run SPEC`, with a 2-stage 1F1B pipeline
-    (DDP goes through `atoll submit` above)."""
+    (DDP goes through `atoll submit` above), from a user project that has its own
+    `core/` and `models/` packages: atoll's are `atoll.core`, `atoll.models`."""
     strategy = "pipeline"
     store, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
+    project = _user_project(tmp_path / "project")
     out = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["http"],
-         "--working-dir", str(tmp_path), "--", "atoll", "run", str(CONFIGS / "demo.yaml"),
+         "--working-dir", str(project), "--", "atoll", "run", "spec.yaml",
          "--set", "mode=cluster", "--set", "name=job-pipe", "--set", "train.epochs=3",
          "--set", f"cluster.strategy={strategy}", "--set", "cluster.schedule=1f1b",
          "--set", "train.progress=off", "--set", "tracking.experiment=tests-cluster",
@@ -178,7 +191,7 @@ def test_continual_stream_on_workers_survives_a_killed_worker(ray_head, tmp_path
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/accuracy_matrix.png" in artifacts
     # the final checkpoint: both ranks' strategy state, EWC's Fisher shared, replay per rank
-    from cluster.runner import _checkpoints
+    from atoll.cluster.runner import _checkpoints
 
     payload = _checkpoints(run_dir)[-1][2]
     assert payload["next_task"] == 3 and len(payload["r"]) == 3

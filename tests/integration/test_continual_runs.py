@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core.checkpoint import load
-from core.continual_runner import run_continual
-from core.spec import load_spec
+from atoll.core.checkpoint import load
+from atoll.core.continual_runner import run_continual
+from atoll.core.spec import load_spec
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration
@@ -83,11 +83,11 @@ def test_interrupted_stream_resumes_to_the_same_result(tmp_path):
     args = ["--set", "continual.stream=permuted", "--set", "continual.scenario=domain",
             "--set", "continual.strategy=[ewc, replay]", "--set", "train.progress=off",
             "--set", "tracking.log_model=false"]
-    clean = subprocess.run([sys.executable, "-m", "core.cli", "run",
+    clean = subprocess.run([sys.executable, "-m", "atoll.core.cli", "run",
                             str(CONFIGS / "continual.yaml"), *args, "--set", "name=clean"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "run",
+    proc = subprocess.Popen([sys.executable, "-m", "atoll.core.cli", "run",
                              str(CONFIGS / "continual.yaml"), *args, "--set", "name=cut"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = tmp_path / ".atoll" / "checkpoints" / "cut" / "task-000002.ckpt"
@@ -97,7 +97,7 @@ def test_interrupted_stream_resumes_to_the_same_result(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert second.exists()
-    again = subprocess.run([sys.executable, "-m", "core.cli", "run",
+    again = subprocess.run([sys.executable, "-m", "atoll.core.cli", "run",
                             str(CONFIGS / "continual.yaml"), *args, "--set", "name=cut"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -129,7 +129,7 @@ def test_finished_stream_with_a_corrupt_final_checkpoint_trains_anew(tmp_path, c
 def test_unfinished_stream_is_kept_unless_restarted(tmp_path, caplog):
     """Item 15 for streams: train.resume: false never deletes an unfinished stream; --restart
     discards it and starts a new MLflow run."""
-    from core.spec import SpecError
+    from atoll.core.spec import SpecError
 
     caplog.set_level("INFO", "atoll")
     first = run_continual(_short())

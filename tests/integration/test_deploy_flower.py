@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from core.procs import alive, descendants, free_port, start, stop
-from core.spec import load_spec
-from federated import records as R
-from federated.certs import generate, superexec_secret, supernode_keys
-from federated.supernode_auth import register
+from atoll.core.procs import alive, descendants, free_port, start, stop
+from atoll.core.spec import load_spec
+from atoll.federated import records as R
+from atoll.federated.certs import generate, superexec_secret, supernode_keys
+from atoll.federated.supernode_auth import register
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration
@@ -191,7 +191,7 @@ def test_authenticated_federation_refuses_an_unknown_supernode_and_admits_a_late
                                      "--stream", "--run-config", str(cfg)])
     # a restarted registration step (compose runs it on every `up`) leaves the keys be
     again = fed["run"]("register-again", [
-        sys.executable, "-m", "federated.supernode_auth", "--superlink",
+        sys.executable, "-m", "atoll.federated.supernode_auth", "--superlink",
         f"127.0.0.1:{fed['port']}", "--root-certificates", str(fed["certs"]["ca"]),
         str(fed["keys"][0][1])])
     # late: round 1 is under way (its train messages went out after the server's first

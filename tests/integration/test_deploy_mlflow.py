@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from core.runner import run_local
+from atoll.core.runner import run_local
+from atoll.tracking import TrackingUnauthorized
 from tests.integration import procs
-from tracking import TrackingUnauthorized
 
 pytestmark = pytest.mark.integration
 

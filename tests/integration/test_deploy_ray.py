@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import jobs
-from core.procs import free_port, start, stop, wait_http
-from core.spec import load_spec
+from atoll.cluster import jobs
+from atoll.core.procs import free_port, start, stop, wait_http
+from atoll.core.spec import load_spec
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration

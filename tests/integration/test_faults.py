@@ -20,10 +20,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from core.checkpoint import load
-from core.runner import RunFailed
-from core.spec import SpecError, load_spec
-from federated.simulation import run_federated
+from atoll.core.checkpoint import load
+from atoll.core.runner import RunFailed
+from atoll.core.spec import SpecError, load_spec
+from atoll.federated.simulation import run_federated
 from tests.conftest import CONFIGS
 
 # one Ray head for the module's federations, an initialised ./mlruns.db for each test
@@ -202,7 +202,7 @@ def test_resumed_continual_federation_equals_an_uninterrupted_one():
 def test_changing_rounds_of_a_stream_on_resume_is_refused(tmp_path):
     """An interrupted 2-round stream (its checkpoint, no result file) resumed with 6
     rounds would move the task boundaries: refused before anything starts."""
-    from core.checkpoint import save
+    from atoll.core.checkpoint import save
 
     base = [f"--set={o}" for o in SMALL] + ["--set", "name=fcl-sched", "--set",
                                              "federated.num_clients=3", "--set",

@@ -24,11 +24,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from core.checkpoint import rng_state, set_rng_state
-from core.loop import NonFiniteLoss
-from core.procs import start, stop
-from core.runner import RunFailed
-from core.spec import SpecError, load_spec
+from atoll.core.checkpoint import rng_state, set_rng_state
+from atoll.core.loop import NonFiniteLoss
+from atoll.core.procs import start, stop
+from atoll.core.runner import RunFailed
+from atoll.core.spec import SpecError, load_spec
 from tests.conftest import CONFIGS, ROOT
 from tests.integration.test_cluster import BIN, ray_head  # noqa: F401 - the module's head
 
@@ -62,8 +62,8 @@ class _NanOnce(torch.nn.Module):
 def inject_nan_hook() -> None:
     """Ray worker setup hook: the mlp of this job's workers ends in a _NanOnce block
     (no parameters, so checkpoints and the driver's model are unchanged)."""
-    from models.mlp import build_mlp
-    from models.registry import MODELS
+    from atoll.models.mlp import build_mlp
+    from atoll.models.registry import MODELS
 
     def nan_mlp(spec, shape, classes):
         model = build_mlp(spec, shape, classes)
@@ -74,7 +74,7 @@ def inject_nan_hook() -> None:
 
 
 def _steps_per_epoch(per_rank: int) -> int:
-    from core.data import load_data
+    from atoll.core.data import load_data
 
     n = len(load_data(load_spec(CONFIGS / "demo.yaml").data, 0).train)
     shard = -(-n // 2)  # rank 1's share of the (padded) epoch
@@ -129,7 +129,7 @@ def test_nan_on_rank_1_fails_without_retry_then_resumes_exactly_once(driver, tmp
     """Items 5, 7, 10, 8: NaN on rank 1 → FAILED at once (a retry would succeed: the NaN
     fires once); a resume with changed settings is refused; the resumed run logs every
     step and epoch once and registers the best checkpoint by cluster.checkpoint_metric."""
-    from cluster.runner import run_cluster
+    from atoll.cluster.runner import run_cluster
 
     driver["flag"].touch()
     with pytest.raises(RunFailed) as failed:
@@ -181,7 +181,7 @@ def _selected_epoch(client: MlflowClient, run, out, registered: str) -> int:
 
 def test_early_stopping_registers_the_best_epoch(driver, tmp_path):
     """Item 8: train.early_stopping.restore_best (default) in cluster mode."""
-    from cluster.runner import run_cluster
+    from atoll.cluster.runner import run_cluster
 
     out = run_cluster(_spec("early", "tracking.log_model=true", "train.keep_checkpoints=1",
                             "tracking.registered_model=faults-early",

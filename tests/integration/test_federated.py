@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core.checkpoint import load
-from core.procs import free_port, start, stop, wait_http
-from core.runner import RunFailed
-from core.spec import load_spec
-from federated.simulation import run_federated
+from atoll.core.checkpoint import load
+from atoll.core.procs import free_port, start, stop, wait_http
+from atoll.core.runner import RunFailed
+from atoll.core.spec import load_spec
+from atoll.federated.simulation import run_federated
 from tests.conftest import CONFIGS, ROOT
 
 # one Ray head for the module's federations, an initialised ./mlruns.db for each test
@@ -67,7 +67,7 @@ def test_fedavg_dirichlet_reaches_90_percent(shared_ray, no_leftovers):
 def test_failing_clients_are_counted_and_rounds_complete(no_leftovers):
     """Crashed clients fail part-way (an error reply); dropped-out clients never reply and
     the round closes at round_timeout without them."""
-    from federated.faults import round_fault
+    from atoll.federated.faults import round_fault
 
     spec = fl_spec("federated.rounds=4", "federated.faults.dropout=0.15",
                    "federated.faults.crash=0.15", "federated.round_timeout=10",

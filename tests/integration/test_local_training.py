@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.data import load_data
-from core.runner import RunFailed, run_local
-from core.spec import load_spec
+from atoll.core.data import load_data
+from atoll.core.runner import RunFailed, run_local
+from atoll.core.spec import load_spec
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def test_registered_model_loads_by_alias_and_reproduces_accuracy(demo_run):
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from core.checkpoint import load
+    from atoll.core.checkpoint import load
 
     # plain SGD at lr=1 diverges in epoch 3 on this seed (single-threaded: deterministic)
     spec = load_spec(CONFIGS / "demo.yaml", [
@@ -124,7 +124,7 @@ class InterruptingTracker:
     metrics are logged, before its checkpoint is written."""
 
     def __new__(cls, spec, epoch: int):
-        from tracking import make_tracker
+        from atoll.tracking import make_tracker
 
         tracker = make_tracker(spec.tracking, spec.name, mode="local")
         log_metrics = tracker.log_metrics
@@ -225,8 +225,8 @@ def test_a_model_that_completed_nothing_is_never_registered(tmp_path):
     """Item 2, in tracking/: every harness registers through log_model with a Selection."""
     from mlflow.tracking import MlflowClient
 
-    from core.spec import TrackingSpec
-    from tracking import NothingToRegister, Selection, make_tracker
+    from atoll.core.spec import TrackingSpec
+    from atoll.tracking import NothingToRegister, Selection, make_tracker
 
     tracker = make_tracker(TrackingSpec(experiment="tests"), "nothing", mode="federated")
     with pytest.raises(NothingToRegister, match="no round completed"):

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.gloo import spawned_rank
-from core.data import Batches, Split
-from core.loop import LoopConfig, TrainState, evaluate, train_epoch
+from atoll.cluster.gloo import spawned_rank
+from atoll.core.data import Batches, Split
+from atoll.core.loop import LoopConfig, TrainState, evaluate, train_epoch
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def _train(model, batches, reduce=None, no_sync=None, steps_epochs: int = 1) -> 
 
 
 def _worker(rank: int, world: int, init: str, layout: str, out: str, epochs: int) -> None:
-    from cluster.parallel import build
+    from atoll.cluster.parallel import build
 
     with spawned_rank(rank, world, init):
         lay = build(layout, _model(), torch.device("cpu"))
@@ -128,7 +128,7 @@ def _on_two_ranks(worker, tmp_path: Path, tag: str) -> list:
 
 def _pipe_worker(rank: int, world: int, init: str, strategy: str, schedule: str, out: str,
                  epochs: int, clip: float | None) -> None:
-    from cluster.parallel import build
+    from atoll.cluster.parallel import build
 
     with spawned_rank(rank, world, init):
         stages = 2
@@ -193,7 +193,7 @@ def test_pipeline_loss_and_gradients_equal_the_unsplit_model(tmp_path, schedule)
         stage_grads.update({(s["index"], k): v for k, v in s["grads"].items()})
     ref_grads = dict(reference.named_parameters())
     assert len(stage_grads) == len(ref_grads)
-    from models.stages import split_stages
+    from atoll.models.stages import split_stages
 
     for index, part in enumerate(split_stages(reference, 2)):
         for name, p in part.named_parameters():
@@ -231,12 +231,12 @@ def test_hybrid_dp2_pp2_equals_ddp(tmp_path, schedule):
 
 def _importance_worker(rank: int, world: int, init: str, out: str) -> None:
     """EWC + SI + A-GEM on DDP with a different data shard per rank."""
-    from cluster.parallel import build
-    from continual.agem import AGEM
-    from continual.base import Composite, distribute
-    from continual.ewc import EWC, fisher_diagonal
-    from continual.si import SI
-    from core.spec import AgemSpec, EwcSpec, SiSpec
+    from atoll.cluster.parallel import build
+    from atoll.continual.agem import AGEM
+    from atoll.continual.base import Composite, distribute
+    from atoll.continual.ewc import EWC, fisher_diagonal
+    from atoll.continual.si import SI
+    from atoll.core.spec import AgemSpec, EwcSpec, SiSpec
 
     with spawned_rank(rank, world, init):
         lay = build("ddp", _model(), torch.device("cpu"))
@@ -280,11 +280,11 @@ def test_importances_are_averaged_so_every_rank_holds_the_same_penalty(tmp_path)
 
 def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
     """Each registered strategy over 2 tasks on DDP, as cluster/continual.py runs them."""
-    from cluster.parallel import build
-    from continual import STRATEGIES, build_strategy
-    from continual.base import distribute
-    from core.loop import train_task
-    from core.spec import load_spec
+    from atoll.cluster.parallel import build
+    from atoll.continual import STRATEGIES, build_strategy
+    from atoll.continual.base import distribute
+    from atoll.core.loop import train_task
+    from atoll.core.spec import load_spec
 
     with spawned_rank(rank, world, init):
         drift = {}
@@ -305,7 +305,7 @@ def _every_strategy_worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_every_strategy_trains_on_ddp_without_replicas_drifting_apart(tmp_path):
-    from continual import STRATEGIES
+    from atoll.continual import STRATEGIES
 
     a, b = _on_two_ranks(_every_strategy_worker, tmp_path, "every")
     assert set(a) == set(STRATEGIES)
@@ -326,7 +326,7 @@ def _val() -> Split:
 
 def _eval_worker(rank: int, world: int, init: str, strategy: str, out: str) -> None:
     """Evaluation of an odd-sized validation set as cluster/worker.py shards it."""
-    from cluster.parallel import build, even_shard
+    from atoll.cluster.parallel import build, even_shard
 
     with spawned_rank(rank, world, init):
         pipeline = strategy == "hybrid"
@@ -372,7 +372,7 @@ def test_sharded_evaluation_of_an_odd_validation_set_counts_every_sample_once(
 
 def _precision_worker(rank: int, world: int, init: str, out: str) -> None:
     """Dtypes a pipeline stage computes in, in training and in evaluation, under bf16."""
-    from cluster.parallel import build
+    from atoll.cluster.parallel import build
 
     with spawned_rank(rank, world, init):
         lay = build("pipeline", _model(), torch.device("cpu"), stages=2, schedule="1f1b",

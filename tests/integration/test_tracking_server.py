@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from core.runner import run_local
+from atoll.core.runner import run_local
+from atoll.tracking import TrackingUnavailable
 from tests.integration import procs
-from tracking import TrackingUnavailable
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_unreachable_server_fails_before_training(tiny_spec, tmp_path):
 def test_unreachable_server_cli_message_and_exit_code(tmp_path):
     port = procs.free_port()
     out = subprocess.run(
-        [sys.executable, "-m", "core.cli", "run", str(Path(__file__).parents[2] /
+        [sys.executable, "-m", "atoll.core.cli", "run", str(Path(__file__).parents[2] /
                                                        "configs/demo.yaml"),
          "--set", f"tracking.uri=http://127.0.0.1:{port}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)

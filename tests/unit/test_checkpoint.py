@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import CheckpointDir, CheckpointError, load, rng_state, save, set_rng_state
-from core.runner import run_local
-from core.spec import SpecError
-from tracking.base import NullTracker
+from atoll.core.checkpoint import (
+    CheckpointDir,
+    CheckpointError,
+    load,
+    rng_state,
+    save,
+    set_rng_state,
+)
+from atoll.core.runner import run_local
+from atoll.core.spec import SpecError
+from atoll.tracking.base import NullTracker
 
 
 class InterruptAt(NullTracker):
@@ -155,7 +162,7 @@ def test_all_checkpoints_corrupt_is_an_error(tiny_spec, tmp_path):
 
 
 def test_resume_with_a_changed_spec_is_refused(tiny_spec):
-    from core.spec import SpecError
+    from atoll.core.spec import SpecError
 
     base = ["train.epochs=3", "data.limit=100"]
     with pytest.raises(KeyboardInterrupt):
@@ -237,9 +244,9 @@ def _best_spec(tiny_spec, *more: str):
 
 
 def _test_metrics_of(spec, ckpt) -> dict[str, float]:
-    from core.components import build_components
-    from core.data import eval_batches, load_data, train_batches
-    from core.loop import evaluate
+    from atoll.core.components import build_components
+    from atoll.core.data import eval_batches, load_data, train_batches
+    from atoll.core.loop import evaluate
 
     data = load_data(spec.data, spec.seed)
     c = build_components(spec, data, len(train_batches(data, spec.data, spec.seed)))
@@ -277,11 +284,11 @@ def test_best_epoch_survives_a_resume(tiny_spec, tmp_path):
 def test_finish_run_registers_nothing_untrained_and_takes_a_selection_made_elsewhere(tiny_spec):
     """Item 2 (the shared rank-0 finish): no completed epoch is FAILED; a harness that chose
     the weights itself (cluster.checkpoint_metric) passes its Selection."""
-    from core.components import build_components
-    from core.data import load_data, train_batches
-    from core.loop import TrainState
-    from core.runner import RunFailed, finish_run
-    from tracking.base import Selection
+    from atoll.core.components import build_components
+    from atoll.core.data import load_data, train_batches
+    from atoll.core.loop import TrainState
+    from atoll.core.runner import RunFailed, finish_run
+    from atoll.tracking.base import Selection
 
     spec = tiny_spec("data.limit=100")
     data = load_data(spec.data, spec.seed)
@@ -296,7 +303,7 @@ def test_finish_run_registers_nothing_untrained_and_takes_a_selection_made_elsew
 def test_numpy_gaussian_cache_survives_a_checkpoint(tmp_path):
     """An odd number of normal draws leaves a cached value (Flower's DP noise draws so);
     a restored run must draw what an uninterrupted one draws."""
-    from core.checkpoint import load, rng_state, save, set_rng_state
+    from atoll.core.checkpoint import load, rng_state, save, set_rng_state
 
     np.random.seed(3)
     np.random.normal(size=3)  # odd: one value cached

@@ -2,7 +2,7 @@
 
 import pytest
 
-from continual.metrics import (
+from atoll.continual.metrics import (
     average_accuracy,
     backward_transfer,
     forgetting,

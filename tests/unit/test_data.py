@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from core import sources
-from core.data import Batches, Split, augment_batch, load_data, train_batches
-from core.sources import DataUnavailable, read_idx
-from core.spec import DataSpec
+from atoll.core import sources
+from atoll.core.data import Batches, Split, augment_batch, load_data, train_batches
+from atoll.core.sources import DataUnavailable, read_idx
+from atoll.core.spec import DataSpec
 
 
 def test_digits_split_is_deterministic_disjoint_and_stratified():
@@ -215,7 +215,7 @@ def test_cifar10_archive(tmp_path, monkeypatch):
 def test_digits_read_from_the_csv_equal_scikit_learns_loader():
     from sklearn.datasets import load_digits
 
-    from core.data import _digits
+    from atoll.core.data import _digits
 
     x, y, _, _ = _digits(DataSpec(), 0)
     d = load_digits()

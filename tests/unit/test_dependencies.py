@@ -12,16 +12,29 @@ from tests.conftest import ROOT
 HEAVY = ("ray", "flwr", "mlflow")
 
 
-def _imports(path: Path, module_level_only: bool) -> set[str]:
+PROJECT = ("core", "models", "continual", "cluster", "federated", "tracking")
+
+
+def _top(module: str) -> str:
+    """The package an import names: `atoll.core.spec` -> core, `torch.nn` -> torch."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "atoll" and len(parts) > 1 else parts[0]
+
+
+def _imported(path: Path, module_level_only: bool) -> list[str]:
     tree = ast.parse(path.read_text())
     nodes = tree.body if module_level_only else list(ast.walk(tree))
-    found: set[str] = set()
+    found: list[str] = []
     for node in nodes:
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.append(node.module)
     return found
+
+
+def _imports(path: Path, module_level_only: bool) -> set[str]:
+    return {_top(m) for m in _imported(path, module_level_only)}
 
 
 def _package_imports(pkg: str, module_level_only: bool = True) -> dict[str, set[str]]:
@@ -36,12 +49,22 @@ def test_core_never_imports_ray_flwr_or_mlflow():
 
 def test_models_and_continual_import_only_core_and_torch():
     allowed_pkgs = {"core", "torch", "models", "continual", "numpy"}
-    project = {"core", "models", "continual", "cluster", "federated", "tracking"}
+    project = set(PROJECT)
     for pkg in ("models", "continual"):
         for path, names in _package_imports(pkg, module_level_only=False).items():
             third_party = {n for n in names if n not in sys.stdlib_module_names}
             assert third_party <= allowed_pkgs, f"{path} imports {third_party - allowed_pkgs}"
             assert not names & (project - allowed_pkgs), path
+
+
+def test_the_project_imports_itself_only_through_the_atoll_namespace():
+    """A bare `import models` would find a user's own models/ first on a Ray worker or
+    SuperNode (`ray job submit --working-dir` puts it first on sys.path)."""
+    for pkg in (*PROJECT, "tests", "benchmarks"):
+        for p in (ROOT / pkg).rglob("*.py"):
+            bare = [m for m in _imported(p, module_level_only=False)
+                    if m.split(".")[0] in PROJECT]
+            assert not bare, f"{p.relative_to(ROOT)} imports {bare}; allowed: atoll.<package>"
 
 
 def test_only_tracking_imports_mlflow():
@@ -52,9 +75,10 @@ def test_only_tracking_imports_mlflow():
 
 def test_importing_core_and_the_cli_pulls_in_no_heavy_package():
     code = (
-        "import sys, core.cli, core.spec, core.data, core.loop, core.checkpoint, "
-        "core.runner, core.components, models, continual\n"
-        "core.cli.build_parser()\n"
+        "import sys, atoll.core.cli, atoll.core.spec, atoll.core.data, atoll.core.loop, "
+        "atoll.core.checkpoint, atoll.core.runner, atoll.core.components, atoll.models, "
+        "atoll.continual\n"
+        "atoll.core.cli.build_parser()\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {HEAVY!r}]\n"
         "assert not bad, bad\n"
         "print('ok')"
@@ -66,7 +90,7 @@ def test_importing_core_and_the_cli_pulls_in_no_heavy_package():
 
 def test_help_is_fast_and_light():
     code = ("import sys, runpy\nsys.argv=['atoll','--help']\n"
-            "try:\n    runpy.run_module('core.cli', run_name='__main__')\n"
+            "try:\n    runpy.run_module('atoll.core.cli', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "heavy = [m for m in sys.modules if m.split('.')[0] in "
             f"{HEAVY + ('torch',)!r}]\nassert not heavy, heavy[:5]")

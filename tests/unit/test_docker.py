@@ -21,7 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
-GENERATED = {"./certs": "python -m federated.certs docker/certs"}  # bind sources made by a tool
+# bind sources made by a tool
+GENERATED = {"./certs": "python -m atoll.federated.certs docker/certs"}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_hadolint_passes_the_dockerfile():
 def test_flower_certificates_are_generated_for_the_superlink(tmp_path):
     from cryptography import x509
 
-    from federated.certs import generate
+    from atoll.federated.certs import generate
 
     paths = generate(tmp_path / "certs")
     cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
@@ -175,9 +176,9 @@ def test_flower_profile_admits_only_registered_supernodes_and_secret_holding_sup
     """SuperNode authentication: the SuperLink admits only keys that the one-shot
     supernode-auth service registered before any SuperNode starts, each SuperNode signs with
     its own key; process isolation: every SuperLink/SuperNode has a SuperExec that holds the
-    same secret. Every /certs file these services read is one `python -m federated.certs`
+    same secret. Every /certs file these services read is one `python -m atoll.federated.certs`
     writes with its defaults."""
-    from federated import certs
+    from atoll.federated import certs
 
     s = compose["services"]
     secret = "/certs/superexec.secret"
@@ -189,7 +190,7 @@ def test_flower_profile_admits_only_registered_supernodes_and_secret_holding_sup
 
     auth = s["supernode-auth"]
     assert auth["restart"] == "no"  # others wait for it to complete
-    assert auth["command"][:3] == ["python", "-m", "federated.supernode_auth"]
+    assert auth["command"][:3] == ["python", "-m", "atoll.federated.supernode_auth"]
     assert (ROOT / "federated" / "supernode_auth.py").is_file()
     assert _flag(auth["command"], "--superlink") == "superlink:9093"
     assert _flag(auth["command"], "--root-certificates") == "/certs/ca.crt"
@@ -234,9 +235,9 @@ def test_flower_profile_admits_only_registered_supernodes_and_secret_holding_sup
 
 def test_every_ray_node_runs_with_token_auth_from_a_generated_secret(compose, tmp_path):
     """The Job API runs arbitrary code: the head and every worker need the token, which
-    comes from a git-ignored file that `python -m cluster.auth` writes (0600), never from
+    comes from a git-ignored file that `python -m atoll.cluster.auth` writes (0600), never from
     the compose file or .env; the head's healthcheck uses the one route without auth."""
-    from cluster.auth import main
+    from atoll.cluster.auth import main
 
     for name in ("ray-head", "ray-worker"):
         svc = compose["services"][name]
@@ -248,7 +249,7 @@ def test_every_ray_node_runs_with_token_auth_from_a_generated_secret(compose, tm
     source = compose["secrets"]["ray_token"]["file"]
     assert source == "./secrets/ray_token"
     assert "docker/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
-    assert "python -m cluster.auth docker/secrets/ray_token" in COMPOSE.read_text()
+    assert "python -m atoll.cluster.auth docker/secrets/ray_token" in COMPOSE.read_text()
     out = tmp_path / "secrets" / "ray_token"
     assert main([str(out)]) == 0
     token = out.read_text().strip()

@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from continual.ewc import EWC, fisher_diagonal
-from continual.replay import Replay
-from core.checkpoint import load, save
-from core.data import Batches, Split
-from core.spec import EwcSpec, ReplaySpec
+from atoll.continual.ewc import EWC, fisher_diagonal
+from atoll.continual.replay import Replay
+from atoll.core.checkpoint import load, save
+from atoll.core.data import Batches, Split
+from atoll.core.spec import EwcSpec, ReplaySpec
 
 
 def _model() -> nn.Module:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from continual.ewc import EWC
-from core.spec import EwcSpec
-from federated.fedewc import FederatedFisher, adopt, decode, ewc_of
+from atoll.continual.ewc import EWC
+from atoll.core.spec import EwcSpec
+from atoll.federated.fedewc import FederatedFisher, adopt, decode, ewc_of
 
 
 def _p(v: float) -> dict[str, torch.Tensor]:

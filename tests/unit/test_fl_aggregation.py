@@ -17,10 +17,10 @@ from flwr.app import (
     RecordDict,
 )
 
-from core.spec import load_spec
-from federated import records as R
-from federated.driver import ClientSampler, spread
-from federated.strategies import build_strategy, load_strategy_state, strategy_state
+from atoll.core.spec import load_spec
+from atoll.federated import records as R
+from atoll.federated.driver import ClientSampler, spread
+from atoll.federated.strategies import build_strategy, load_strategy_state, strategy_state
 
 
 def reply(weights: dict[str, np.ndarray], n: int, partition: int, **metrics: float) -> Message:
@@ -123,7 +123,7 @@ def test_sampler_is_seeded_and_its_state_round_trips():
 
 
 def test_sampler_state_survives_weights_only_load():
-    from federated.server import _decode_state, _encode_state
+    from atoll.federated.server import _decode_state, _encode_state
 
     s = ClientSampler(5)
     s.sample(list(range(9)), 0.5, 1)

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from core.data import Split, load_data
-from core.metrics import build_loss
-from core.spec import SpecError, load_spec
-from federated import task
-from federated.fields import REFUSED, treatment
+from atoll.core.data import Split, load_data
+from atoll.core.metrics import build_loss
+from atoll.core.spec import SpecError, load_spec
+from atoll.federated import task
+from atoll.federated.fields import REFUSED, treatment
 
 
 def _spec(*overrides: str):
@@ -21,7 +21,7 @@ def _spec(*overrides: str):
 
 
 def _train(spec, partition: int, data=None) -> dict[str, torch.Tensor]:
-    from models import build_model
+    from atoll.models import build_model
 
     data = data or task.client_data(spec, 0, 4)
 

@@ -20,11 +20,11 @@ from flwr.app import (
     RecordDict,
 )
 
-from core.spec import SpecError, load_spec
-from federated import records as R
-from federated.client_state import ClientStateError, ClientStateStore, prune_client_states
-from federated.driver import SampledGrid, StopRequested, discover, exchange, rediscover
-from federated.server import refusal, robust_bound, update_norms
+from atoll.core.spec import SpecError, load_spec
+from atoll.federated import records as R
+from atoll.federated.client_state import ClientStateError, ClientStateStore, prune_client_states
+from atoll.federated.driver import SampledGrid, StopRequested, discover, exchange, rediscover
+from atoll.federated.server import refusal, robust_bound, update_norms
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,7 @@ def test_dp_refuses_a_round_with_a_failed_client():
 
 def test_flower_dp_wrapper_refuses_replies_with_an_error():
     """The Flower rule the server relies on: errors among the replies → no aggregate."""
-    from federated.strategies import build_strategy
+    from atoll.federated.strategies import build_strategy
 
     spec = _spec("federated.num_clients=3", "federated.privacy.mode=server-fixed")
     grid = FakeGrid({0: "ok", 1: "error", 2: "ok"})
@@ -311,7 +311,7 @@ def test_a_float32_reply_to_a_float64_global_model_is_well_formed():
 
 
 def test_a_client_claiming_a_billion_examples_cannot_take_over_fedavg():
-    from federated.strategies import build_strategy
+    from atoll.federated.strategies import build_strategy
 
     grid = FakeGrid({0: "ok", 1: "ok", 2: "greedy"})
     msgs = _train_messages(grid, [0, 1, 2])

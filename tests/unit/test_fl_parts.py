@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import load_data
-from core.spec import ByzantineSpec, FaultSpec, PartitionSpec, SpecError, load_spec
-from federated import records as R
-from federated.faults import byzantine_clients, flip_labels, poison_update, round_fault
-from federated.partition import client_split, label_histogram, partition_indices
-from federated.proximal import Proximal
+from atoll.core.data import load_data
+from atoll.core.spec import ByzantineSpec, FaultSpec, PartitionSpec, SpecError, load_spec
+from atoll.federated import records as R
+from atoll.federated.faults import byzantine_clients, flip_labels, poison_update, round_fault
+from atoll.federated.partition import client_split, label_histogram, partition_indices
+from atoll.federated.proximal import Proximal
 
 LABELS = np.repeat(np.arange(10), 100)
 
@@ -132,8 +132,8 @@ def test_pyproject_declares_every_run_config_key():
 
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["config"] == R.RUN_CONFIG_DEFAULTS
-    assert flwr["components"] == {"serverapp": "federated.server_app:app",
-                                  "clientapp": "federated.client_app:app"}
+    assert flwr["components"] == {"serverapp": "atoll.federated.server_app:app",
+                                  "clientapp": "atoll.federated.client_app:app"}
 
 
 @pytest.mark.parametrize("override,field", [
@@ -149,8 +149,8 @@ def test_federated_spec_errors_name_the_field(override, field):
 
 
 def test_client_specific_task_orders_are_seeded_permutations():
-    from core.spec import load_spec
-    from federated.task import client_task, task_order
+    from atoll.core.spec import load_spec
+    from atoll.federated.task import client_task, task_order
     from tests.conftest import CONFIGS
 
     same = load_spec(CONFIGS / "fcl.yaml")
@@ -166,7 +166,7 @@ def test_client_specific_task_orders_are_seeded_permutations():
 
 
 def test_unavailable_clients_stay_away_for_several_rounds():
-    from federated.faults import unavailable
+    from atoll.federated.faults import unavailable
 
     spec = FaultSpec(unavailable=0.1, unavailable_rounds=3)
     absent = np.array([[unavailable(spec, 0, r, c) for r in range(1, 61)] for c in range(20)])

@@ -10,12 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from continual.base import BaseStrategy
-from core.data import Batches, Split
-from core.loop import LoopConfig, NonFiniteLoss, TrainState, evaluate, train_epoch, train_task
-from core.metrics import FocalLoss, build_loss, class_weights, confusion, from_confusion
-from core.optim import build_optimizer, lr_factor
-from core.spec import LossSpec, OptimSpec, SchedulerSpec
+from atoll.continual.base import BaseStrategy
+from atoll.core.data import Batches, Split
+from atoll.core.loop import LoopConfig, NonFiniteLoss, TrainState, evaluate, train_epoch, train_task
+from atoll.core.metrics import FocalLoss, build_loss, class_weights, confusion, from_confusion
+from atoll.core.optim import build_optimizer, lr_factor
+from atoll.core.spec import LossSpec, OptimSpec, SchedulerSpec
 
 
 def _toy(n: int = 32, d: int = 5, k: int = 3, seed: int = 0) -> Split:

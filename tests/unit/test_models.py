@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from core.spec import ModelSpec
-from models import build_model, count_parameters, split_stages
-from models.common import ACTIVATIONS
+from atoll.core.spec import ModelSpec
+from atoll.models import build_model, count_parameters, split_stages
+from atoll.models.common import ACTIVATIONS
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 CASES = [("mlp", s) for s in SHAPES] + [("mlp", (20,))] + [

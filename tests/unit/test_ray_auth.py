@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import auth
+from atoll.cluster import auth
 
 
 @pytest.fixture(autouse=True)

@@ -1,14 +1,14 @@
 """The names the spec accepts are exactly the ones the registries build."""
 
-from core import spec
-from core.data import DATASETS
-from core.spec import EPOCH_METRICS
-from models import MODELS
-from models.common import ACTIVATIONS
+from atoll.core import spec
+from atoll.core.data import DATASETS
+from atoll.core.spec import EPOCH_METRICS
+from atoll.models import MODELS
+from atoll.models.common import ACTIVATIONS
 
 
 def test_spec_names_match_registries():
-    from continual import STRATEGIES
+    from atoll.continual import STRATEGIES
 
     assert set(spec.DATASETS) == set(DATASETS)
     assert set(spec.MODELS) == set(MODELS)

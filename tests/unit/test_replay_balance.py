@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from continual.replay import Replay
-from continual.streams import Task, build_stream
-from core.checkpoint import load, save
-from core.data import Batches, load_data
-from core.spec import ContinualSpec, DataSpec, ReplaySpec
+from atoll.continual.replay import Replay
+from atoll.continual.streams import Task, build_stream
+from atoll.core.checkpoint import load, save
+from atoll.core.data import Batches, load_data
+from atoll.core.spec import ContinualSpec, DataSpec, ReplaySpec
 
 
 def _stream(kind: str) -> list[Task]:

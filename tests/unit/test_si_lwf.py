@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 
-from continual.lwf import LwF
-from continual.si import SI
-from core.spec import LwfSpec, SiSpec
+from atoll.continual.lwf import LwF
+from atoll.continual.si import SI
+from atoll.core.spec import LwfSpec, SiSpec
 
 
 def _net() -> torch.nn.Module:
@@ -98,7 +98,7 @@ def test_state_dict_round_trips_through_a_weights_only_load(make):
 
 
 def test_agem_projection_removes_the_conflict_and_keeps_agreeing_gradients():
-    from continual.agem import project
+    from atoll.continual.agem import project
 
     g, ref = torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0])
     p = project(g, ref)
@@ -109,8 +109,8 @@ def test_agem_projection_removes_the_conflict_and_keeps_agreeing_gradients():
 
 
 def test_agem_step_does_not_increase_the_memory_loss_to_first_order():
-    from continual.agem import AGEM
-    from core.spec import AgemSpec
+    from atoll.continual.agem import AGEM
+    from atoll.core.spec import AgemSpec
 
     model, agem = _net(), AGEM(AgemSpec(size=32, batch=32))
     g = torch.Generator().manual_seed(3)
@@ -128,8 +128,8 @@ def test_agem_step_does_not_increase_the_memory_loss_to_first_order():
 
 
 def test_joint_epoch_covers_every_stored_sample_once():
-    from continual.joint import Joint
-    from core.data import Batches, Split
+    from atoll.continual.joint import Joint
+    from atoll.core.data import Batches, Split
 
     j = Joint(seed=0)
     old = Split(torch.arange(40, dtype=torch.float32).view(40, 1),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import main
-from core.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, validate
+from atoll.core.cli import main
+from atoll.core.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, validate
 from tests.conftest import CONFIGS
 
 
@@ -108,7 +108,7 @@ def test_several_problems_one_line_each(tmp_path, capsys):
 
 def test_real_process_exit_code(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim:\n  lr: -1\n")
-    out = subprocess.run([sys.executable, "-m", "core.cli", "validate", "bad.yaml"],
+    out = subprocess.run([sys.executable, "-m", "atoll.core.cli", "validate", "bad.yaml"],
                          capture_output=True, text=True, cwd=tmp_path, check=False)
     assert out.returncode == 2
     assert out.stderr.strip() == "atoll: optim.lr: -1 is out of range; allowed: > 0.0"
@@ -199,7 +199,7 @@ def test_duplicate_top_level_key(tmp_path, capsys):
 
 def test_binary_spec_file_is_one_line(tmp_path):
     (tmp_path / "spec.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
-    out = subprocess.run([sys.executable, "-m", "core.cli", "validate", "spec.yaml"],
+    out = subprocess.run([sys.executable, "-m", "atoll.core.cli", "validate", "spec.yaml"],
                          capture_output=True, text=True, cwd=tmp_path, check=False)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from continual import BaseStrategy, Composite, Naive, Strategy, build_strategy
-from core.spec import load_spec
+from atoll.continual import BaseStrategy, Composite, Naive, Strategy, build_strategy
+from atoll.core.spec import load_spec
 
 
 class _Scale(BaseStrategy):

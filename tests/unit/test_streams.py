@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from continual.streams import build_stream
-from core.data import load_data
-from core.spec import ContinualSpec, DataSpec, SpecError, load_spec
+from atoll.continual.streams import build_stream
+from atoll.core.data import load_data
+from atoll.core.spec import ContinualSpec, DataSpec, SpecError, load_spec
 
 
 @pytest.fixture(scope="module")

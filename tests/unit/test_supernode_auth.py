@@ -1,6 +1,6 @@
 """SuperNode identities and their registration step, without a SuperLink: the key pairs and
-the SuperExec secret `python -m federated.certs` writes are what Flower loads, private
-material is 0600 and never printed, and `python -m federated.supernode_auth` refuses bad
+the SuperExec secret `python -m atoll.federated.certs` writes are what Flower loads, private
+material is 0600 and never printed, and `python -m atoll.federated.supernode_auth` refuses bad
 input (and a SuperLink it cannot reach) in one line with exit 2, before registering
 anything. Registration against a real SuperLink: tests/integration/test_deploy_flower.py.
 """
@@ -13,9 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from core.procs import free_port
-from federated import certs
-from federated.supernode_auth import main
+from atoll.core.procs import free_port
+from atoll.federated import certs
+from atoll.federated.supernode_auth import main
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def _refused(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("python -m federated.supernode_auth: error: ")
+    assert err.startswith("python -m atoll.federated.supernode_auth: error: ")
     return err
 
 
