@@ -27,13 +27,13 @@ demo: $(STAMP)
 	$(BIN)/atoll demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -ra
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit
 
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder tests/integration
+	$(BIN)/python -m pytest -q -ra tests/integration
 
 ui: $(STAMP)
 	$(BIN)/atoll ui

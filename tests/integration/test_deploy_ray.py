@@ -316,7 +316,7 @@ def test_a_driver_reaches_an_authenticated_cluster_only_with_the_token(two_nodes
                            "a token"), line
     assert "set RAY_AUTH_TOKEN_PATH" in line
     assert not (tmp_path / "mlruns.db").exists()
-    driver = ("from cluster import runner\nimport ray\n"
+    driver = ("from atoll.cluster import runner\nimport ray\n"
               f"runner._check_auth({two_nodes['gcs']!r})\n"
               f"with runner._ray_connection({two_nodes['gcs']!r}, 1):\n"
               "    print('nodes', len([n for n in ray.nodes() if n['Alive']]))\n")
