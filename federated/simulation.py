@@ -161,14 +161,6 @@ class Federation:
         if self.ray_address:
             self.env["RAY_ADDRESS"] = self.ray_address
         self.proc: subprocess.Popen | None = None
-        self._app: Path | None = None
-
-    @property
-    def app(self) -> Path:
-        """atoll's Flower App, staged once per federation (see federated.app_bundle)."""
-        if self._app is None:
-            self._app = stage_app(self.work / "app")
-        return self._app
 
     def __enter__(self) -> Federation:
         self.proc = start([_bin("flower-superlink"), "--insecure", "--simulation", "--host",
@@ -302,7 +294,7 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
                  fed.ray_address or "started for this run",
                  f", resuming {mode}" if mode else "", log_file)
         try:
-            code = fed.run(fed.app, run_config, log_file,
+            code = fed.run(stage_app(fed.work / "app"), run_config, log_file,
                            quiet=spec.train.progress == "off",
                            stop_file=run_dir / R.STOP_FILE, result_file=run_dir / RESULT_FILE)
         except KeyboardInterrupt:

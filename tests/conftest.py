@@ -53,8 +53,8 @@ def _checkout_store_untouched():
     assert _checkout_store() == before, f"a test wrote into {ROOT / 'mlruns.db'}"
 
 
-# Longest modules first: `make test` runs two pytest-xdist workers with --dist loadfile,
-# which hands out whole modules in collection order, so the long ones must not come last.
+# Longest modules first: under `pytest -n 2 --dist loadfile --no-loadscope-reorder`
+# xdist hands out whole modules in collection order, so the long ones must not come last.
 # Measured serial seconds on 2 cores (pytest --durations); unlisted modules are short.
 HEAVY_MODULES = ("test_federated.py", "test_faults.py", "test_cluster.py",
                  "test_faults_cluster.py", "test_cli.py", "test_deploy_flower.py",
@@ -67,4 +67,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return HEAVY_MODULES.index(name) if name in HEAVY_MODULES else len(HEAVY_MODULES)
 
     items.sort(key=weight)  # stable: a module's tests keep their order
-

@@ -6,8 +6,8 @@ A Flower simulation started without RAY_ADDRESS starts (and stops) a Ray of its 
 cluster instead (a supported mode: test_federated checks that the clients ran on this
 head and that it outlives the federation; `make demo`'s test covers a run's own Ray).
 `shared_ray` starts one `ray start --head` for a module and points RAY_ADDRESS at it, so
-the module's federations only connect. The head and the workers it forks stay in its process group;
-`no_leftovers` ignores that group and nothing else.
+the module's federations only connect. The head and the workers it forks stay in its
+process group; `no_leftovers` ignores that group and nothing else.
 """
 
 from __future__ import annotations
