@@ -35,9 +35,9 @@ def _setup(hidden: int, layers: int) -> tuple[torch.nn.Sequential, object]:
 
     spec = load_spec(ROOT / "configs" / "demo.yaml",
                      [f"model.hidden=[{','.join([str(hidden)] * layers)}]", "model.dropout=0"])
-    data = load_data(spec.data, spec.seed)
+    data = load_data(spec.data, spec.seed, spec.project_dir)
     torch.manual_seed(0)
-    return build_model(spec.model, data.input_shape, data.num_classes), data
+    return build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir), data
 
 
 def _epochs(model, batches, epochs: int, pipe=None, reduce=None) -> float:

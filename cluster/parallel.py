@@ -121,7 +121,8 @@ def fsdp(model: nn.Module, device: torch.device) -> Layout:
 
 
 def build(strategy: str, model: nn.Module, device: torch.device, **pipeline: Any) -> Layout:
-    """`pipeline` (stages, schedule, microbatches, batch) is used by pipeline/hybrid."""
+    """`pipeline` (stages, schedule, microbatches, batch, block_names) is used by
+    pipeline/hybrid."""
     if strategy == "ddp":
         return ddp(model, device)
     if strategy == "fsdp":

@@ -1,6 +1,6 @@
 """Pipeline (`pipeline`) and data × pipeline (`hybrid`) layouts on `torch.distributed.pipelining`.
 
-The model is cut into contiguous stages by `models.stages.split_stages`; each rank keeps
+The model is cut into contiguous stages by `models.stages.split_blocks`; each rank keeps
 only its stage (the other blocks become `nn.Identity`, so its state dict keeps the model's
 own names). Ranks form a (dp, pp) device mesh: rank = dp_index · pp + stage. With dp > 1
 each stage averages its gradients over its dp group in one flat all-reduce after the
@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from atoll.cluster.parallel import Layout, all_reduce_sum
-from atoll.models.stages import split_stages
+from atoll.models.stages import model_blocks, split_blocks
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -96,24 +96,24 @@ class Pipe:
         return all_reduce_sum(values.to(torch.float64)) / self.dp_size
 
 
-def pipeline(model: nn.Sequential, device: torch.device, *, stages: int, schedule: str,
-             microbatches: int, batch: int) -> Layout:
-    """`stages` ranks per replica, `world // stages` replicas (dp); see the module doc."""
+def pipeline(model: nn.Module, device: torch.device, *, stages: int, schedule: str,
+             microbatches: int, batch: int, block_names: list[str] | None = None) -> Layout:
+    """`stages` ranks per replica, `world // stages` replicas (dp); see the module doc.
+    `block_names`: a non-Sequential model's stage submodules (`model.stages`)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = world // stages
     mesh = init_device_mesh(device.type, (dp, stages), mesh_dim_names=("dp", "pp"))
     pp_group, index, dp_rank = mesh["pp"].get_group(), rank % stages, rank // stages
-    parts = split_stages(model, stages)
-    names = {id(c): n for n, c in model.named_children()}
-    split = "|".join(",".join(names[id(b)] for b in part) for part in parts)
-    owned = {id(m) for m in parts[index]}
-    for name, child in list(model.named_children()):
-        if id(child) not in owned:  # free the other stages' weights
-            setattr(model, name, nn.Identity())
+    parts = split_blocks(model_blocks(model, block_names), stages)
+    split = "|".join(",".join(name for name, _ in part) for part in parts)
+    stage_module: nn.Module = nn.Sequential(*(m for _, m in parts[index]))
+    for i, part in enumerate(parts):
+        if i != index:
+            for name, _ in part:  # free the other stages' weights; names stay the model's
+                model.set_submodule(name, nn.Identity())
     model.to(device)
-    stage_module: nn.Module = parts[index]
     pipe = Pipe(stage_module, index, stages, device, pp_group, schedule, microbatches, batch, dp,
                 dp_group=mesh["dp"].get_group() if dp > 1 else None)
 
@@ -135,7 +135,7 @@ def pipeline(model: nn.Sequential, device: torch.device, *, stages: int, schedul
         opt.load_state_dict(state["pipeline_stages"][index])
 
     return Layout(
-        model=stage_module, base=parts[index], dp_rank=dp_rank, dp_size=dp,
+        model=stage_module, base=stage_module, dp_rank=dp_rank, dp_size=dp,
         reduce=all_reduce_sum, no_sync=None, full_state=full_state,
         full_optim_state=optim_state, load_full_state=load_state,
         load_full_optim_state=load_optim, pipe=pipe,

@@ -34,9 +34,11 @@ from typing import Any
 from atoll.cluster.worker import FAILED_MARK
 from atoll.core.checkpoint import CheckpointError, load
 from atoll.core.components import build_components, pick_device
-from atoll.core.data import load_data
+from atoll.core.data import DataBundle, load_data
 from atoll.core.runner import RunFailed, RunResult, check_resume_compatible, finish_run
 from atoll.core.spec import ExperimentSpec, SpecError
+from atoll.models import model_class
+from atoll.models.stages import check_blocks_compose, model_blocks
 from atoll.tracking.base import Selection
 
 log = logging.getLogger("atoll.cluster")
@@ -154,14 +156,22 @@ def _prepare(spec: ExperimentSpec, run_dir: Path, restart: bool) -> dict[str, An
     return payload
 
 
-def _check_layout(spec: ExperimentSpec, model: Any) -> None:
-    """What the spec alone cannot tell: does the model have a block for every stage."""
+def _check_layout(spec: ExperimentSpec, model: Any, data: DataBundle) -> None:
+    """What the spec alone cannot tell: can the model be cut into a block per stage (an
+    nn.Sequential, or declared `model.stages` that compose to its forward)."""
+    if spec.cluster.strategy not in ("pipeline", "hybrid"):
+        return
     _, pp = spec.cluster.mesh()
-    blocks = len(list(model.children()))
-    if pp > blocks:
+    label = repr(spec.model.label)
+    names = getattr(spec.model, "stages", None)
+    blocks = model_blocks(model, names, label)
+    if names is not None:
+        check_blocks_compose(model, blocks, data.val.x[:4] if len(data.val) else
+                             data.train.x[:4], label)
+    if pp > len(blocks):
         raise ValueError(f"cluster.num_workers: {spec.cluster.num_workers} needs {pp} pipeline "
-                         f"stages but {spec.model.name} has {blocks} blocks; allowed: at most "
-                         f"{blocks} stages")
+                         f"stages but model {label} has {len(blocks)} blocks; allowed: at "
+                         f"most {len(blocks)} stages")
 
 
 def _last_good(run_dir: Path) -> str:
@@ -322,9 +332,9 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
 
     t0 = time.perf_counter()
     # what the spec alone cannot tell is refused before an MLflow run or Ray exists
-    data = load_data(spec.data, spec.seed)
+    data = load_data(spec.data, spec.seed, spec.project_dir)
     comps = build_components(spec, data, 1, device=pick_device(spec))
-    _check_layout(spec, comps.model)
+    _check_layout(spec, comps.model, data)
     root = storage_root(spec)
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir, restart)
@@ -364,7 +374,8 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
         tracker.log_params({"cluster.global_batch": spec.data.batch_size,
                             "cluster.per_rank_batch": spec.data.batch_size // dp,
                             "cluster.dp": dp, "cluster.pp": pp,
-                            "cluster.backend": "nccl" if c.use_gpu else "gloo"})
+                            "cluster.backend": "nccl" if c.use_gpu else "gloo",
+                            "model.class": model_class(comps.model)})
     tracker.flush()
     tracker.set_tags({"atoll.run_dir": str(run_dir)})
     (run_dir / FAILED_MARK).unlink(missing_ok=True)

@@ -76,14 +76,15 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     torch.set_num_threads(spec.cluster.cpus_per_worker)
     record_worker(Path(config["run_dir"]), rank)
     seed_everything(spec.seed)
-    data = load_data(spec.data, spec.seed)
+    data = load_data(spec.data, spec.seed, spec.project_dir)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
-    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    model = build_model(spec.model, data.input_shape, data.num_classes,
+                        spec.project_dir).to(device)
     dp, pp = spec.cluster.mesh()
     per_rank = spec.data.batch_size // dp
     layout = build(spec.cluster.strategy, model, device, stages=pp,
                    schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
-                   batch=per_rank)
+                   batch=per_rank, block_names=getattr(spec.model, "stages", None))
     return WorkerStart(spec, rank, device, data, layout, per_rank)
 
 

@@ -175,6 +175,8 @@ def dispatch(spec: ExperimentSpec, resume: str | None = None, restart: bool = Fa
         raise SpecError(["--restart: discards the checkpoints --resume asks to continue from; "
                          "allowed: one of --restart, --resume"])
     more = {"restart": True} if restart else {}
+    if spec.project_dir is None:  # workers and clients import model.target from here too
+        spec.project_dir = Path.cwd().resolve()
     if spec.continual.stream != "none" and spec.mode == "local":
         from atoll.core.continual_runner import run_continual
 
@@ -200,7 +202,7 @@ def _report(spec: ExperimentSpec, result) -> None:
     print(f"run: {spec.name}  mlflow run id: {result.run_id}")
     unit = "rounds" if spec.mode == "federated" else "epochs"
     params = f" ({result.parameters:,} parameters)" if result.parameters else ""
-    print(f"model: {spec.model.name}{params}  {unit}: {result.epochs}  time: "
+    print(f"model: {spec.model.label}{params}  {unit}: {result.epochs}  time: "
           f"{result.seconds:.1f}s")
     print("test: " + "  ".join(f"{k.removeprefix('test_')}={v:.4f}" for k, v in m.items()))
     if "matrix" in result.details:

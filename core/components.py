@@ -74,12 +74,15 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
                      ) -> Components:
     """Everything `core.loop.train_task` needs; `model` may be pre-built (e.g. DDP-wrapped)."""
     from atoll.continual import build_strategy
-    from atoll.models import build_model
+    from atoll.models import build_model, check_model
 
     device = device or pick_device(spec)
     if model is None:
+        # a user's model: bad kwargs or output shape is exit 2 before any memory or work
+        check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
         torch.manual_seed(spec.seed)
-        model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+        model = build_model(spec.model, data.input_shape, data.num_classes,
+                            spec.project_dir).to(device)
     optimizer = build_optimizer(model.parameters(), spec.optim)
     steps = -(-steps_per_epoch // spec.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, spec.train.epochs)

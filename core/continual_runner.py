@@ -70,7 +70,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
     `restart` discards the name's task checkpoints first (`atoll run --restart`); otherwise
     an unfinished stream resumes and a finished one (its marker) starts anew.
     """
-    from atoll.models import count_parameters
+    from atoll.models import count_parameters, model_class
 
     t0 = time.perf_counter()
     ckpts = CheckpointDir(Path(spec.train.checkpoint_dir) / spec.name,
@@ -79,7 +79,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     seed_everything(spec.seed)
-    data = load_data(spec.data, spec.seed)
+    data = load_data(spec.data, spec.seed, spec.project_dir)
     tasks = build_stream(data, spec.continual, spec.seed)
     mask = task_mask(tasks, data.num_classes) if spec.continual.scenario == "task" else None
     c = build_components(spec, data, len(_batches(spec, data, tasks[0])))
@@ -113,6 +113,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
         tracker.log_params({"model.parameters": count_parameters(c.model),
+                            "model.class": model_class(c.model),
                             "continual.tasks": " | ".join(t.name for t in tasks)})
         tracker.log_metrics({f"baseline_task_{j}": a for j, a in enumerate(baseline)}, step=0)
     epochs_done = start * spec.train.epochs

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atoll.core import sources
-from atoll.core.spec import DataSpec
+from atoll.core import formats, sources
+from atoll.core.formats import Raw
+from atoll.core.spec import DataSpec, SpecError
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
@@ -42,6 +43,9 @@ class DataBundle:
     num_classes: int
     mean: torch.Tensor
     std: torch.Tensor
+    task: str = "classification"
+    classes: list[str] | None = None  # the label value of each class index
+    features: list[str] | None = None  # a table's feature columns (after one-hot encoding)
 
     @property
     def is_image(self) -> bool:
@@ -123,18 +127,55 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator
     return rest, held_idx
 
 
-def load_data(spec: DataSpec, seed: int) -> DataBundle:
-    """Load, split (stratified, by seed) and normalise with training-split statistics."""
+def _read(spec: DataSpec, seed: int, project_dir: Path | None) -> Raw:
+    if spec.format != "builtin":
+        raw = formats.read(spec, project_dir)
+        if raw.task == "regression":
+            raise SpecError([f"data.label: {spec.label!r} holds floats (a regression target); "
+                             "allowed: class labels (integers or text): regression is not "
+                             "supported yet"])
+        return raw
     x, y, x_test, y_test = DATASETS[spec.name](spec, seed)
+    raw = Raw({"train": x}, {"train": y}, "classification")
+    if x_test is not None and y_test is not None:
+        raw.x["test"], raw.y["test"] = x_test, y_test
+    return raw
+
+
+def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None) -> DataBundle:
+    """Load, split (stratified, by seed) and normalise with training-split statistics.
+
+    Splits the data gives (an official test set, a user's val/test files) are kept; the
+    rest are cut from the training data: `test_fraction` of everything, then
+    `val_fraction` of everything."""
+    raw = _read(spec, seed, project_dir)
+    x, y = raw.x["train"], raw.y["train"]
     rng = np.random.default_rng(seed)
-    val_frac = spec.val_fraction  # of everything when there is no official test split
-    if x_test is None or y_test is None:
+    val_frac = spec.val_fraction  # of everything when there is no test split given
+    if "test" in raw.x:
+        x_test, y_test = raw.x["test"], raw.y["test"]
+    else:
         rest, test_idx = _stratified_split(y, spec.test_fraction, rng)
         x_test, y_test, x, y = x[test_idx], y[test_idx], x[rest], y[rest]
         val_frac = spec.val_fraction / (1.0 - spec.test_fraction)
-    train_idx, val_idx = _stratified_split(y, val_frac, rng)
+    if "val" in raw.x:
+        train_idx, val_idx = np.arange(len(y)), None
+        x_val, y_val = raw.x["val"], raw.y["val"]
+    else:
+        train_idx, val_idx = _stratified_split(y, val_frac, rng)
+        x_val, y_val = x[val_idx], y[val_idx]
+    for name, other in (("test", x_test), ("val", x_val)):
+        if len(other) and other.shape[1:] != x.shape[1:]:
+            where = raw.source.get(name, name)
+            raise SpecError([f"data.path: samples of {where} have shape {other.shape[1:]}, "
+                             f"those of the training split {x.shape[1:]}; allowed: the same "
+                             "columns (or image size) in every split"])
     if spec.limit is not None:
         train_idx = np.sort(rng.permutation(train_idx)[: spec.limit])
+    if len(train_idx) == 0:
+        raise SpecError([f"data: no training sample is left of {len(y)} after the test and "
+                         "validation splits; allowed: more data or smaller "
+                         "data.test_fraction/val_fraction"])
     xt = torch.from_numpy(np.ascontiguousarray(x[train_idx]))
     dims = [0] + list(range(2, xt.dim())) if xt.dim() == 4 else [0]
     if spec.normalize:
@@ -147,11 +188,12 @@ def load_data(spec: DataSpec, seed: int) -> DataBundle:
         xs = (torch.from_numpy(np.ascontiguousarray(xa)) - mean) / std
         return Split(xs.float().contiguous(), torch.from_numpy(np.asarray(ya, dtype=np.int64)))
 
-    classes = int(max(y.max(), y_test.max())) + 1
+    ys = [a for a in (y, y_test, y_val) if len(a)]
+    classes = len(raw.classes) if raw.classes else int(max(a.max() for a in ys)) + 1
     return DataBundle(
-        train=split(x[train_idx], y[train_idx]), val=split(x[val_idx], y[val_idx]),
+        train=split(x[train_idx], y[train_idx]), val=split(x_val, y_val),
         test=split(x_test, y_test), input_shape=tuple(xt.shape[1:]), num_classes=classes,
-        mean=mean, std=std)
+        mean=mean, std=std, task=raw.task, classes=raw.classes, features=raw.features)
 
 
 # --------------------------------------------------------------------------- batches

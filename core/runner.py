@@ -46,7 +46,8 @@ class RunResult:
 
 # Fields that may change between a run and its resumption (how long, how it is shown and
 # where it is logged); anything else would silently train a different experiment.
-RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.log_every_n_steps", "train.resume",
+RESUMABLE_CHANGES = ("project_dir", "train.epochs", "train.progress", "train.log_every_n_steps",
+                     "train.resume",
                      "train.threads", "train.keep_checkpoints", "train.checkpoint_dir",
                      "train.early_stopping.", "data.data_dir", "data.cache_dir", "data.mirror",
                      "data.download", "tracking.", "cluster.address", "federated.rounds",
@@ -252,7 +253,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
     check_writable(ckpts.root, "train.checkpoint_dir")
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
-    data: DataBundle = load_data(spec.data, spec.seed)
+    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir)
     train = train_batches(data, spec.data, spec.seed)
     val = eval_batches(data.val, spec.data) if len(data.val) else None
     c = build_components(spec, data, len(train))
@@ -268,12 +269,13 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
 
         tracker = make_tracker(spec.tracking, spec.name, mode="local",
                                run_id=payload.get("run_id") if payload else None)
-    from atoll.models import count_parameters
+    from atoll.models import count_parameters, model_class
 
     if payload is None:
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
         tracker.log_params({"model.parameters": count_parameters(c.model),
+                            "model.class": model_class(c.model),
                             "data.train_samples": len(data.train), "device": str(c.device)})
 
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
@@ -348,7 +350,7 @@ def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: Tra
     if state.history:
         from atoll.tracking.plots import curves
 
-        title = f"{spec.name} ({spec.model.name} on {spec.data.name})"
+        title = f"{spec.name} ({spec.model.label} on {spec.data.name})"
         tracker.log_plot("plots/curves.png", lambda: curves(state.history, title))
     registered = None
     if spec.tracking.log_model:

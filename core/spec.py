@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,13 +17,20 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from atoll.core.model_spec import (
+    MODEL_SECTIONS,
+    TARGET_PATTERN,
+    MlpSpec,
+    ModelSpec,
+    TransformerSpec,
+    one_of,
+)
+
 # Registry names are listed here (not imported from models/ or core.data) so that
 # `atoll validate` stays instant; tests/unit/test_registries.py keeps them in sync.
 DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("mlp", "cnn", "resnet", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "linear")
-ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "tanh", "sigmoid")
 STRATEGIES = ("naive", "joint", "ewc", "replay", "si", "lwf", "agem")
 EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
                  "train_loss", "train_accuracy")
@@ -68,7 +76,27 @@ class SyntheticSpec(_Section):
 
 
 class DataSpec(_Section):
-    name: str = Field("digits", description=f"one of {', '.join(DATASETS)}")
+    """A built-in dataset by `name`, or the user's own data by `format` + `path` (or
+    `target` for `python`): tables, image folders, arrays, a saved Hugging Face dataset."""
+
+    format: Literal["builtin", "csv", "parquet", "npz", "imagefolder", "hf-disk", "python"] = \
+        Field("builtin", description="builtin: data.name; otherwise data.path (or data.target)")
+    name: str = Field("digits", description=f"builtin: one of {', '.join(DATASETS)}; "
+                      "other formats: a label (default: the path's name)")
+    path: Path | None = Field(None, description="file or folder (relative: to project_dir); a "
+                              "folder may hold train/val/test splits")
+    label: str = Field("label", description="csv/parquet/hf-disk: the label column")
+    features: list[str] | None = Field(None, description="csv/parquet/hf-disk: feature "
+                                       "columns; default: every column but the label")
+    categorical: list[str] = Field([], description="csv/parquet/hf-disk: columns one-hot "
+                                   "encoded (categories from the whole table)")
+    image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="imagefolder/hf-disk images: resize to (height, width)")
+    channels: Literal[1, 3] | None = Field(
+        None, description="images: 1 (grey) or 3 (RGB); default: 1 when every image is grey")
+    target: str | None = Field(None, description="python: package.module:factory returning "
+                               "datasets or (x, y) arrays, one or a dict of train/val/test")
+    kwargs: dict[str, Any] = Field({}, description="python: keyword arguments for data.target")
     data_dir: Path | None = Field(None, description="local files (IDX .gz, CIFAR batches)")
     cache_dir: Path = Field(Path(".atoll/data"), description="where downloads are stored")
     download: bool = Field(True, description="download missing files (with SHA-256 check)")
@@ -82,10 +110,54 @@ class DataSpec(_Section):
     augment: AugmentSpec = AugmentSpec()
     synthetic: SyntheticSpec = SyntheticSpec()
 
-    @field_validator("name")
+    @field_validator("target")
     @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        return _one_of(v, DATASETS)
+    def _target_syntax(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(TARGET_PATTERN, v):
+            raise ValueError("allowed: 'package.module:factory' (a dotted module path, a "
+                             "colon, a callable's name)")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> DataSpec:
+        own = {"path", "label", "features", "categorical", "image_size", "channels", "target",
+               "kwargs"}
+        if self.format == "builtin":
+            if self.name not in DATASETS:
+                try:
+                    one_of(self.name, DATASETS)
+                except ValueError as e:
+                    raise ValueError(f"data.name: {self.name!r} is not a built-in dataset; {e}"
+                                     "; or your own data with data.format and data.path"
+                                     ) from None
+            stray = sorted(f for f in own if getattr(self, f) !=
+                           type(self).model_fields[f].get_default())
+            if stray:
+                raise ValueError(f"data.{stray[0]}: set, but data.format is 'builtin' (data.name "
+                                 f"{self.name!r}); allowed: data.format csv, parquet, npz, "
+                                 "imagefolder, hf-disk or python for your own data")
+            return self
+        if self.format == "python":
+            if self.target is None:
+                raise ValueError("data.target: required with data.format 'python'; allowed: "
+                                 "'package.module:factory'")
+        elif self.path is None:
+            raise ValueError(f"data.path: required with data.format {self.format!r}; allowed: "
+                             "a file or folder, relative to the project or absolute")
+        if self.target is not None and self.format != "python":
+            raise ValueError(f"data.target: set, but data.format is {self.format!r}; allowed: "
+                             "data.format python")
+        if "name" not in self.model_fields_set:  # a label for runs and plots
+            self.name = Path(self.path).stem if self.path else self.target.split(":")[-1]
+        if self.label in self.categorical or (self.features and self.label in self.features):
+            raise ValueError(f"data.label: {self.label!r} is also listed as a feature; "
+                             "allowed: a column that is only the label")
+        if self.features is not None:
+            missing = sorted(set(self.categorical) - set(self.features))
+            if missing:
+                raise ValueError(f"data.categorical: {missing[0]!r} is not in data.features; "
+                                 "allowed: columns among data.features")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> DataSpec:
@@ -94,42 +166,6 @@ class DataSpec(_Section):
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
                 "leaves no training data; allowed: a sum below 1"
             )
-        return self
-
-
-class ModelSpec(_Section):
-    """Architecture and its knobs; fields a model does not use are ignored with a warning."""
-
-    name: str = Field("mlp", description=f"one of {', '.join(MODELS)}")
-    hidden: list[Annotated[int, Field(ge=1)]] = Field([128, 64], description="mlp/cnn head")
-    activation: str = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    batch_norm: bool = False
-    init: Literal["default", "xavier", "he"] = "default"
-    channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64], description="cnn conv widths")
-    depth: int = Field(8, ge=8, description="resnet depth, 6n+2 (8, 14, 20, ...)")
-    width: int = Field(16, ge=1, description="resnet base width")
-    patch_size: int = Field(4, ge=1, description="transformer patch side")
-    dim: int = Field(64, ge=8, description="transformer embedding width")
-    heads: int = Field(4, ge=1)
-    layers: int = Field(2, ge=1, description="transformer encoder layers")
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        return _one_of(v, MODELS)
-
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, v: str) -> str:
-        return _one_of(v, ACTIVATIONS)
-
-    @model_validator(mode="after")
-    def _shapes(self) -> ModelSpec:
-        if self.name == "resnet" and (self.depth - 2) % 6:
-            raise ValueError(f"depth {self.depth} is not 6n+2; allowed: 8, 14, 20, 32, ...")
-        if self.name == "transformer" and self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         return self
 
 
@@ -143,7 +179,7 @@ class SchedulerSpec(_Section):
     @field_validator("name")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
-        return _one_of(v, SCHEDULERS)
+        return one_of(v, SCHEDULERS)
 
 
 class OptimSpec(_Section):
@@ -159,7 +195,7 @@ class OptimSpec(_Section):
     @field_validator("name")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
-        return _one_of(v, OPTIMIZERS)
+        return one_of(v, OPTIMIZERS)
 
     @model_validator(mode="after")
     def _nesterov(self) -> OptimSpec:
@@ -180,7 +216,7 @@ class EarlyStoppingSpec(_Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        return _one_of(v, EPOCH_METRICS)
+        return one_of(v, EPOCH_METRICS)
 
 
 class LossSpec(_Section):
@@ -271,7 +307,7 @@ class ContinualSpec(_Section):
     @field_validator("strategy")
     @classmethod
     def _known_strategies(cls, v: list[str]) -> list[str]:
-        return [_one_of(s, STRATEGIES) for s in v]
+        return [one_of(s, STRATEGIES) for s in v]
 
     @model_validator(mode="after")
     def _scenario_fits_stream(self) -> ContinualSpec:
@@ -416,7 +452,7 @@ class FederatedSpec(_Section):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
-        return _one_of(v, FL_STRATEGIES)
+        return one_of(v, FL_STRATEGIES)
 
     @model_validator(mode="after")
     def _consistent(self) -> FederatedSpec:
@@ -506,13 +542,16 @@ class ExperimentSpec(_Section):
     mode: Literal["local", "cluster", "federated"] = "local"
     seed: int = Field(0, ge=0)
     data: DataSpec = DataSpec()
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = MlpSpec()
     optim: OptimSpec = OptimSpec()
     train: TrainSpec = TrainSpec()
     continual: ContinualSpec = ContinualSpec()
     cluster: ClusterSpec = ClusterSpec()
     federated: FederatedSpec = FederatedSpec()
     tracking: TrackingSpec = TrackingSpec()
+    project_dir: Path | None = Field(
+        None, description="the user's project: model.target modules are imported from it "
+        "first; default: the directory atoll runs in (filled in for workers and clients)")
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> ExperimentSpec:
@@ -524,8 +563,10 @@ class ExperimentSpec(_Section):
         shape = IMAGE_SHAPES.get(self.data.name)
         if self.model.name in ("cnn", "resnet", "transformer") and shape is None:
             raise ValueError(f"model.name: {self.model.name!r} needs image data but "
-                             f"data.name {self.data.name!r} is tabular; allowed: mlp")
-        if self.model.name == "transformer" and shape and shape[1] % self.model.patch_size:
+                             f"data.name {self.data.name!r} is tabular; allowed: mlp, or a "
+                             "model of your own (model.target)")
+        if isinstance(self.model, TransformerSpec) and shape and \
+                shape[1] % self.model.patch_size:
             ok = [p for p in range(1, shape[1] + 1) if shape[1] % p == 0]
             raise ValueError(f"model.patch_size: {self.model.patch_size} does not divide the "
                              f"{shape[1]}-pixel side of {self.data.name}; allowed: {ok}")
@@ -588,14 +629,6 @@ class ExperimentSpec(_Section):
 # --------------------------------------------------------------------------- helpers
 
 
-def _one_of(value: str, allowed: tuple[str, ...]) -> str:
-    if value in allowed:
-        return value
-    hint = difflib.get_close_matches(value, allowed, n=1)
-    near = f" (did you mean '{hint[0]}'?)" if hint else ""
-    raise ValueError(f"allowed: {', '.join(allowed)}{near}")
-
-
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -623,11 +656,23 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 def _describe(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+    section = None  # the model: union's member, named by its tag in the error's loc
+    if len(loc) > 1 and loc[0] == "model" and loc[1] in MODEL_SECTIONS:
+        section, loc = MODEL_SECTIONS[str(loc[1])], (loc[0], *loc[2:])
     path = ".".join(str(p) for p in loc) or "spec"
     value = err.get("input")
     kind = err["type"]
     ctx = err.get("ctx") or {}
+    if isinstance(value, BaseModel):  # an after-validator's input: the section itself
+        value = value.model_dump()
     shown = repr(value) if not isinstance(value, dict) else "{...}"
+    if kind == "extra_forbidden" and section is not None:
+        names = list(section.model_fields)
+        hint = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        near = f" (did you mean '{hint[0]}'?)" if hint else ""
+        tag = section.model_fields["name"].default
+        what = f"model {tag!r}" if tag else "a model given by model.target"
+        return f"{path}: unknown key for {what}{near}; allowed: {', '.join(names)}"
     if kind == "extra_forbidden":
         owner = _section_at(loc)
         names = list(owner.model_fields) if owner else []
@@ -673,6 +718,9 @@ def validate(data: Any) -> ExperimentSpec:
 def _annotation_at(path: list[str]) -> Any:
     cls: Any = ExperimentSpec
     for part in path:
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):  # model: any member's
+            cls = next((m for m in typing.get_args(cls) if isinstance(m, type) and
+                        issubclass(m, BaseModel) and part in m.model_fields), None)
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return None
         field = cls.model_fields.get(part)

@@ -17,11 +17,14 @@ FIELDS: dict[str, str] = {
     "data.download": HONOURED, "data.mirror": HONOURED, "data.test_fraction": HONOURED,
     "data.normalize": HONOURED, "data.limit": HONOURED, "data.eval_batch_size": HONOURED,
     "data.augment.shift": HONOURED, "data.augment.noise_std": HONOURED,
-    "data.synthetic.": HONOURED,
+    "data.synthetic.": HONOURED, "data.format": HONOURED, "data.path": HONOURED,
+    "data.label": HONOURED, "data.features": HONOURED, "data.categorical": HONOURED,
+    "data.image_size": HONOURED, "data.channels": HONOURED, "data.target": HONOURED,
+    "data.kwargs.": HONOURED,
     "data.val_fraction": "replaced by federated.partition.val_fraction (client-side "
                          "validation; the server evaluates on the test split)",
     "data.batch_size": "the client batch unless federated.batch_size is set",
-    "model.": HONOURED,
+    "model.": HONOURED, "project_dir": HONOURED,
     "optim.name": HONOURED, "optim.lr": "the client lr of round 1 (× federated.lr_decay "
                                        "per round)",
     "optim.weight_decay": HONOURED, "optim.momentum": HONOURED, "optim.nesterov": HONOURED,

@@ -157,16 +157,16 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
            stop_event: threading.Event, finished_before: bool) -> dict[str, Any]:
     from flwr.app import ConfigRecord
 
-    from atoll.models import build_model, count_parameters
+    from atoll.models import build_model, count_parameters, model_class
 
     t0 = time.perf_counter()
     f = spec.federated
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     seed_everything(spec.seed)
-    data: DataBundle = load_data(spec.data, spec.seed)
+    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes)
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
     loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes)
     test = eval_batches(data.test, spec.data)
 
@@ -224,7 +224,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     tracker.set_tags({"atoll.run_dir": str(run_dir)})
     if st.round == 0:
         _log_setup(spec, tracker, data, population, len(population) != f.num_clients,
-                   count_parameters(model))
+                   count_parameters(model), model_class(model))
     else:
         _backfill(tracker, st.history)
 
@@ -578,14 +578,15 @@ def _tracker(spec: ExperimentSpec, run_config: dict[str, Any], run_id: str | Non
 
 
 def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population: list[int],
-               mismatch: bool, parameters: int) -> None:
+               mismatch: bool, parameters: int, model_cls: str) -> None:
     f = spec.federated
     tracker.log_params(spec.flat())
     tracker.log_text(spec.to_yaml(), "spec.yaml")
     labels = data.train.y.numpy()
     parts = partition_indices(labels, f.partition, len(population), spec.seed)
     sizes = [len(p) for p in parts]
-    tracker.log_params({"model.parameters": parameters, "data.train_samples": len(labels),
+    tracker.log_params({"model.parameters": parameters, "model.class": model_cls,
+                        "data.train_samples": len(labels),
                         "federated.clients_connected": len(population),
                         "federated.partition_sizes": ",".join(map(str, sizes))})
     tracker.set_tags({"atoll.strategy": f.strategy, "atoll.partition": f.partition.method})

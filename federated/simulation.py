@@ -275,6 +275,7 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
     `restart` discards an unfinished run's checkpoints and starts anew (`--restart`)."""
     t0 = time.perf_counter()
     f = spec.federated
+    _preflight(spec)
     run_dir = run_dir_for(spec, {})
     check_writable(run_dir, "train.checkpoint_dir")  # before anything starts, not at round 1
     uri = _tracking_uri(spec)
@@ -312,6 +313,20 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
     if result.get("matrix"):
         out.details = {"matrix": result["matrix"], "baseline": result.get("baseline", [])}
     return out
+
+
+def _preflight(spec: ExperimentSpec) -> None:
+    """A user's data and model are read and built (the model on the meta device) before any
+    client starts: a missing file, a bad column, target or output shape is exit 2 here, not
+    a failed round in every client."""
+    from atoll.core.model_spec import UserModelSpec
+
+    if spec.data.format != "builtin" or isinstance(spec.model, UserModelSpec):
+        from atoll.core.data import load_data
+        from atoll.models import check_model
+
+        data = load_data(spec.data, spec.seed, spec.project_dir)
+        check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
 
 
 def _resume_hint(run_dir: Path, spec: ExperimentSpec) -> str:

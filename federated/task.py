@@ -44,7 +44,7 @@ def spec_key(spec: ExperimentSpec) -> str:
 @functools.lru_cache(maxsize=4)
 def _bundle(spec_json: str) -> DataBundle:
     spec = _spec(spec_json)
-    return load_data(spec.data, spec.seed)
+    return load_data(spec.data, spec.seed, spec.project_dir)
 
 
 @functools.lru_cache(maxsize=4)
@@ -206,7 +206,8 @@ def local_evaluate(spec: ExperimentSpec, data: ClientData,
     if not len(split):
         raise ValueError("this client has no validation samples; raise "
                          "federated.partition.val_fraction")
-    model = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes)
+    model = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes,
+                        spec.project_dir)
     model.load_state_dict(global_state)
     m = evaluate(model, eval_batches(split, spec.data), federation_loss(spec),
                  data.bundle.num_classes)

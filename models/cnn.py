@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from atoll.core.spec import ModelSpec
+from atoll.core.model_spec import CnnSpec
 from atoll.models.common import activation
 
 
-def build_cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+def build_cnn(spec: CnnSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """[Conv3×3 → (BN) → act → MaxPool2]* → AdaptivePool(2×2) → MLP head.
 
     Pooling stops once the feature map is 2×2, so the same config runs on 8×8 digits and

@@ -6,11 +6,11 @@ import math
 
 import torch.nn as nn
 
-from atoll.core.spec import ModelSpec
+from atoll.core.model_spec import MlpSpec
 from atoll.models.common import activation
 
 
-def build_mlp(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+def build_mlp(spec: MlpSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """Flatten → [Linear → (BatchNorm) → act → (Dropout)]* → Linear; one block per layer."""
     blocks: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)

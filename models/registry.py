@@ -1,20 +1,34 @@
-"""`build_model(spec.model, input_shape, num_classes)`: the one way models are made."""
+"""`build_model(spec.model, input_shape, num_outputs)`: the one way models are made.
+
+Built-ins are looked up by name; a user's model comes from `model.target` or from a name
+another package registers in the `atoll.models` entry-point group, and is called with
+`model.kwargs` plus what the data says (`input_shape`, `num_outputs`) where its
+signature takes them.
+"""
 
 from __future__ import annotations
 
-import warnings
+import inspect
+import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import torch
 import torch.nn as nn
 
-from atoll.core.spec import ModelSpec
+from atoll.core.imports import import_target
+from atoll.core.model_spec import AnyModelSpec, UserModelSpec
+from atoll.core.spec import SpecError
 from atoll.models.cnn import build_cnn
 from atoll.models.common import init_weights
 from atoll.models.mlp import build_mlp
 from atoll.models.resnet import build_resnet
 from atoll.models.transformer import build_transformer
 
-Builder = Callable[[ModelSpec, tuple[int, ...], int], nn.Sequential]
+log = logging.getLogger(__name__)
+
+Builder = Callable[[Any, tuple[int, ...], int], nn.Sequential]
 
 MODELS: dict[str, Builder] = {
     "mlp": build_mlp,
@@ -22,26 +36,95 @@ MODELS: dict[str, Builder] = {
     "resnet": build_resnet,
     "transformer": build_transformer,
 }
-
-# Which ModelSpec fields each model reads; a changed field outside this set is ignored,
-# and we say so rather than silently skipping user configuration.
-_USES = {
-    "mlp": {"hidden", "activation", "dropout", "batch_norm", "init"},
-    "cnn": {"hidden", "activation", "dropout", "batch_norm", "init", "channels"},
-    "resnet": {"activation", "init", "depth", "width"},
-    "transformer": {"activation", "dropout", "init", "patch_size", "dim", "heads", "layers"},
-}
+DATA_ARGS = ("input_shape", "num_outputs")
 
 
-def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int
-                ) -> nn.Sequential:
-    ignored = sorted(spec.model_fields_set - _USES[spec.name] - {"name"})
-    if ignored:
-        warnings.warn(f"model {spec.name} ignores model.{', model.'.join(ignored)}",
-                      stacklevel=2)
-    model = MODELS[spec.name](spec, tuple(input_shape), num_classes)
+def build_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: int,
+                project_dir: Path | None = None) -> nn.Module:
+    """The model `spec` names for samples of `input_shape` and `num_outputs` outputs."""
+    if isinstance(spec, UserModelSpec):
+        return _build_user(spec, tuple(input_shape), num_outputs, project_dir)
+    model = MODELS[spec.name](spec, tuple(input_shape), num_outputs)
     init_weights(model, spec.init, spec.activation)
     return model
+
+
+def _field(spec: UserModelSpec) -> str:
+    return "model.target" if spec.target else "model.name"
+
+
+def _data_args(factory: Callable[..., Any], input_shape: tuple[int, ...], num_outputs: int
+               ) -> dict[str, Any]:
+    """`input_shape`/`num_outputs` for the factory parameters (or **kwargs) that take them."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: give only the kwargs
+        return {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    given = {"input_shape": input_shape, "num_outputs": num_outputs}
+    return {k: v for k, v in given.items() if takes_any or k in params}
+
+
+def _build_user(spec: UserModelSpec, input_shape: tuple[int, ...], num_outputs: int,
+                project_dir: Path | None) -> nn.Module:
+    field = _field(spec)
+    factory = import_target(spec.factory, field, project_dir)
+    clash = sorted(set(spec.kwargs) & set(DATA_ARGS))
+    if clash:
+        raise SpecError([f"model.kwargs.{clash[0]}: {spec.kwargs[clash[0]]!r} — atoll passes "
+                         f"{clash[0]} from the data; allowed: leave it out of model.kwargs"])
+    call = f"{spec.factory}(**model.kwargs)"
+    try:
+        model = factory(**spec.kwargs, **_data_args(factory, input_shape, num_outputs))
+    except TypeError as e:
+        log.debug("building %s failed", spec.factory, exc_info=True)
+        raise SpecError([f"model.kwargs: {spec.kwargs} — {call} raised TypeError: {e}; "
+                         "allowed: the factory's own parameters"]) from None
+    except Exception as e:
+        log.debug("building %s failed", spec.factory, exc_info=True)
+        raise SpecError([f"{field}: {call} raised {type(e).__name__}: {_first_line(e)}"]
+                        ) from None
+    if not isinstance(model, nn.Module):
+        raise SpecError([f"{field}: {spec.factory!r} returned a {type(model).__name__}; "
+                         "allowed: a factory that returns a torch.nn.Module"])
+    return model
+
+
+def check_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: int,
+                project_dir: Path | None = None) -> None:
+    """Build a user's model on the meta device (no memory) and run a batch of two through
+    it, so a bad target, kwargs or output shape is exit 2 before any worker or client."""
+    if not isinstance(spec, UserModelSpec):
+        return  # the built-ins are tested for every input shape
+    field = _field(spec)
+    with torch.device("meta"):
+        model = _build_user(spec, tuple(input_shape), num_outputs, project_dir)
+        x = torch.empty(2, *input_shape)
+        try:
+            out = model(x)
+        except NotImplementedError:  # an op without a meta kernel: the real run tells
+            return
+        except Exception as e:
+            raise SpecError([f"{field}: {spec.factory!r} fails on a batch of shape "
+                             f"{tuple(x.shape)} (input_shape {tuple(input_shape)}): "
+                             f"{type(e).__name__}: {_first_line(e)}; allowed: a model that "
+                             "takes the data's input_shape"]) from None
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_outputs):
+        raise SpecError([f"{field}: {spec.factory!r} returns {shape} for a batch of 2; "
+                         f"allowed: a (batch, {num_outputs}) tensor, one output per class "
+                         "(use num_outputs)"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:300]
+
+
+def model_class(model: nn.Module) -> str:
+    """`module.Class` of the built model: a run's params say whose model it trained."""
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

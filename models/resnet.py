@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atoll.core.spec import ModelSpec
+from atoll.core.model_spec import ResnetSpec
 from atoll.models.common import activation
 
 
@@ -38,7 +38,7 @@ class Head(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_resnet(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int
+def build_resnet(spec: ResnetSpec, input_shape: tuple[int, ...], num_classes: int
                  ) -> nn.Sequential:
     if len(input_shape) != 3:
         raise ValueError(f"model resnet needs image input (C, H, W), got shape {input_shape}")

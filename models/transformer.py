@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from atoll.core.spec import ModelSpec
+from atoll.core.model_spec import TransformerSpec
 from atoll.models.common import activation
 
 
@@ -34,7 +34,7 @@ class ClassHead(nn.Module):
         return self.fc(self.norm(x[:, 0]))
 
 
-def build_transformer(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int
+def build_transformer(spec: TransformerSpec, input_shape: tuple[int, ...], num_classes: int
                       ) -> nn.Sequential:
     if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
         raise ValueError(f"model transformer needs square images (C, H, H), got {input_shape}")

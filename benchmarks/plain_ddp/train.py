@@ -49,9 +49,9 @@ def train(spec: Any) -> dict[str, Any]:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(spec.cluster.cpus_per_worker)
-    data = load_data(spec.data, spec.seed)
+    data = load_data(spec.data, spec.seed, spec.project_dir)
     torch.manual_seed(spec.seed)
-    model = DDP(build_model(spec.model, data.input_shape, data.num_classes))
+    model = DDP(build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir))
     opt = torch.optim.SGD(model.parameters(), lr=spec.optim.lr, momentum=spec.optim.momentum,
                           weight_decay=spec.optim.weight_decay)
     dataset = TensorDataset(data.train.x, data.train.y)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from atoll.cluster import jobs
@@ -134,21 +135,48 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypa
     assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 6
 
 
+USER_NET = """
+import math
+
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    \"\"\"Not an nn.Sequential: a pipeline cuts it at the stages the spec lists.\"\"\"
+
+    def __init__(self, input_shape, num_outputs, width=64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),
+                                  nn.ReLU())
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+"""
+
+
 def _user_project(root: Path) -> Path:
     """A user's repository with packages named like atoll's folders: on a Ray worker its
-    working_dir comes first on sys.path, so atoll must never import these."""
+    working_dir comes first on sys.path. Its `models/` holds the model the spec names;
+    its `core/` must never be imported (atoll's are `atoll.core`, `atoll.models`)."""
     for pkg in ("core", "models"):
         (root / pkg).mkdir(parents=True)
-        (root / pkg / "__init__.py").write_text(
-            f"raise ImportError('the user project\\'s own {pkg} package was imported')\n")
-    shutil.copy(CONFIGS / "demo.yaml", root / "spec.yaml")
+    (root / "core" / "__init__.py").write_text(
+        "raise ImportError('the user project\\'s own core package was imported')\n")
+    (root / "models" / "__init__.py").write_text("")
+    (root / "models" / "nets.py").write_text(USER_NET)
+    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    spec["model"] = {"target": "models.nets:Net", "kwargs": {"width": 128},
+                     "stages": ["body", "head"]}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     return root
 
 
 def test_plain_ray_job_submit(ray_head, tmp_path):
     """The README's `ray job submit ... -- atoll run SPEC`, with a 2-stage 1F1B pipeline
     (DDP goes through `atoll submit` above), from a user project that has its own
-    `core/` and `models/` packages: atoll's are `atoll.core`, `atoll.models`."""
+    `core/` and `models/` packages: the model trained is the user's (`models.nets:Net`,
+    cut at its declared stages), atoll's own packages are `atoll.core`, `atoll.models`."""
     strategy = "pipeline"
     store, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
     project = _user_project(tmp_path / "project")
@@ -170,6 +198,8 @@ def test_plain_ray_job_submit(ray_head, tmp_path):
     assert (p["cluster.layout.parallel"], p["cluster.layout.pp"],
             p["cluster.layout.schedule"]) == ("pipeline", "2", "1f1b")
     assert p["cluster.per_rank_batch"] == "32"  # the global batch, whole through the stages
+    assert (p["model.class"], p["model.kwargs.width"], p["cluster.layout.stage_blocks"]) == \
+        ("models.nets.Net", "128", "body|head")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
     assert run.data.metrics["test_accuracy"] > 0.85
     assert client.get_model_version_by_alias("digits-mlp", "candidate").run_id == run.info.run_id

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atoll.core.spec import ModelSpec
+from atoll.core.model_spec import parse_model
+from atoll.core.spec import SpecError, load_spec
 from atoll.models import build_model, count_parameters, split_stages
 from atoll.models.common import ACTIVATIONS
 
@@ -20,7 +21,7 @@ CASES = [("mlp", s) for s in SHAPES] + [("mlp", (20,))] + [
 def test_split_stages_compose_to_the_whole_model(name, shape):
     torch.manual_seed(0)
     extra = {"batch_norm": True, "dropout": 0.1} if name in ("mlp", "cnn") else {}
-    model = build_model(ModelSpec(name=name, **extra), shape, 10).eval()
+    model = build_model(parse_model(name=name, **extra), shape, 10).eval()
     x = torch.randn(5, *shape)
     with torch.no_grad():
         want = model(x)
@@ -37,30 +38,30 @@ def test_split_stages_compose_to_the_whole_model(name, shape):
 
 
 def test_split_balances_parameters():
-    model = build_model(ModelSpec(name="resnet", depth=20), (3, 32, 32), 10)
+    model = build_model(parse_model(name="resnet", depth=20), (3, 32, 32), 10)
     stages = split_stages(model, 3)
     sizes = [count_parameters(s) for s in stages]
     assert max(sizes) < 0.6 * sum(sizes)
 
 
 def test_split_rejects_too_many_stages():
-    model = build_model(ModelSpec(name="mlp", hidden=[8]), (4,), 2)
+    model = build_model(parse_model(name="mlp", hidden=[8]), (4,), 2)
     with pytest.raises(ValueError, match="allowed: 1..3"):
         split_stages(model, 4)
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_activations(act):
-    model = build_model(ModelSpec(name="mlp", activation=act), (1, 8, 8), 10)
+    model = build_model(parse_model(name="mlp", activation=act), (1, 8, 8), 10)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("init", ["xavier", "he"])
 def test_init_schemes_change_weights_and_zero_biases(init):
     torch.manual_seed(0)
-    default = build_model(ModelSpec(name="cnn"), (1, 8, 8), 10)
+    default = build_model(parse_model(name="cnn"), (1, 8, 8), 10)
     torch.manual_seed(0)
-    custom = build_model(ModelSpec(name="cnn", init=init), (1, 8, 8), 10)
+    custom = build_model(parse_model(name="cnn", init=init), (1, 8, 8), 10)
     conv_d, conv_c = default[0][0], custom[0][0]
     assert not torch.equal(conv_d.weight, conv_c.weight)
     assert torch.count_nonzero(conv_c.bias) == 0
@@ -70,26 +71,31 @@ def test_init_schemes_change_weights_and_zero_biases(init):
 
 
 def test_parameter_count_of_a_known_mlp():
-    model = build_model(ModelSpec(name="mlp", hidden=[16]), (1, 8, 8), 10)
+    model = build_model(parse_model(name="mlp", hidden=[16]), (1, 8, 8), 10)
     assert count_parameters(model) == 64 * 16 + 16 + 16 * 10 + 10
 
 
 def test_resnet_depth_sets_block_count():
-    model = build_model(ModelSpec(name="resnet", depth=20), (3, 32, 32), 10)
+    model = build_model(parse_model(name="resnet", depth=20), (3, 32, 32), 10)
     assert sum(1 for m in model if type(m).__name__ == "BasicBlock") == 9
 
 
-def test_unused_fields_warn():
-    spec = ModelSpec(name="resnet", hidden=[8])
-    with pytest.warns(UserWarning, match="ignores model.hidden"):
-        build_model(spec, (1, 8, 8), 10)
+def test_a_field_the_named_model_does_not_read_is_an_error_naming_the_model():
+    with pytest.raises(SpecError) as e:
+        load_spec(None, ["model.name=resnet", "model.hidden=[8]"])
+    assert e.value.problems == [
+        "model.hidden: unknown key for model 'resnet'; allowed: activation, init, name, "
+        "depth, width"]
+    with pytest.raises(SpecError, match=r"model.chanels: unknown key for model 'cnn' \(did "
+                       r"you mean 'channels'\?\)"):
+        load_spec(None, ["model.name=cnn", "model.chanels=[8]"])
 
 
 def test_image_models_reject_tabular_input():
     with pytest.raises(ValueError, match="image input"):
-        build_model(ModelSpec(name="cnn"), (20,), 2)
+        build_model(parse_model(name="cnn"), (20,), 2)
 
 
 def test_every_model_is_sequential():
     for name in ("mlp", "cnn", "resnet", "transformer"):
-        assert isinstance(build_model(ModelSpec(name=name), (1, 8, 8), 10), nn.Sequential)
+        assert isinstance(build_model(parse_model(name=name), (1, 8, 8), 10), nn.Sequential)

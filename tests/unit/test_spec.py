@@ -40,7 +40,7 @@ BAD = [
     ("name: x\n", ("train.epochs=0",), ["train.epochs: 0 is out of range", ">= 1"]),
     ("data:\n  val_fraction: 0.5\n  test_fraction: 0.6\n", (), ["leaves no training data"]),
     ("optim:\n  name: adam\n  nesterov: true\n", (), ["nesterov needs name: sgd"]),
-    ("model:\n  name: resnet\n  depth: 9\n", (), ["depth 9 is not 6n+2"]),
+    ("model:\n  name: resnet\n  depth: 9\n", (), ["model.depth: 9", "not 6n+2"]),
     ("model:\n  name: transformer\n  patch_size: 3\n", (),
      ["model.patch_size: 3", "allowed: [1, 2, 4, 8]"]),
     ("data:\n  name: synthetic\nmodel:\n  name: cnn\n", (), ["needs image data", "allowed: mlp"]),

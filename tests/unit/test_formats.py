@@ -1,0 +1,180 @@
+"""Every data format reads into the same bundle, explicit splits win over fractions, and
+every way a user's data can be wrong is exit 2 with one line naming file/column and fix."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from atoll.core.cli import main
+from atoll.core.data import load_data
+from atoll.core.spec import load_spec
+from tests import datagen
+
+
+def _load(project, *overrides):
+    spec = load_spec(None, list(overrides))
+    return load_data(spec.data, spec.seed, project)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    sys.modules.pop("treedata", None)
+    while str(tmp_path) in sys.path:
+        sys.path.remove(str(tmp_path))
+
+
+def test_csv_one_hot_text_labels_and_train_only_statistics(project):
+    datagen.write_csv(project)
+    d = _load(project, "data.format=csv", "data.path=trees.csv", "data.label=tree",
+              "data.categorical=[soil]")
+    assert d.classes == list(datagen.CLASSES) and d.num_classes == 3
+    assert d.features == ["height", "girth", "bark", "leaf", "soil=clay", "soil=loam",
+                          "soil=sand"]
+    assert d.input_shape == (7,) and d.task == "classification"
+    assert len(d.train) + len(d.val) + len(d.test) == 300 and len(d.test) == 60
+    torch.testing.assert_close(d.train.x.mean(0), torch.zeros(7), atol=1e-5, rtol=0)
+    assert d.val.x.mean(0).abs().max() > 1e-3  # normalised with the train split's statistics
+
+
+def test_a_folder_of_split_files_wins_over_the_fractions(project):
+    datagen.write_csv(project, split=True)
+    d = _load(project, "data.format=csv", "data.path=trees", "data.label=tree",
+              "data.features=[height, girth, bark]", "data.test_fraction=0.5")
+    assert len(d.test) == 75 and len(d.train) + len(d.val) == 225  # test.csv, not 50 %
+    assert d.input_shape == (3,)
+
+
+def test_parquet_npz_and_python_read_the_same_task(project):
+    datagen.write_parquet(project)
+    pq = _load(project, "data.format=parquet", "data.path=trees.parquet", "data.label=tree",
+               "data.categorical=[soil]")
+    assert pq.input_shape == (7,) and pq.classes == list(datagen.CLASSES)
+    datagen.write_npz(project)
+    npz = _load(project, "data.format=npz", "data.path=trees.npz")
+    assert npz.input_shape == (4,) and len(npz.test) == 75 and npz.classes == ["0", "1", "2"]
+    target = datagen.write_python(project)
+    py = _load(project, "data.format=python", f"data.target={target}", "data.kwargs.n=200")
+    assert py.input_shape == (3,) and len(py.test) == 50 and py.num_classes == 3
+    assert py.train.y.dtype == torch.int64
+
+
+def test_imagefolder_grey_and_rgb(project):
+    datagen.write_imagefolder(project / "grey")
+    d = _load(project, "data.format=imagefolder", "data.path=grey")
+    assert d.input_shape == (1, 8, 8) and d.classes == list(datagen.CLASSES)
+    assert d.is_image and len(d.train) + len(d.val) + len(d.test) == 90
+    datagen.write_imagefolder(project / "rgb", rgb=True)
+    d = _load(project, "data.format=imagefolder", "data.path=rgb", "data.image_size=[12, 10]")
+    assert d.input_shape == (3, 12, 10)
+
+
+def test_hf_disk_tables_and_images(project):
+    datagen.write_hf_disk(project)
+    d = _load(project, "data.format=hf-disk", "data.path=hf_trees", "data.label=tree",
+              "data.categorical=[soil]")
+    assert d.input_shape == (7,) and len(d.test) == 75 and d.classes == list(datagen.CLASSES)
+    datagen.write_hf_disk(project, image=True)
+    d = _load(project, "data.format=hf-disk", "data.path=hf_images")
+    assert d.input_shape == (1, 8, 8) and d.classes == list(datagen.CLASSES)
+    assert len(d.test) == 75  # the saved test split (25 % of 300)
+
+
+def _bad_label_nan(p):
+    f = datagen.table(50)
+    f.loc[7, "tree"] = None
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _text_feature(p):
+    datagen.table(50).to_csv(p / "t.csv", index=False)
+
+
+def _nan_feature(p):
+    f = datagen.table(50)
+    f.loc[3, "girth"] = np.nan
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _mixed_sizes(p):
+    from PIL import Image
+
+    datagen.write_imagefolder(p / "imgs", n_per_class=3)
+    Image.new("L", (10, 12)).save(p / "imgs" / "ash" / "big.png")
+
+
+def _empty_class(p):
+    datagen.write_imagefolder(p / "imgs", n_per_class=3)
+    (p / "imgs" / "elm").mkdir()
+
+
+def _corrupt_image(p):
+    datagen.write_imagefolder(p / "imgs", n_per_class=3)
+    (p / "imgs" / "ash" / "0000.png").write_bytes(b"not a png")
+
+
+def _bad_npz(p):
+    np.savez(p / "a.npz", features=np.zeros((4, 2)), labels=np.zeros(4))
+
+
+def _not_hf(p):
+    (p / "hf").mkdir()
+    (p / "hf" / "data.txt").write_text("x")
+
+
+def _python_bad(p):
+    (p / "treedata.py").write_text("def make():\n    return 42\n")
+
+
+TAB = ["data.format=csv", "data.path=t.csv", "data.label=tree"]
+BAD = [  # (writer, --set overrides, what the one line says)
+    (None, ["data.format=csv", "data.path=nowhere.csv"], "data.path: {p}/nowhere.csv does not "
+     "exist"),
+    (_text_feature, ["data.format=csv", "data.path=t.csv", "data.label=tre"],
+     "data.label: no column 'tre' in {p}/t.csv (did you mean 'tree'?); allowed: one of its "
+     "columns: height"),
+    (_bad_label_nan, [*TAB, "data.categorical=[soil]"], "data.label: column 'tree' of "
+     "{p}/t.csv has 1 missing values (first in data row 8)"),
+    (_text_feature, TAB, "data.features: column 'soil' of {p}/t.csv is not numeric (str, e.g. "
+     "'"),
+    (_nan_feature, [*TAB, "data.categorical=[soil]"], "data.features: column 'girth' of "
+     "{p}/t.csv has 1 missing values (first in data row 4)"),
+    (_text_feature, [*TAB, "data.features=[height, hieght]"], "data.features: no column "
+     "'hieght' in {p}/t.csv (did you mean 'height'?)"),
+    (_mixed_sizes, ["data.format=imagefolder", "data.path=imgs"], "data.image_size: images "
+     "differ in size"),
+    (_empty_class, ["data.format=imagefolder", "data.path=imgs"], "data.path: class folder "
+     "{p}/imgs/elm holds no PNG/JPEG image"),
+    (_corrupt_image, ["data.format=imagefolder", "data.path=imgs"], "data.path: cannot decode "
+     "image {p}/imgs/ash/0000.png"),
+    (_bad_npz, ["data.format=npz", "data.path=a.npz"], "data.path: {p}/a.npz holds features, "
+     "labels; allowed: arrays x and y"),
+    (_not_hf, ["data.format=hf-disk", "data.path=hf"], "data.path: {p}/hf is not a dataset "
+     "saved with save_to_disk"),
+    (_python_bad, ["data.format=python", "data.target=treedata:make"], "data.target: "
+     "treedata:make (train) is a int; allowed: a map-style torch Dataset"),
+    (lambda p: (p / "d").mkdir(), ["data.format=csv", "data.path=d"], "data.path: folder "
+     "{p}/d has no train.csv"),
+    (None, ["data.format=csv"], "data.path: required with data.format 'csv'"),
+]
+
+
+@pytest.mark.parametrize(("write", "overrides", "says"), BAD,
+                         ids=[" ".join(o[1:]) + f"-{i}" for i, (_, o, _) in enumerate(BAD)])
+def test_bad_data_is_exit_2_with_one_line(project, capsys, write, overrides, says):
+    if write is not None:
+        write(project)
+    (project / "spec.yaml").write_text("name: bad-data\n")
+    args = ["run", "spec.yaml", "--set", "train.epochs=1", "--set", "train.progress=off",
+            "--set", f"tracking.uri=sqlite:///{project}/never.db"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says.format(p=project) in err[0], err
+    assert not (project / "never.db").exists()
