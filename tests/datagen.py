@@ -124,3 +124,42 @@ def write_python(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
     (root / "treedata.py").write_text(PYTHON_DATA)
     return "treedata:make"
+
+
+USER_MODELS = '''
+import math
+
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    """A user's MLP that is not an nn.Sequential (pipelines cut it at model.stages)."""
+
+    def __init__(self, input_shape, num_outputs, width=64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),
+                                  nn.ReLU())
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class TinyConv(nn.Module):
+    def __init__(self, input_shape, num_outputs, channels=8):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(input_shape[0], channels, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d((4, 1)), nn.Flatten())
+        self.fc = nn.Linear(channels * 4, num_outputs)
+
+    def forward(self, x):
+        return self.fc(self.conv(x))
+'''
+
+
+def write_user_models(root: Path, package: str = "mynets") -> str:
+    """A user's model package `<package>/nets.py`; returns its module path."""
+    (root / package).mkdir(parents=True, exist_ok=True)
+    (root / package / "__init__.py").write_text("")
+    (root / package / "nets.py").write_text(USER_MODELS)
+    return f"{package}.nets"
