@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from atoll.cluster import jobs
 from atoll.core.procs import free_port, start, stop, wait_http
 from atoll.core.spec import load_spec
+from tests import datagen
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration
@@ -66,30 +67,41 @@ def _run_of(client: MlflowClient, name: str):
 
 
 def test_submitted_job_trains_tracks_and_registers(ray_head, tmp_path):
-    """`atoll submit --wait` of a 2-worker DDP job (the pipeline goes through plain `ray job
-    submit` below: one job per layout keeps the module's wall time down)."""
-    strategy = "ddp"
+    """`atoll submit --wait` of a 2-worker FSDP2 job from a user's project: its own csv
+    table and its own model (`mynets.nets:Net`, not an nn.Sequential), uploaded as the
+    job's working_dir. DDP runs in the killed-worker tests, the pipeline through plain
+    `ray job submit` below: one job per layout keeps the module's wall time down."""
+    strategy = "fsdp"
+    datagen.write_csv(tmp_path)
+    module = datagen.write_user_models(tmp_path)
+    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    spec["model"] = {"target": f"{module}:Net", "kwargs": {"width": 32}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = subprocess.run(
-        [str(BIN / "atoll"), "submit", str(CONFIGS / "demo.yaml"), "--set", "mode=cluster",
+        [str(BIN / "atoll"), "submit", "spec.yaml", "--set", "mode=cluster",
          "--set", f"name=job-{strategy}", "--set", f"cluster.strategy={strategy}",
-         "--set", "train.epochs=3", "--set", "train.progress=off",
+         "--set", "train.epochs=6", "--set", "optim.lr=0.01", "--set", "train.progress=off",
+         "--set", "data.format=csv", "--set", "data.path=trees.csv", "--set", "data.label=tree",
+         "--set", "data.categorical=[soil]", "--set", "tracking.registered_model=trees",
          "--set", "tracking.experiment=tests-cluster", "--address", ray_head["http"], "--wait"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
-    assert "SUCCEEDED" in out.stdout and "registered: digits-mlp version 1" in out.stdout
+    assert "SUCCEEDED" in out.stdout and "registered: trees version 1" in out.stdout
     job_id = out.stdout.split("submitted: ")[1].split()[0]
     assert any(r["id"] == job_id and r["status"] == "SUCCEEDED"
                for r in jobs.listing(ray_head["http"]))
     client = _store(tmp_path)
     run = _run_of(client, f"job-{strategy}")
     assert run.info.status == "FINISHED"
-    assert run.data.params["cluster.per_rank_batch"] == "16"  # the global 32 over 2 replicas
-    assert run.data.params["cluster.layout.parallel"] == strategy
+    p = run.data.params
+    assert p["cluster.per_rank_batch"] == "16"  # the global 32 over 2 replicas
+    assert (p["cluster.layout.parallel"], p["model.class"], p["data.format"]) == \
+        ("fsdp2", "mynets.nets.Net", "csv")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2, 3, 4, 5, 6]
     assert run.data.metrics["test_accuracy"] > 0.9
     assert run.data.metrics["samples_per_s"] > 0
-    mv = client.get_model_version_by_alias("digits-mlp", "candidate")
+    mv = client.get_model_version_by_alias("trees", "candidate")
     assert mv.run_id == run.info.run_id and mv.tags["mode"] == "cluster"
 
 
