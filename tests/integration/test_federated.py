@@ -23,6 +23,7 @@ from atoll.core.procs import free_port, start, stop, wait_http
 from atoll.core.runner import RunFailed
 from atoll.core.spec import load_spec
 from atoll.federated.simulation import run_federated
+from tests import datagen
 from tests.conftest import CONFIGS, ROOT
 
 # one Ray head for the module's federations, an initialised ./mlruns.db for each test
@@ -231,3 +232,26 @@ def test_client_specific_streams_train_different_tasks_in_one_round(no_leftovers
     assert max(in_round) > 1  # clients trained different tasks in the same round
     assert len(result.details["matrix"]) == 3
     assert result.metrics["cl_acc"] > 0.5
+
+
+def test_a_users_image_folder_and_model_train_federated(tmp_path, no_leftovers):
+    """A PNG class folder and a user's own CNN (`fedconv.nets:TinyConv`, not an
+    nn.Sequential) on 3 Dirichlet clients: the server and the client actors (on the shared
+    Ray head, in other working directories) read the data and import the model from
+    project_dir."""
+    datagen.write_imagefolder(tmp_path / "bands", n_per_class=60)
+    module = datagen.write_user_models(tmp_path, "fedconv")
+    spec = load_spec(None, [
+        "name=fed-own", "mode=federated", "train.progress=off", "tracking.experiment=tests-fl",
+        "federated.num_clients=3", "federated.rounds=3", "federated.partition.method=dirichlet",
+        "data.format=imagefolder", "data.path=bands", f"project_dir={tmp_path}",
+        f"model.target={module}:TinyConv", "model.kwargs.channels=6", "optim.name=sgd",
+        "optim.lr=0.05", "optim.momentum=0.9", "federated.local_epochs=4", "data.batch_size=16",
+        "tracking.registered_model=bands"])
+    result = run_federated(spec)
+    assert result.epochs == 3 and result.metrics["test_accuracy"] >= 0.8, result.metrics
+    client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")
+    p = client.get_run(result.run_id).data.params
+    assert (p["model.class"], p["data.format"], p["data.name"]) == \
+        ("fedconv.nets.TinyConv", "imagefolder", "bands")
+    assert client.get_model_version_by_alias("bands", "candidate").run_id == result.run_id
