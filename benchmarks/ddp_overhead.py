@@ -123,7 +123,7 @@ def _throughput(epochs: list[dict[str, float]]) -> float:
 def _train_size(spec) -> int:
     from atoll.core.data import load_data
 
-    return len(load_data(spec.data, spec.seed, spec.project_dir).train)
+    return len(load_data(spec.data, spec.seed, spec.project_dir, spec.task).train)
 
 
 def _free_port() -> int:

@@ -35,7 +35,7 @@ def _setup(hidden: int, layers: int) -> tuple[torch.nn.Sequential, object]:
 
     spec = load_spec(ROOT / "configs" / "demo.yaml",
                      [f"model.hidden=[{','.join([str(hidden)] * layers)}]", "model.dropout=0"])
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(0)
     return build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir), data
 

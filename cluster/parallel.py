@@ -53,14 +53,16 @@ def even_shard(split: Split, rank: int, world: int) -> Split:
     """Rank `rank`'s every-`world`-th row of `split`, padded to ceil(n / world) rows.
 
     Why: FSDP2's forward all-gathers parameters, so a rank with one batch fewer than the
-    others leaves them waiting forever in evaluation. Padding rows carry PAD_LABEL;
+    others leaves them waiting forever in evaluation. Padding rows carry PAD_LABEL (NaN
+    for a regression target);
     `core.loop.evaluate` runs them through the model and leaves them out of every count.
     """
     x, y = split.x[rank::world], split.y[rank::world]
     short = -(-len(split) // world) - len(y)
     if short > 0:
         x = torch.cat([x, x.new_zeros((short, *split.x.shape[1:]))])
-        y = torch.cat([y, y.new_full((short,), PAD_LABEL)])
+        pad = float("nan") if y.is_floating_point() else PAD_LABEL  # regression: NaN
+        y = torch.cat([y, y.new_full((short,), pad)])
     return Split(x, y)
 
 

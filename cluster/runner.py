@@ -332,7 +332,7 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
 
     t0 = time.perf_counter()
     # what the spec alone cannot tell is refused before an MLflow run or Ray exists
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     comps = build_components(spec, data, 1, device=pick_device(spec))
     _check_layout(spec, comps.model, data)
     root = storage_root(spec)
@@ -375,7 +375,8 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
                             "cluster.per_rank_batch": spec.data.batch_size // dp,
                             "cluster.dp": dp, "cluster.pp": pp,
                             "cluster.backend": "nccl" if c.use_gpu else "gloo",
-                            "model.class": model_class(comps.model)})
+                            "model.class": model_class(comps.model),
+                            "data.task": data.task})
     tracker.flush()
     tracker.set_tags({"atoll.run_dir": str(run_dir)})
     (run_dir / FAILED_MARK).unlink(missing_ok=True)

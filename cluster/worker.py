@@ -76,7 +76,7 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     torch.set_num_threads(spec.cluster.cpus_per_worker)
     record_worker(Path(config["run_dir"]), rank)
     seed_everything(spec.seed)
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
     model = build_model(spec.model, data.input_shape, data.num_classes,
                         spec.project_dir).to(device)

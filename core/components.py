@@ -19,7 +19,7 @@ from atoll.core.data import DataBundle
 from atoll.core.loop import LoopConfig, TrainState
 from atoll.core.metrics import build_loss
 from atoll.core.optim import build_optimizer, build_scheduler
-from atoll.core.spec import ExperimentSpec
+from atoll.core.spec import ExperimentSpec, check_task
 
 if TYPE_CHECKING:
     from atoll.continual.base import Strategy
@@ -77,6 +77,7 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
     from atoll.models import build_model, check_model
 
     device = device or pick_device(spec)
+    check_task(spec, data.task)  # a float label makes it regression: class-only options go
     if model is None:
         # a user's model: bad kwargs or output shape is exit 2 before any memory or work
         check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
@@ -86,7 +87,7 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
     optimizer = build_optimizer(model.parameters(), spec.optim)
     steps = -(-steps_per_epoch // spec.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, spec.train.epochs)
-    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes).to(device)
+    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task).to(device)
     return Components(model, optimizer, scheduler, loss_fn, build_strategy(spec),
                       loop_config(spec, device), device)
 

@@ -22,6 +22,7 @@ from atoll.core.checkpoint import CheckpointDir, rng_state, set_rng_state
 from atoll.core.components import build_components, seed_everything
 from atoll.core.data import Batches, DataBundle, Split, eval_batches, load_data
 from atoll.core.loop import MaskFn, NonFiniteLoss, Reducer, TrainState, evaluate, train_task
+from atoll.core.metrics import is_regression
 from atoll.core.runner import (
     RunFailed,
     RunResult,
@@ -56,11 +57,13 @@ def _batches(spec: ExperimentSpec, data: DataBundle, task: Task) -> Batches:
 def accuracy_row(model: torch.nn.Module, tasks: list[Task], spec: ExperimentSpec,
                  num_classes: int, loss_fn: torch.nn.Module, mask: MaskFn | None,
                  rank: int = 0, world: int = 1, reduce: Reducer | None = None) -> list[float]:
-    """Accuracy on every task's test split; ranks split each test set and `reduce` sums."""
+    """Accuracy (R² for regression) on every task's test split; ranks split each test set
+    and `reduce` sums."""
+    key = "test_r2" if is_regression(loss_fn) else "test_accuracy"
     return [evaluate(model, eval_batches(Split(t.test.x[rank::world], t.test.y[rank::world]),
                                          spec.data),
                      loss_fn, num_classes, prefix="test", logit_mask=mask,
-                     reduce=reduce).get("test_accuracy", 0.0) for t in tasks]
+                     reduce=reduce).get(key, 0.0) for t in tasks]
 
 
 def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = False
@@ -79,7 +82,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     seed_everything(spec.seed)
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     tasks = build_stream(data, spec.continual, spec.seed)
     mask = task_mask(tasks, data.num_classes) if spec.continual.scenario == "task" else None
     c = build_components(spec, data, len(_batches(spec, data, tasks[0])))
@@ -113,7 +116,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
         tracker.log_params({"model.parameters": count_parameters(c.model),
-                            "model.class": model_class(c.model),
+                            "model.class": model_class(c.model), "data.task": data.task,
                             "continual.tasks": " | ".join(t.name for t in tasks)})
         tracker.log_metrics({f"baseline_task_{j}": a for j, a in enumerate(baseline)}, step=0)
     epochs_done = start * spec.train.epochs

@@ -127,14 +127,13 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator
     return rest, held_idx
 
 
-def _read(spec: DataSpec, seed: int, project_dir: Path | None) -> Raw:
+def _read(spec: DataSpec, seed: int, project_dir: Path | None, task: str | None) -> Raw:
     if spec.format != "builtin":
-        raw = formats.read(spec, project_dir)
-        if raw.task == "regression":
-            raise SpecError([f"data.label: {spec.label!r} holds floats (a regression target); "
-                             "allowed: class labels (integers or text): regression is not "
-                             "supported yet"])
-        return raw
+        return formats.read(spec, project_dir, task)
+    if task == "regression":
+        raise SpecError([f"task: 'regression', but data.name {spec.name!r} is a classification "
+                         "dataset; allowed: task classification, or your own data with a "
+                         "numeric target (data.format)"])
     x, y, x_test, y_test = DATASETS[spec.name](spec, seed)
     raw = Raw({"train": x}, {"train": y}, "classification")
     if x_test is not None and y_test is not None:
@@ -142,27 +141,38 @@ def _read(spec: DataSpec, seed: int, project_dir: Path | None) -> Raw:
     return raw
 
 
-def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None) -> DataBundle:
+def _random_split(y: np.ndarray, fraction: float, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held) with `fraction` held out at random (regression targets)."""
+    perm = rng.permutation(len(y))
+    k = int(round(fraction * len(y)))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None,
+              task: str | None = None) -> DataBundle:
     """Load, split (stratified, by seed) and normalise with training-split statistics.
 
     Splits the data gives (an official test set, a user's val/test files) are kept; the
     rest are cut from the training data: `test_fraction` of everything, then
     `val_fraction` of everything."""
-    raw = _read(spec, seed, project_dir)
+    raw = _read(spec, seed, project_dir, task)
     x, y = raw.x["train"], raw.y["train"]
     rng = np.random.default_rng(seed)
+    regression = raw.task == "regression"
+    cut = _random_split if regression else _stratified_split
     val_frac = spec.val_fraction  # of everything when there is no test split given
     if "test" in raw.x:
         x_test, y_test = raw.x["test"], raw.y["test"]
     else:
-        rest, test_idx = _stratified_split(y, spec.test_fraction, rng)
+        rest, test_idx = cut(y, spec.test_fraction, rng)
         x_test, y_test, x, y = x[test_idx], y[test_idx], x[rest], y[rest]
         val_frac = spec.val_fraction / (1.0 - spec.test_fraction)
     if "val" in raw.x:
         train_idx, val_idx = np.arange(len(y)), None
         x_val, y_val = raw.x["val"], raw.y["val"]
     else:
-        train_idx, val_idx = _stratified_split(y, val_frac, rng)
+        train_idx, val_idx = cut(y, val_frac, rng)
         x_val, y_val = x[val_idx], y[val_idx]
     for name, other in (("test", x_test), ("val", x_val)):
         if len(other) and other.shape[1:] != x.shape[1:]:
@@ -186,10 +196,14 @@ def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None) -> Dat
 
     def split(xa: np.ndarray, ya: np.ndarray) -> Split:
         xs = (torch.from_numpy(np.ascontiguousarray(xa)) - mean) / std
-        return Split(xs.float().contiguous(), torch.from_numpy(np.asarray(ya, dtype=np.int64)))
+        dtype = np.float32 if regression else np.int64
+        return Split(xs.float().contiguous(), torch.from_numpy(np.asarray(ya, dtype=dtype)))
 
     ys = [a for a in (y, y_test, y_val) if len(a)]
-    classes = len(raw.classes) if raw.classes else int(max(a.max() for a in ys)) + 1
+    if regression:
+        classes = 1  # one output: the predicted value
+    else:
+        classes = len(raw.classes) if raw.classes else int(max(a.max() for a in ys)) + 1
     return DataBundle(
         train=split(x[train_idx], y[train_idx]), val=split(x_val, y_val),
         test=split(x_test, y_test), input_shape=tuple(xt.shape[1:]), num_classes=classes,

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn as nn
 
-from atoll.core.metrics import confusion, from_confusion
+from atoll.core.metrics import (
+    confusion,
+    from_confusion,
+    from_regression_sums,
+    is_regression,
+    regression_sums,
+)
 from atoll.core.progress import Progress
 
 if TYPE_CHECKING:  # the protocol lives in continual/, which depends on core/, not back
@@ -163,6 +169,7 @@ def train_epoch(
     total = len(batches) if hasattr(batches, "__len__") else 0
     bar = Progress(total, f"epoch {state.epoch + 1}/{cfg.epochs}", cfg.progress)
     stats = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n
+    regression = is_regression(loss_fn)
     accum = cfg.grad_accum_steps
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -197,8 +204,8 @@ def train_epoch(
         if logits is not None:  # a pipeline's earlier stages count nothing
             with torch.no_grad():
                 n = y.shape[0]
-                stats += torch.tensor([float(loss) * n, float((logits.argmax(1) == y).sum()), n],
-                                      dtype=torch.float64)
+                hits = 0.0 if regression else float((logits.argmax(1) == y).sum())
+                stats += torch.tensor([float(loss) * n, hits, n], dtype=torch.float64)
         bar.update(1, loss=value)
         if not last_micro:
             continue
@@ -223,6 +230,8 @@ def train_epoch(
     out = {"train_loss": stats[0].item() / n, "train_accuracy": stats[1].item() / n,
            "samples": stats[2].item(), "seconds": seconds,
            "samples_per_s": stats[2].item() / max(seconds, 1e-9)}
+    if regression:
+        del out["train_accuracy"]
     bar.close()
     return out
 
@@ -284,6 +293,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = _device_of(model)
+    regression = is_regression(loss_fn)
+    sums = torch.zeros(5, dtype=torch.float64)  # regression: see metrics.regression_sums
     cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
     for x, y in batches:
@@ -292,23 +303,28 @@ def evaluate(
             out = pipe.forward(x, y) if pipe is not None else model(x)
         if out is None:
             continue
-        real = y != PAD_LABEL
+        real = ~torch.isnan(y) if y.is_floating_point() else y != PAD_LABEL
         if not bool(real.all()):
             out, y = out[real], y[real]
             if y.numel() == 0:
                 continue
         logits = _masked(out.float(), y, logit_mask)
         loss_sum += float(loss_fn(logits, y)) * y.shape[0]
-        cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
+        if regression:
+            sums += regression_sums(logits, y).cpu()
+        else:
+            cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
     if reduce is not None:
-        packed = reduce(torch.cat([loss_sum, cm.flatten()]))
-        loss_sum, cm = packed[:1], packed[1:].reshape(num_classes, num_classes)
+        packed = reduce(torch.cat([loss_sum, sums, cm.flatten()]))
+        loss_sum, sums, cm = packed[:1], packed[1:6], packed[6:].reshape(num_classes,
+                                                                          num_classes)
     model.train(was_training)
-    n = cm.sum().item()
+    n = sums[4].item() if regression else cm.sum().item()
     if n == 0:
         return {}
     out = {f"{prefix}_loss": loss_sum.item() / n}
-    out.update({f"{prefix}_{k}": v for k, v in from_confusion(cm).items()})
+    found = from_regression_sums(sums) if regression else from_confusion(cm)
+    out.update({f"{prefix}_{k}": v for k, v in found.items()})
     return out
 
 

@@ -1,4 +1,5 @@
-"""Losses and classification metrics (from a confusion matrix, so ranks can sum them)."""
+"""Losses, classification metrics (from a confusion matrix) and regression metrics (from
+five sums): both are sums, so ranks and clients can add them up."""
 
 from __future__ import annotations
 
@@ -42,7 +43,46 @@ def class_weights(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> tor
     return len(labels) / (num_classes * counts)
 
 
-def build_loss(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> nn.Module:
+class RegressionLoss(nn.Module):
+    """MSE or Huber between a model's (N, 1) output and (N,) float targets."""
+
+    regression = True  # the loop reports MAE/RMSE/R² instead of accuracy
+
+    def __init__(self, kind: str, delta: float = 1.0):
+        super().__init__()
+        self.kind, self.delta = kind, delta
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = out.reshape(target.shape)
+        if self.kind == "huber":
+            return F.huber_loss(out, target, delta=self.delta)
+        return F.mse_loss(out, target)
+
+
+def is_regression(loss_fn: nn.Module) -> bool:
+    return bool(getattr(loss_fn, "regression", False))
+
+
+def regression_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[Σ|e|, Σe², Σy, Σy², n] (float64): what MAE, RMSE and R² are computed from."""
+    p, y = pred.reshape(target.shape).double(), target.double()
+    e = p - y
+    return torch.stack([e.abs().sum(), (e * e).sum(), y.sum(), (y * y).sum(),
+                        torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+
+
+def from_regression_sums(s: torch.Tensor) -> dict[str, float]:
+    abs_sum, sq_sum, y_sum, y2_sum, n = (float(v) for v in s)
+    n = max(n, 1.0)
+    total = y2_sum - y_sum * y_sum / n  # Σ(y - ȳ)²
+    return {"mae": abs_sum / n, "rmse": (sq_sum / n) ** 0.5,
+            "r2": 1.0 - sq_sum / total if total > 0 else 0.0}
+
+
+def build_loss(spec: LossSpec, labels: torch.Tensor, num_classes: int,
+               task: str = "classification") -> nn.Module:
+    if task == "regression":
+        return RegressionLoss("huber" if spec.name == "huber" else "mse", spec.huber_delta)
     weight = class_weights(spec, labels, num_classes)
     if spec.name == "focal":
         return FocalLoss(spec.focal_gamma, weight, spec.label_smoothing)

@@ -253,7 +253,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
     check_writable(ckpts.root, "train.checkpoint_dir")
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
-    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir)
+    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     train = train_batches(data, spec.data, spec.seed)
     val = eval_batches(data.val, spec.data) if len(data.val) else None
     c = build_components(spec, data, len(train))
@@ -275,7 +275,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
         tracker.log_params({"model.parameters": count_parameters(c.model),
-                            "model.class": model_class(c.model),
+                            "model.class": model_class(c.model), "data.task": data.task,
                             "data.train_samples": len(data.train), "device": str(c.device)})
 
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
@@ -353,14 +353,15 @@ def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: Tra
         title = f"{spec.name} ({spec.model.label} on {spec.data.name})"
         tracker.log_plot("plots/curves.png", lambda: curves(state.history, title))
     registered = None
+    main = "test_r2" if data.task == "regression" else "test_accuracy"
     if spec.tracking.log_model:
         example = data.test.x[:4].to(c.device).cpu().numpy()
         registered = tracker.log_model(
             model.cpu(), example, registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias, selection=chosen,
             tags={"mode": spec.mode, "epoch": str(chosen.step), "epochs_trained":
-                  str(state.epoch), "task": "0",
-                  "test_accuracy": f"{test.get('test_accuracy', 0):.4f}"})
+                  str(state.epoch), "task": "0", "data.task": data.task,
+                  main: f"{test.get(main, 0):.4f}"})
         model.to(c.device)
     tracker.finish("FINISHED")
     out = RunResult(tracker.run_id, test, state.epoch, time.perf_counter() - t0, checkpoint,

@@ -32,7 +32,10 @@ DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "linear")
 STRATEGIES = ("naive", "joint", "ewc", "replay", "si", "lwf", "agem")
+CLASS_METRICS = ("val_accuracy", "val_precision", "val_recall", "val_f1", "train_accuracy")
+REGRESSION_METRICS = ("val_mae", "val_rmse", "val_r2")
 EPOCH_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
+                 "val_mae", "val_rmse", "val_r2",
                  "train_loss", "train_accuracy")
 # Per-sample input shapes of the built-in datasets, so shape errors surface at validation.
 IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
@@ -220,7 +223,9 @@ class EarlyStoppingSpec(_Section):
 
 
 class LossSpec(_Section):
-    name: Literal["cross_entropy", "focal"] = "cross_entropy"
+    name: Literal["auto", "cross_entropy", "focal", "mse", "huber"] = Field(
+        "auto", description="auto: cross_entropy for classification, mse for regression")
+    huber_delta: float = Field(1.0, gt=0.0, description="huber: where the loss turns linear")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     focal_gamma: float = Field(2.0, ge=0.0)
     class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(ge=0.0)]] = "none"
@@ -367,7 +372,7 @@ class ClusterSpec(_Section):
 
 FL_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                  "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
-PARTITIONS = ("iid", "dirichlet", "shard", "pathological")
+PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "quantity")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "scaling")
 DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
@@ -375,11 +380,14 @@ DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-a
 class PartitionSpec(_Section):
     """How the training split is divided among clients (flwr-datasets partitioners)."""
 
-    method: Literal["iid", "dirichlet", "shard", "pathological"] = "iid"
-    alpha: float = Field(0.5, gt=0.0, description="dirichlet concentration; small = skewed")
+    method: Literal["iid", "dirichlet", "shard", "pathological", "quantity"] = Field(
+        "iid", description="quantity: IID samples, Dirichlet(alpha) sizes (any task)")
+    alpha: float = Field(0.5, gt=0.0, description="dirichlet/quantity concentration; small = "
+                         "skewed")
     shards_per_client: int = Field(2, ge=1, description="shard: shards of sorted labels each")
     classes_per_client: int = Field(2, ge=1, description="pathological: classes each")
-    min_partition_size: int = Field(10, ge=0, description="dirichlet: resample until met")
+    min_partition_size: int = Field(10, ge=0, description="dirichlet: resample until met; "
+                                    "quantity: every client's floor")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="client-side validation")
 
 
@@ -549,12 +557,18 @@ class ExperimentSpec(_Section):
     cluster: ClusterSpec = ClusterSpec()
     federated: FederatedSpec = FederatedSpec()
     tracking: TrackingSpec = TrackingSpec()
+    task: Literal["classification", "regression"] | None = Field(
+        None, description="default: regression for a float label, classification otherwise")
     project_dir: Path | None = Field(
         None, description="the user's project: model.target modules are imported from it "
         "first; default: the directory atoll runs in (filled in for workers and clients)")
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> ExperimentSpec:
+        if self.task is not None:
+            problems = task_problems(self, self.task)
+            if problems:
+                raise ValueError(problems[0])
         if self.continual.scenario == "task" and self.continual.stream == "split" and \
                 self.train.loss.label_smoothing > 0:
             raise ValueError(f"train.loss.label_smoothing: {self.train.loss.label_smoothing} "
@@ -627,6 +641,66 @@ class ExperimentSpec(_Section):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def task_problems(spec: ExperimentSpec, task: str) -> list[str]:
+    """What `spec` asks that `task` cannot do: class-only features for regression, and
+    regression losses/metrics for classification (the task may come from the data)."""
+    out = []
+    loss = spec.train.loss
+    metrics = [("train.early_stopping.metric", spec.train.early_stopping.metric),
+               ("cluster.checkpoint_metric", spec.cluster.checkpoint_metric)]
+    if task == "classification":
+        if loss.name in ("mse", "huber"):
+            out.append(f"train.loss.name: {loss.name!r} is a regression loss, but the task is "
+                       "classification; allowed: auto, cross_entropy, focal (or task: "
+                       "regression)")
+        out += [f"{f}: {m!r} is a regression metric, but the task is classification; "
+                f"allowed: val_loss or {', '.join(CLASS_METRICS[:4])}"
+                for f, m in metrics if m in REGRESSION_METRICS]
+        return out
+    why = "the task is regression (a float label, or task: regression)"
+    if loss.name in ("cross_entropy", "focal"):
+        out.append(f"train.loss.name: {loss.name!r} needs classes; {why}; allowed: auto, "
+                   "mse, huber")
+    if loss.class_weights != "none":
+        out.append(f"train.loss.class_weights: {loss.class_weights!r} weighs classes; {why}; "
+                   "allowed: none")
+    if loss.label_smoothing > 0:
+        out.append(f"train.loss.label_smoothing: {loss.label_smoothing} smooths classes; "
+                   f"{why}; allowed: 0")
+    out += [f"{f}: {m!r} is a classification metric; {why}; allowed: val_loss, train_loss, "
+            f"{', '.join(REGRESSION_METRICS)}" for f, m in metrics if m in CLASS_METRICS]
+    c = spec.continual
+    if c.stream == "split":
+        out.append(f"continual.stream: 'split' splits classes; {why}; allowed: none, permuted, "
+                   "rotated")
+    if c.stream != "none" and c.scenario == "task":
+        out.append(f"continual.scenario: 'task' masks classes per task; {why}; allowed: domain")
+    if "lwf" in c.strategy:
+        out.append(f"continual.strategy: lwf distils class probabilities; {why}; allowed: "
+                   "naive, joint, ewc, si, replay, agem")
+    if "ewc" in c.strategy and c.ewc.fisher_labels == "sampled":
+        out.append(f"continual.ewc.fisher_labels: 'sampled' draws classes; {why}; allowed: "
+                   "empirical")
+    if "replay" in c.strategy and c.replay.policy == "class_balanced":
+        out.append(f"continual.replay.policy: 'class_balanced' balances classes; {why}; "
+                   "allowed: balanced, reservoir")
+    f = spec.federated
+    if spec.mode == "federated" and f.partition.method not in ("iid", "quantity"):
+        out.append(f"federated.partition.method: {f.partition.method!r} partitions by label; "
+                   f"{why}; allowed: iid, quantity")
+    if spec.mode == "federated" and f.byzantine.attack == "label_flip":
+        out.append(f"federated.byzantine.attack: 'label_flip' flips classes; {why}; allowed: "
+                   "none, sign_flip, gaussian, scaling")
+    return out
+
+
+def check_task(spec: ExperimentSpec, task: str) -> None:
+    """SpecError (exit 2) for every way `spec` does not fit the data's task."""
+    problems = task_problems(spec, task)
+    if problems:
+        raise SpecError(problems)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

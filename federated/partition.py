@@ -14,16 +14,28 @@ from atoll.core.data import DataBundle, Split
 from atoll.core.spec import PartitionSpec
 
 
-def partitioner(spec: PartitionSpec, num_clients: int, seed: int):
+def quantity_sizes(n: int, spec: PartitionSpec, num_clients: int, seed: int) -> list[int]:
+    """Dirichlet(alpha) shares of `n` samples, every client at least min_partition_size."""
+    floor = min(spec.min_partition_size, n // num_clients)
+    shares = np.random.default_rng([seed, 11]).dirichlet([spec.alpha] * num_clients)
+    sizes = floor + np.floor(shares * (n - floor * num_clients)).astype(np.int64)
+    sizes[np.argmax(shares)] += n - int(sizes.sum())  # the rounding remainder
+    return [int(v) for v in sizes]
+
+
+def partitioner(spec: PartitionSpec, num_clients: int, seed: int, n: int = 0):
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
         PathologicalPartitioner,
         ShardPartitioner,
+        SizePartitioner,
     )
 
     if spec.method == "iid":
         return IidPartitioner(num_partitions=num_clients)
+    if spec.method == "quantity":  # label-free: regression targets as well as classes
+        return SizePartitioner(quantity_sizes(n, spec, num_clients, seed))
     if spec.method == "dirichlet":
         return DirichletPartitioner(num_partitions=num_clients, partition_by="label",
                                     alpha=spec.alpha, min_partition_size=spec.min_partition_size,
@@ -45,9 +57,12 @@ def partition_indices(labels: np.ndarray, spec: PartitionSpec, num_clients: int,
     # IidPartitioner takes contiguous chunks (FederatedDataset shuffles first); shuffle
     # here too, so a dataset stored sorted by class still splits IID.
     order = np.random.default_rng([seed, 7]).permutation(len(labels))
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":  # regression: only label-free methods (spec-checked)
+        labels = np.zeros(len(labels), dtype=np.int64)
+    labels = labels.astype(np.int64)
     ds = datasets.Dataset.from_dict({"idx": order, "label": labels[order]})
-    p = partitioner(spec, num_clients, seed)
+    p = partitioner(spec, num_clients, seed, len(labels))
     p.dataset = ds
     try:
         parts = [np.sort(np.asarray(p.load_partition(i)["idx"], dtype=np.int64))

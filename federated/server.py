@@ -27,7 +27,7 @@ from atoll.core.checkpoint import CheckpointDir, rng_state, set_rng_state
 from atoll.core.components import seed_everything
 from atoll.core.data import DataBundle, eval_batches, load_data
 from atoll.core.loop import evaluate
-from atoll.core.metrics import build_loss
+from atoll.core.metrics import build_loss, is_regression
 from atoll.core.runner import latest_valid
 from atoll.core.spec import ExperimentSpec
 from atoll.federated import records as R
@@ -164,10 +164,10 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     seed_everything(spec.seed)
-    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir)
+    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
-    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes)
+    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task)
     test = eval_batches(data.test, spec.data)
 
     partitions = discover(grid, f.num_clients, minimum=f.min_fit_clients)
@@ -338,7 +338,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                         if not k.startswith("train_")})
             row.update({k: float(v) for k, v in (fit_metrics or {}).items()
                         if k.startswith("train_")})
-            row.update(spread(fit.ok, "train_accuracy"))
+            row.update(spread(fit.ok, "train_accuracy"))  # absent for regression
             if norms:
                 row.update({"clients_update_norm_mean": float(sum(norms) / len(norms)),
                             "clients_update_norm_max": float(max(norms))})
@@ -353,6 +353,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 fed = strategy.aggregate_evaluate(rnd, ev.ok) if ev.ok else None
                 row.update({f"federated_{k}": float(v) for k, v in (fed or {}).items()})
                 row.update(spread(ev.ok, "val_accuracy"))
+                row.update(spread(ev.ok, "val_r2"))
                 row["evaluate_failures"] = float(len(ev.sampled) - len(ev.ok))
                 sent, received = sent + ev.bytes_sent, received + ev.bytes_received
             model.load_state_dict(R.arrays_to_state(arrays))
@@ -535,9 +536,10 @@ class _Stream:
         return rnd == self.spec.federated.rounds if last else rnd % self.per_task == 0
 
     def row(self, model: torch.nn.Module) -> list[float]:
+        key = "test_r2" if is_regression(self.loss_fn) else "test_accuracy"
         return [evaluate(model, eval_batches(t.test, self.spec.data), self.loss_fn,
                          self.num_classes, prefix="test", logit_mask=self.mask
-                         ).get("test_accuracy", 0.0) for t in self.tasks]
+                         ).get(key, 0.0) for t in self.tasks]
 
 
 def _peak_rss_mb() -> float:
@@ -586,6 +588,7 @@ def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population:
     parts = partition_indices(labels, f.partition, len(population), spec.seed)
     sizes = [len(p) for p in parts]
     tracker.log_params({"model.parameters": parameters, "model.class": model_cls,
+                        "data.task": data.task,
                         "data.train_samples": len(labels),
                         "federated.clients_connected": len(population),
                         "federated.partition_sizes": ",".join(map(str, sizes))})
@@ -595,15 +598,17 @@ def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population:
                     "the federation's size", len(population), f.num_clients)
     from atoll.tracking.plots import label_heatmap
 
-    hist = label_histogram(labels, parts, data.num_classes)
+    hist = label_histogram(labels, parts, data.num_classes) if data.task != "regression" \
+        else [[len(p)] for p in parts]  # regression: how many samples each client holds
     title = f"{f.partition.method} partition of {spec.data.name} over {len(parts)} clients"
     tracker.log_plot("plots/partition.png", lambda: label_heatmap(hist, title))
 
 
 def _report(rnd: int, total: int, row: dict[str, float], kinds: dict[str, int]) -> None:
     failed = ", ".join(f"{k}={v}" for k, v in kinds.items() if v)
-    log.info("round %d/%d central_accuracy=%.4f central_loss=%.4f participants=%d%s (%.1fs)",
-             rnd, total, row.get("central_accuracy", float("nan")),
+    main = "central_r2" if "central_r2" in row else "central_accuracy"
+    log.info("round %d/%d %s=%.4f central_loss=%.4f participants=%d%s (%.1fs)",
+             rnd, total, main, row.get(main, float("nan")),
              row.get("central_loss", float("nan")), int(row["participants"]),
              f" failures: {failed}" if failed else "", row["round_seconds"])
 
@@ -638,14 +643,15 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
 
         # the global model after the last aggregated round, chosen by nothing but being last
         aggregated = [int(r["round"]) for r in st.history if r.get("aggregated")]
-        selection = Selection("central_accuracy", test.get("test_accuracy"),
+        main = "r2" if data.task == "regression" else "accuracy"
+        selection = Selection(f"central_{main}", test.get(f"test_{main}"),
                               aggregated[-1] if aggregated else 0, unit="round", rule="last")
         registered = tracker.log_model(
             model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias,
             tags={"mode": "federated", "strategy": f.strategy, "rounds": str(st.round),
-                  "partition": f.partition.method,
-                  "test_accuracy": f"{test.get('test_accuracy', 0):.4f}"},
+                  "partition": f.partition.method, "data.task": data.task,
+                  f"test_{main}": f"{test.get(f'test_{main}', 0):.4f}"},
             selection=selection)
     tracker.finish("FINISHED")
     latest = ckpts.latest()

@@ -44,7 +44,7 @@ def spec_key(spec: ExperimentSpec) -> str:
 @functools.lru_cache(maxsize=4)
 def _bundle(spec_json: str) -> DataBundle:
     spec = _spec(spec_json)
-    return load_data(spec.data, spec.seed, spec.project_dir)
+    return load_data(spec.data, spec.seed, spec.project_dir, spec.task)
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,7 +126,7 @@ def federation_loss(spec: ExperimentSpec, device: torch.device | str = "cpu") ->
     """The loss every client and the server use: class weights (`balanced`) come from the
     federation's global training histogram, never from one client's labels."""
     bundle = _bundle(spec_key(spec))
-    return build_loss(spec.train.loss, bundle.train.y, bundle.num_classes).to(device)
+    return build_loss(spec.train.loss, bundle.train.y, bundle.num_classes, bundle.task).to(device)
 
 
 class CrashFault(RuntimeError):
@@ -189,7 +189,7 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
                        data.bundle.num_classes, strategy=strategy, task=task,
                        logit_mask=mask, task_boundaries=continual is None, on_step=on_step)
     last = state.history[-1]
-    metrics = {"train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"]}
+    metrics = {k: last[k] for k in ("train_loss", "train_accuracy") if k in last}
     weights = {k: v.detach().cpu().clone() for k, v in unwrap(c.model).state_dict().items()}
     if attack in ("sign_flip", "scaling", "gaussian"):
         weights = poison_update(spec.federated.byzantine, global_state, weights, spec.seed,
@@ -211,7 +211,9 @@ def local_evaluate(spec: ExperimentSpec, data: ClientData,
     model.load_state_dict(global_state)
     m = evaluate(model, eval_batches(split, spec.data), federation_loss(spec),
                  data.bundle.num_classes)
-    return {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}, len(split)
+    keys = ("val_loss", "val_r2") if data.bundle.task == "regression" else \
+        ("val_loss", "val_accuracy")
+    return {k: m[k] for k in keys}, len(split)
 
 
 @dataclasses.dataclass

@@ -112,8 +112,8 @@ def check_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: i
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if shape != (2, num_outputs):
         raise SpecError([f"{field}: {spec.factory!r} returns {shape} for a batch of 2; "
-                         f"allowed: a (batch, {num_outputs}) tensor, one output per class "
-                         "(use num_outputs)"])
+                         f"allowed: a (batch, {num_outputs}) tensor (use num_outputs: the "
+                         "number of classes, 1 for regression)"])
 
 
 def _first_line(e: BaseException) -> str:

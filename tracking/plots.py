@@ -16,10 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def _two_panel(history: list[dict[str, float]], x: str, series: tuple[tuple[str, str], ...],
                title: str) -> Any:
-    """Loss and accuracy side by side, one line per (key prefix, label) in `series`."""
+    """Loss and accuracy (R² for regression) side by side, one line per (key prefix,
+    label) in `series`."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [h[x] for h in history]
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    second = "accuracy" if any(k.endswith("_accuracy") for h in history for k in h) else "r2"
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, second)):
         for prefix, label in series:
             ys = [h.get(f"{prefix}_{metric}") for h in history]
             if any(y is not None for y in ys):

@@ -49,7 +49,7 @@ def train(spec: Any) -> dict[str, Any]:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(spec.cluster.cpus_per_worker)
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)
     model = DDP(build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir))
     opt = torch.optim.SGD(model.parameters(), lr=spec.optim.lr, momentum=spec.optim.momentum,

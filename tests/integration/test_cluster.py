@@ -245,3 +245,24 @@ def test_continual_stream_on_workers_survives_a_killed_worker(ray_head, tmp_path
         for k in f0:
             assert torch.equal(f0[k], f1[k])
     assert not torch.equal(replay0["x"], replay1["x"])
+
+
+def test_regression_on_two_ddp_workers(ray_head, tmp_path, monkeypatch):
+    """A float label on 2 DDP workers: MSE, R² reduced over both ranks' shards."""
+    datagen.write_regression_csv(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["gcs"])
+    monkeypatch.chdir(tmp_path)
+    from atoll.cluster.runner import run_cluster
+
+    result = run_cluster(load_spec(None, [
+        "mode=cluster", "name=cl-prices", "train.epochs=15", "train.progress=off",
+        "data.format=csv", "data.path=prices.csv", "data.label=price",
+        "data.categorical=[region]", "optim.lr=0.01", "data.batch_size=32", "model.hidden=[32]",
+        f"project_dir={tmp_path}", "tracking.experiment=tests-cluster",
+        "tracking.log_model=false"]))
+    assert result.metrics["test_r2"] >= 0.9 and "test_accuracy" not in result.metrics, \
+        result.metrics
+    run = _run_of(_store(tmp_path), "cl-prices")
+    assert run.data.params["data.task"] == "regression"
+    assert [m.step for m in _store(tmp_path).get_metric_history(run.info.run_id, "val_r2")] \
+        == list(range(1, 16))

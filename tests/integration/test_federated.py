@@ -255,3 +255,25 @@ def test_a_users_image_folder_and_model_train_federated(tmp_path, no_leftovers):
     assert (p["model.class"], p["data.format"], p["data.name"]) == \
         ("fedconv.nets.TinyConv", "imagefolder", "bands")
     assert client.get_model_version_by_alias("bands", "candidate").run_id == result.run_id
+
+
+def test_regression_federated_with_quantity_skew(tmp_path, no_leftovers):
+    """A float label on 3 clients holding Dirichlet-skewed shares of the rows (`quantity`):
+    FedAvg of MSE-trained models, central and federated R²."""
+    datagen.write_regression_csv(tmp_path)
+    spec = load_spec(None, [
+        "name=fed-prices", "mode=federated", "train.progress=off",
+        "tracking.experiment=tests-fl", "federated.num_clients=3", "federated.rounds=4",
+        "federated.local_epochs=3", "federated.partition.method=quantity",
+        "data.format=csv", "data.path=prices.csv", "data.label=price",
+        "data.categorical=[region]", "data.batch_size=16", "optim.lr=0.01",
+        "model.hidden=[32]", f"project_dir={tmp_path}", "tracking.log_model=false"])
+    result = run_federated(spec)
+    assert result.metrics["test_r2"] >= 0.9 and "test_accuracy" not in result.metrics, \
+        result.metrics
+    r2 = metric_history(result.run_id, "federated_val_r2")
+    assert [s for s, _ in r2] == [1, 2, 3, 4]
+    client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")
+    p = client.get_run(result.run_id).data.params
+    sizes = [int(v) for v in p["federated.partition_sizes"].split(",")]
+    assert p["data.task"] == "regression" and len(set(sizes)) == 3  # skewed, not equal

@@ -88,7 +88,7 @@ def test_registered_model_loads_by_alias_and_reproduces_accuracy(demo_run):
         model = mlflow.pytorch.load_model("models:/digits-mlp@candidate")
     finally:
         mlflow.set_tracking_uri(None)  # it also exported MLFLOW_TRACKING_URI; undo both
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     with torch.no_grad():
         acc = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
     assert acc == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
@@ -215,7 +215,7 @@ def test_early_stopping_registers_the_best_epoch_tagged_with_its_metric(tiny_spe
         model = mlflow.pytorch.load_model("models:/best@candidate")
     finally:
         mlflow.set_tracking_uri(None)
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     with torch.no_grad():
         acc = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
     assert acc == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)

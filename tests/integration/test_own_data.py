@@ -69,3 +69,29 @@ def test_a_user_model_on_a_table_is_tracked_as_the_users(project):
     assert (p["data.format"], p["data.label"], p["model.parameters"]) == \
         ("csv", "tree", str(7 * 24 + 24 + 24 * 3 + 3))
     assert result.registered is not None and result.registered.version == "1"
+
+
+REGRESSION = ["data.format=csv", "data.path=prices.csv", "data.label=price",
+              "data.categorical=[region]", "optim.lr=0.01", "data.batch_size=32",
+              "model.hidden=[32]", "train.progress=off"]
+
+
+def test_a_float_label_is_regression_to_r2_above_0_9(project):
+    """No `task:` given: the float column makes it regression (MSE, MAE/RMSE/R², no
+    accuracy), stated in the run's params, and the registered version carries its R²."""
+    datagen.write_regression_csv(project)
+    store = project / "mlruns.db"
+    spec = load_spec(None, ["name=prices", "train.epochs=15", *REGRESSION,
+                            f"tracking.uri=sqlite:///{store}", "tracking.registered_model=prices"])
+    result = run_local(spec)
+    m = result.metrics
+    assert m["test_r2"] >= 0.9 and "test_accuracy" not in m, m
+    assert 0 < m["test_mae"] < m["test_rmse"] < 1.0
+    client = MlflowClient(f"sqlite:///{store}")
+    run = client.get_run(result.run_id)
+    assert run.data.params["data.task"] == "regression"
+    assert "val_r2" in run.data.metrics and "val_accuracy" not in run.data.metrics
+    mv = client.get_model_version_by_alias("prices", "candidate")
+    assert (mv.tags["data.task"], float(mv.tags["test_r2"])) == ("regression",
+                                                                 pytest.approx(m["test_r2"],
+                                                                               abs=1e-4))

@@ -248,7 +248,7 @@ def _test_metrics_of(spec, ckpt) -> dict[str, float]:
     from atoll.core.data import eval_batches, load_data, train_batches
     from atoll.core.loop import evaluate
 
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     c = build_components(spec, data, len(train_batches(data, spec.data, spec.seed)))
     c.model.load_state_dict(load(ckpt)["model"])
     return evaluate(c.model, eval_batches(data.test, spec.data), c.loss_fn, data.num_classes,
@@ -291,7 +291,7 @@ def test_finish_run_registers_nothing_untrained_and_takes_a_selection_made_elsew
     from atoll.tracking.base import Selection
 
     spec = tiny_spec("data.limit=100")
-    data = load_data(spec.data, spec.seed, spec.project_dir)
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     c = build_components(spec, data, len(train_batches(data, spec.data, spec.seed)))
     with pytest.raises(RunFailed, match="completed no epoch; nothing was tested or registered"):
         finish_run(spec, data, c, TrainState(), NullTracker(), None, 0.0)

@@ -51,7 +51,7 @@ def test_each_client_draws_its_own_dropout_masks_reproducibly():
 def test_balanced_class_weights_come_from_the_global_training_histogram():
     spec = _spec("train.loss.class_weights=balanced", "federated.partition.method=dirichlet",
                  "federated.partition.alpha=0.3")
-    glob = load_data(spec.data, spec.seed, spec.project_dir)
+    glob = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     expected = build_loss(spec.train.loss, glob.train.y, glob.num_classes).weight
     torch.testing.assert_close(task.federation_loss(spec).weight, expected)
     local = task.client_data(spec, 1, 4)

@@ -161,6 +161,19 @@ BAD = [  # (writer, --set overrides, what the one line says)
     (lambda p: (p / "d").mkdir(), ["data.format=csv", "data.path=d"], "data.path: folder "
      "{p}/d has no train.csv"),
     (None, ["data.format=csv"], "data.path: required with data.format 'csv'"),
+    (datagen.write_regression_csv, ["data.format=csv", "data.path=prices.csv",
+                                    "data.label=price", "data.categorical=[region]",
+                                    "train.loss.name=cross_entropy"],
+     "train.loss.name: 'cross_entropy' needs classes; the task is regression (a float label, "
+     "or task: regression); allowed: auto, mse, huber"),
+    (datagen.write_regression_csv, ["data.format=csv", "data.path=prices.csv",
+                                    "data.label=price", "data.categorical=[region]",
+                                    "mode=federated", "federated.partition.method=dirichlet"],
+     "federated.partition.method: 'dirichlet' partitions by label; the task is regression"),
+    (None, ["task=regression"], "task: 'regression', but data.name 'digits' is a "
+     "classification dataset"),
+    (None, ["train.loss.name=huber"], "train.loss.name: 'huber' is a regression loss, but the "
+     "task is classification"),
 ]
 
 
