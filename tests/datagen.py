@@ -185,3 +185,17 @@ def write_regression_csv(root: Path, n: int = 400) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     regression_table(n).to_csv(root / "prices.csv", index=False)
     return root / "prices.csv"
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example(name: str, dest: Path) -> Path:
+    """A copy of examples/<name> under `dest` with its data written by its own script."""
+    import runpy
+    import shutil
+
+    root = dest / name
+    shutil.copytree(EXAMPLES / name, root, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    runpy.run_path(str(root / "make_data.py"), run_name="__main__")
+    return root

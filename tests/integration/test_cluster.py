@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from atoll.cluster import jobs
@@ -67,41 +66,36 @@ def _run_of(client: MlflowClient, name: str):
 
 
 def test_submitted_job_trains_tracks_and_registers(ray_head, tmp_path):
-    """`atoll submit --wait` of a 2-worker FSDP2 job from a user's project: its own csv
-    table and its own model (`mynets.nets:Net`, not an nn.Sequential), uploaded as the
-    job's working_dir. DDP runs in the killed-worker tests, the pipeline through plain
-    `ray job submit` below: one job per layout keeps the module's wall time down."""
+    """`atoll submit --wait` of examples/tabular-regression (its csv, its own
+    models.tabular:ResidualMLP, uploaded as the job's working_dir) on 2 FSDP2 workers:
+    regression to R² >= 0.9, tracked and registered. DDP runs in the killed-worker tests,
+    the pipeline through plain `ray job submit` below: one job per layout keeps the
+    module's wall time down."""
     strategy = "fsdp"
-    datagen.write_csv(tmp_path)
-    module = datagen.write_user_models(tmp_path)
-    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
-    spec["model"] = {"target": f"{module}:Net", "kwargs": {"width": 32}}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    root = datagen.example("tabular-regression", tmp_path)
     out = subprocess.run(
         [str(BIN / "atoll"), "submit", "spec.yaml", "--set", "mode=cluster",
          "--set", f"name=job-{strategy}", "--set", f"cluster.strategy={strategy}",
-         "--set", "train.epochs=6", "--set", "optim.lr=0.01", "--set", "train.progress=off",
-         "--set", "data.format=csv", "--set", "data.path=trees.csv", "--set", "data.label=tree",
-         "--set", "data.categorical=[soil]", "--set", "tracking.registered_model=trees",
-         "--set", "tracking.experiment=tests-cluster", "--address", ray_head["http"], "--wait"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+         "--set", "train.progress=off", "--set", "tracking.experiment=tests-cluster",
+         "--address", ray_head["http"], "--wait"],
+        cwd=root, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
-    assert "SUCCEEDED" in out.stdout and "registered: trees version 1" in out.stdout
+    assert "SUCCEEDED" in out.stdout and "registered: prices version 1" in out.stdout
     job_id = out.stdout.split("submitted: ")[1].split()[0]
     assert any(r["id"] == job_id and r["status"] == "SUCCEEDED"
                for r in jobs.listing(ray_head["http"]))
-    client = _store(tmp_path)
+    client = _store(root)
     run = _run_of(client, f"job-{strategy}")
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert p["cluster.per_rank_batch"] == "16"  # the global 32 over 2 replicas
-    assert (p["cluster.layout.parallel"], p["model.class"], p["data.format"]) == \
-        ("fsdp2", "mynets.nets.Net", "csv")
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    assert run.data.metrics["test_accuracy"] > 0.9
+    assert (p["cluster.layout.parallel"], p["model.class"], p["data.task"]) == \
+        ("fsdp2", "models.tabular.ResidualMLP", "regression")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_r2")]
+    assert steps == list(range(1, 16))
+    assert run.data.metrics["test_r2"] > 0.9 and "test_accuracy" not in run.data.metrics
     assert run.data.metrics["samples_per_s"] > 0
-    mv = client.get_model_version_by_alias("trees", "candidate")
+    mv = client.get_model_version_by_alias("prices", "candidate")
     assert mv.run_id == run.info.run_id and mv.tags["mode"] == "cluster"
 
 
@@ -147,55 +141,29 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypa
     assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 6
 
 
-USER_NET = """
-import math
-
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    \"\"\"Not an nn.Sequential: a pipeline cuts it at the stages the spec lists.\"\"\"
-
-    def __init__(self, input_shape, num_outputs, width=64):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),
-                                  nn.ReLU())
-        self.head = nn.Linear(width, num_outputs)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-"""
-
-
 def _user_project(root: Path) -> Path:
-    """A user's repository with packages named like atoll's folders: on a Ray worker its
-    working_dir comes first on sys.path. Its `models/` holds the model the spec names;
-    its `core/` must never be imported (atoll's are `atoll.core`, `atoll.models`)."""
-    for pkg in ("core", "models"):
-        (root / pkg).mkdir(parents=True)
-    (root / "core" / "__init__.py").write_text(
+    """examples/own-model, plus a `core/` package of the user's own: on a Ray worker the
+    job's working_dir comes first on sys.path, so atoll must never import it (atoll's
+    packages are atoll.core, atoll.models; the project's models/ holds its model)."""
+    project = datagen.example("own-model", root)
+    (project / "core").mkdir()
+    (project / "core" / "__init__.py").write_text(
         "raise ImportError('the user project\\'s own core package was imported')\n")
-    (root / "models" / "__init__.py").write_text("")
-    (root / "models" / "nets.py").write_text(USER_NET)
-    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
-    spec["model"] = {"target": "models.nets:Net", "kwargs": {"width": 128},
-                     "stages": ["body", "head"]}
-    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    return root
+    return project
 
 
 def test_plain_ray_job_submit(ray_head, tmp_path):
-    """The README's `ray job submit ... -- atoll run SPEC`, with a 2-stage 1F1B pipeline
-    (DDP goes through `atoll submit` above), from a user project that has its own
-    `core/` and `models/` packages: the model trained is the user's (`models.nets:Net`,
-    cut at its declared stages), atoll's own packages are `atoll.core`, `atoll.models`."""
+    """The README's `ray job submit ... -- atoll run SPEC`, with a 2-stage 1F1B pipeline,
+    from a user project (examples/own-model) that has its own `core/` and `models/`
+    packages: the model trained is the user's (`models.convnet:BandNet`, cut at its
+    declared stages), atoll's own packages are `atoll.core`, `atoll.models`."""
     strategy = "pipeline"
     store, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
     project = _user_project(tmp_path / "project")
     out = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["http"],
          "--working-dir", str(project), "--", "atoll", "run", "spec.yaml",
-         "--set", "mode=cluster", "--set", "name=job-pipe", "--set", "train.epochs=3",
+         "--set", "mode=cluster", "--set", "name=job-pipe",
          "--set", f"cluster.strategy={strategy}", "--set", "cluster.schedule=1f1b",
          "--set", "train.progress=off", "--set", "tracking.experiment=tests-cluster",
          "--set", f"tracking.uri=sqlite:///{store}", "--set", f"cluster.storage_path={storage}"],
@@ -209,12 +177,13 @@ def test_plain_ray_job_submit(ray_head, tmp_path):
     p = run.data.params
     assert (p["cluster.layout.parallel"], p["cluster.layout.pp"],
             p["cluster.layout.schedule"]) == ("pipeline", "2", "1f1b")
-    assert p["cluster.per_rank_batch"] == "32"  # the global batch, whole through the stages
-    assert (p["model.class"], p["model.kwargs.width"], p["cluster.layout.stage_blocks"]) == \
-        ("models.nets.Net", "128", "body|head")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    assert p["cluster.per_rank_batch"] == "16"  # the global batch, whole through the stages
+    assert (p["model.class"], p["model.kwargs.channels"], p["cluster.layout.stage_blocks"]) \
+        == ("models.convnet.BandNet", "6", "features|head")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == \
+        list(range(1, 9))
     assert run.data.metrics["test_accuracy"] > 0.85
-    assert client.get_model_version_by_alias("digits-mlp", "candidate").run_id == run.info.run_id
+    assert client.get_model_version_by_alias("bands", "candidate").run_id == run.info.run_id
     assert (storage / "job-pipe" / "atoll-finished.json").is_file()
 
 
@@ -245,24 +214,3 @@ def test_continual_stream_on_workers_survives_a_killed_worker(ray_head, tmp_path
         for k in f0:
             assert torch.equal(f0[k], f1[k])
     assert not torch.equal(replay0["x"], replay1["x"])
-
-
-def test_regression_on_two_ddp_workers(ray_head, tmp_path, monkeypatch):
-    """A float label on 2 DDP workers: MSE, R² reduced over both ranks' shards."""
-    datagen.write_regression_csv(tmp_path)
-    monkeypatch.setenv("RAY_ADDRESS", ray_head["gcs"])
-    monkeypatch.chdir(tmp_path)
-    from atoll.cluster.runner import run_cluster
-
-    result = run_cluster(load_spec(None, [
-        "mode=cluster", "name=cl-prices", "train.epochs=15", "train.progress=off",
-        "data.format=csv", "data.path=prices.csv", "data.label=price",
-        "data.categorical=[region]", "optim.lr=0.01", "data.batch_size=32", "model.hidden=[32]",
-        f"project_dir={tmp_path}", "tracking.experiment=tests-cluster",
-        "tracking.log_model=false"]))
-    assert result.metrics["test_r2"] >= 0.9 and "test_accuracy" not in result.metrics, \
-        result.metrics
-    run = _run_of(_store(tmp_path), "cl-prices")
-    assert run.data.params["data.task"] == "regression"
-    assert [m.step for m in _store(tmp_path).get_metric_history(run.info.run_id, "val_r2")] \
-        == list(range(1, 16))

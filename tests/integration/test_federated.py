@@ -234,41 +234,33 @@ def test_client_specific_streams_train_different_tasks_in_one_round(no_leftovers
     assert result.metrics["cl_acc"] > 0.5
 
 
-def test_a_users_image_folder_and_model_train_federated(tmp_path, no_leftovers):
-    """A PNG class folder and a user's own CNN (`fedconv.nets:TinyConv`, not an
-    nn.Sequential) on 3 Dirichlet clients: the server and the client actors (on the shared
-    Ray head, in other working directories) read the data and import the model from
-    project_dir."""
-    datagen.write_imagefolder(tmp_path / "bands", n_per_class=60)
-    module = datagen.write_user_models(tmp_path, "fedconv")
-    spec = load_spec(None, [
-        "name=fed-own", "mode=federated", "train.progress=off", "tracking.experiment=tests-fl",
-        "federated.num_clients=3", "federated.rounds=3", "federated.partition.method=dirichlet",
-        "data.format=imagefolder", "data.path=bands", f"project_dir={tmp_path}",
-        f"model.target={module}:TinyConv", "model.kwargs.channels=6", "optim.name=sgd",
-        "optim.lr=0.05", "optim.momentum=0.9", "federated.local_epochs=4", "data.batch_size=16",
-        "tracking.registered_model=bands"])
-    result = run_federated(spec)
+def _example_spec(root: Path, *overrides: str):
+    """An example's spec as `atoll run` in its folder would have it (project_dir: there)."""
+    return load_spec(root / "spec.yaml", ["mode=federated", "train.progress=off",
+                                          "tracking.experiment=tests-fl",
+                                          f"project_dir={root}", *overrides])
+
+
+def test_own_model_example_federated(tmp_path, no_leftovers):
+    """examples/own-model on 3 Dirichlet clients: PNG class folders and the project's own
+    CNN (models.convnet:BandNet, not an nn.Sequential). The server and the client actors
+    (on the shared Ray head, in other working directories) read the data and import the
+    model from project_dir; the project's `models` never shadows atoll's."""
+    root = datagen.example("own-model", tmp_path)
+    result = run_federated(_example_spec(root))
     assert result.epochs == 3 and result.metrics["test_accuracy"] >= 0.8, result.metrics
     client = MlflowClient(f"sqlite:///{Path('mlruns.db').resolve()}")
     p = client.get_run(result.run_id).data.params
     assert (p["model.class"], p["data.format"], p["data.name"]) == \
-        ("fedconv.nets.TinyConv", "imagefolder", "bands")
+        ("models.convnet.BandNet", "imagefolder", "bands")
     assert client.get_model_version_by_alias("bands", "candidate").run_id == result.run_id
 
 
-def test_regression_federated_with_quantity_skew(tmp_path, no_leftovers):
-    """A float label on 3 clients holding Dirichlet-skewed shares of the rows (`quantity`):
-    FedAvg of MSE-trained models, central and federated R²."""
-    datagen.write_regression_csv(tmp_path)
-    spec = load_spec(None, [
-        "name=fed-prices", "mode=federated", "train.progress=off",
-        "tracking.experiment=tests-fl", "federated.num_clients=3", "federated.rounds=4",
-        "federated.local_epochs=3", "federated.partition.method=quantity",
-        "data.format=csv", "data.path=prices.csv", "data.label=price",
-        "data.categorical=[region]", "data.batch_size=16", "optim.lr=0.01",
-        "model.hidden=[32]", f"project_dir={tmp_path}", "tracking.log_model=false"])
-    result = run_federated(spec)
+def test_tabular_regression_example_federated(tmp_path, no_leftovers):
+    """examples/tabular-regression on 3 clients holding Dirichlet-skewed shares of the
+    rows (`quantity`): FedAvg of MSE-trained models, central and federated R²."""
+    root = datagen.example("tabular-regression", tmp_path)
+    result = run_federated(_example_spec(root, "tracking.log_model=false"))
     assert result.metrics["test_r2"] >= 0.9 and "test_accuracy" not in result.metrics, \
         result.metrics
     r2 = metric_history(result.run_id, "federated_val_r2")
@@ -277,3 +269,4 @@ def test_regression_federated_with_quantity_skew(tmp_path, no_leftovers):
     p = client.get_run(result.run_id).data.params
     sizes = [int(v) for v in p["federated.partition_sizes"].split(",")]
     assert p["data.task"] == "regression" and len(set(sizes)) == 3  # skewed, not equal
+    assert p["model.class"] == "models.tabular.ResidualMLP"

@@ -1,9 +1,11 @@
-"""A user's own data in every format, and a user's own model, trained in local mode
-(cluster and federated runs of them are in test_cluster.py and test_federated.py)."""
+"""A user's own data in every format, and the examples (a user's own model and data),
+trained in local mode; test_cluster.py and test_federated.py run the examples there."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,6 +15,8 @@ from atoll.core.spec import load_spec
 from tests import datagen
 
 pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
 
 TRAIN = ["train.progress=off", "train.epochs=12", "optim.lr=0.01", "data.batch_size=32",
          "model.hidden=[32]"]
@@ -51,47 +55,42 @@ def test_each_format_trains_locally(project, fmt):
     assert result.metrics["test_accuracy"] >= 0.85, result.metrics
 
 
-def test_a_user_model_on_a_table_is_tracked_as_the_users(project):
-    """model.target from the user's own package, on a csv table, in a real MLflow store."""
-    datagen.write_csv(project)
-    module = datagen.write_user_models(project)
-    store = project / "mlruns.db"
-    spec = load_spec(None, ["name=own-model", *TRAIN[:4], "data.format=csv",
-                            "data.path=trees.csv", "data.label=tree", "data.categorical=[soil]",
-                            f"model.target={module}:Net", "model.kwargs.width=24",
-                            f"tracking.uri=sqlite:///{store}", "tracking.registered_model=trees"])
-    result = run_local(spec)
-    assert result.metrics["test_accuracy"] >= 0.85, result.metrics
-    run = MlflowClient(f"sqlite:///{store}").get_run(result.run_id)
-    p = run.data.params
-    assert (p["model.class"], p["model.target"], p["model.kwargs.width"]) == \
-        ("mynets.nets.Net", "mynets.nets:Net", "24")
-    assert (p["data.format"], p["data.label"], p["model.parameters"]) == \
-        ("csv", "tree", str(7 * 24 + 24 + 24 * 3 + 3))
-    assert result.registered is not None and result.registered.version == "1"
-
-
-REGRESSION = ["data.format=csv", "data.path=prices.csv", "data.label=price",
-              "data.categorical=[region]", "optim.lr=0.01", "data.batch_size=32",
-              "model.hidden=[32]", "train.progress=off"]
-
-
-def test_a_float_label_is_regression_to_r2_above_0_9(project):
-    """No `task:` given: the float column makes it regression (MSE, MAE/RMSE/R², no
-    accuracy), stated in the run's params, and the registered version carries its R²."""
-    datagen.write_regression_csv(project)
-    store = project / "mlruns.db"
-    spec = load_spec(None, ["name=prices", "train.epochs=15", *REGRESSION,
-                            f"tracking.uri=sqlite:///{store}", "tracking.registered_model=prices"])
-    result = run_local(spec)
-    m = result.metrics
-    assert m["test_r2"] >= 0.9 and "test_accuracy" not in m, m
-    assert 0 < m["test_mae"] < m["test_rmse"] < 1.0
+def _atoll_run(root, store, *overrides):
+    args = [str(BIN / "atoll"), "run", "spec.yaml", "--set", "train.progress=off",
+            "--set", f"tracking.uri=sqlite:///{store}"]
+    for o in overrides:
+        args += ["--set", o]
+    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{store}")
-    run = client.get_run(result.run_id)
-    assert run.data.params["data.task"] == "regression"
-    assert "val_r2" in run.data.metrics and "val_accuracy" not in run.data.metrics
+    exp = client.get_experiment_by_name("examples")
+    (run,) = client.search_runs([exp.experiment_id])
+    return out.stdout, client, run
+
+
+def test_tabular_regression_example_with_atoll_run(tmp_path):
+    """examples/tabular-regression as a user runs it: its csv, its own models/ package
+    (models.tabular:ResidualMLP); the float label makes it regression, stated in the
+    params and on the registered version, which carries its R²."""
+    root = datagen.example("tabular-regression", tmp_path)
+    stdout, client, run = _atoll_run(root, tmp_path / "mlruns.db")
+    assert "r2=" in stdout and "accuracy" not in stdout
+    m, p = run.data.metrics, run.data.params
+    assert m["test_r2"] >= 0.9 and 0 < m["test_mae"] < m["test_rmse"] < 1.0, m
+    assert "val_r2" in m and "val_accuracy" not in m
+    assert (p["data.task"], p["model.class"], p["model.kwargs.width"]) == \
+        ("regression", "models.tabular.ResidualMLP", "32")
     mv = client.get_model_version_by_alias("prices", "candidate")
-    assert (mv.tags["data.task"], float(mv.tags["test_r2"])) == ("regression",
-                                                                 pytest.approx(m["test_r2"],
-                                                                               abs=1e-4))
+    assert mv.run_id == run.info.run_id and mv.tags["data.task"] == "regression"
+    assert float(mv.tags["test_r2"]) == pytest.approx(m["test_r2"], abs=1e-4)
+
+
+def test_own_model_example_with_atoll_run(tmp_path):
+    """examples/own-model: PNG class folders and the project's own CNN (models.convnet)."""
+    root = datagen.example("own-model", tmp_path)
+    _, client, run = _atoll_run(root, tmp_path / "mlruns.db")
+    assert run.data.metrics["test_accuracy"] >= 0.9, run.data.metrics
+    assert (run.data.params["model.class"], run.data.params["data.format"]) == \
+        ("models.convnet.BandNet", "imagefolder")
+    assert client.get_model_version_by_alias("bands", "candidate").run_id == run.info.run_id
