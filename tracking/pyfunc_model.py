@@ -1,0 +1,77 @@
+"""The registered model's pyfunc: raw input in, class labels (or probabilities) or
+regression values out.
+
+MLflow logs this file as the model's code ("models from code"): loading it runs this
+file, not an unpickled object, and needs torch, numpy and pandas, never atoll. Its
+artifacts are the network as a torch.export program (`program`, loaded without
+unpickling) and `preprocess.json`: the task, class names, the table's columns and
+categories, and the training split's normalisation statistics.
+
+    model = mlflow.pyfunc.load_model("models:/name@alias")
+    model.predict(frame)                                 # labels, or values
+    model.predict(frame, params={"probabilities": True})  # one column per class
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+
+class AtollPredictor(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        with open(context.artifacts["preprocess"]) as f:
+            self.pre = json.load(f)
+        self.net = torch.export.load(context.artifacts["program"]).module()
+        self.mean = torch.tensor(self.pre["mean"], dtype=torch.float32)
+        self.std = torch.tensor(self.pre["std"], dtype=torch.float32)
+
+    def _features(self, data: Any) -> np.ndarray:
+        """Raw rows or images as the float array the data reader would have produced."""
+        pre = self.pre
+        if isinstance(data, pd.DataFrame) and pre.get("numeric") is not None:
+            missing = [c for c in pre["numeric"] + list(pre["categorical"])
+                       if c not in data.columns]
+            if missing:
+                raise ValueError(f"input has no column {missing[0]!r}; the model takes "
+                                 f"{', '.join(pre['numeric'] + list(pre['categorical']))}")
+            parts = [data[pre["numeric"]].to_numpy(dtype=np.float32)]
+            for col, cats in pre["categorical"].items():
+                codes = data[col].astype(str).map({v: i for i, v in enumerate(cats)})
+                onehot = np.zeros((len(data), len(cats)), dtype=np.float32)
+                known = codes.notna().to_numpy()
+                onehot[np.flatnonzero(known), codes[known].astype(int).to_numpy()] = 1.0
+                parts.append(onehot)  # an unseen category: all zeros, as in training
+            return np.concatenate(parts, axis=1)
+        x = np.asarray(data.to_numpy() if isinstance(data, pd.DataFrame) else data)
+        if pre.get("image"):  # uint8 pixels are scaled as the image reader scaled them
+            x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+            shape = tuple(pre["input_shape"])
+            if x.ndim == 3 and shape[0] == 1:  # (N, H, W) grey images
+                x = x[:, None]
+            elif x.ndim == 4 and x.shape[-1] == shape[0] and x.shape[1] != shape[0]:
+                x = x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+        return x.astype(np.float32).reshape(len(x), *pre["input_shape"])
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None
+                ) -> Any:
+        x = (torch.from_numpy(self._features(model_input)) - self.mean) / self.std
+        with torch.no_grad():
+            out = self.net(x).float()
+        if self.pre["task"] == "regression":
+            return out.reshape(len(x)).numpy()
+        probs = torch.softmax(out, dim=1).numpy()
+        classes = self.pre["classes"] or [str(i) for i in range(probs.shape[1])]
+        if (params or {}).get("probabilities"):
+            return pd.DataFrame(probs, columns=classes)
+        if self.pre.get("int_classes"):  # integer labels come back as integers
+            return np.asarray([int(c) for c in classes], dtype=np.int64)[probs.argmax(1)]
+        return np.asarray(classes, dtype=object)[probs.argmax(1)]
+
+
+mlflow.models.set_model(AtollPredictor())
