@@ -186,7 +186,7 @@ def finish_stream(spec: ExperimentSpec, data: DataBundle, model: torch.nn.Module
     registered = None
     if spec.tracking.log_model:
         registered = tracker.log_model(
-            model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
+            model.cpu(), data, registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias, selection=chosen,
             tags={"mode": spec.mode, "task": str(len(tasks) - 1),
                   "strategy": "+".join(spec.continual.strategy),

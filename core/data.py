@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,9 @@ class DataBundle:
     mean: torch.Tensor
     std: torch.Tensor
     task: str = "classification"
-    classes: list[str] | None = None  # the label value of each class index
+    classes: list[Any] | None = None  # the label value of each class index (int or str)
     features: list[str] | None = None  # a table's feature columns (after one-hot encoding)
+    encoding: dict[str, Any] | None = None  # a table's numeric and categorical columns
 
     @property
     def is_image(self) -> bool:
@@ -207,7 +209,8 @@ def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None,
     return DataBundle(
         train=split(x[train_idx], y[train_idx]), val=split(x_val, y_val),
         test=split(x_test, y_test), input_shape=tuple(xt.shape[1:]), num_classes=classes,
-        mean=mean, std=std, task=raw.task, classes=raw.classes, features=raw.features)
+        mean=mean, std=std, task=raw.task, classes=raw.classes, features=raw.features,
+        encoding=raw.encoding)
 
 
 # --------------------------------------------------------------------------- batches

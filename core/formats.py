@@ -29,8 +29,9 @@ class Raw:
     x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     task: str  # classification | regression
-    classes: list[str] | None = None  # label value of each class index
+    classes: list[Any] | None = None  # label value of each class index (int or str)
     features: list[str] | None = None  # column names, after one-hot encoding
+    encoding: dict[str, Any] | None = None  # tables: {"numeric": [...], "categorical": {}}
     source: dict[str, str] = field(default_factory=dict)  # split -> file, for messages
 
 
@@ -59,11 +60,12 @@ def read(spec: DataSpec, project_dir: Path | None, task: str | None = None) -> R
 
 
 def encode_labels(ys: dict[str, np.ndarray], task: str | None, where: dict[str, str],
-                  column: str = "label") -> tuple[dict[str, np.ndarray], str, list[str] | None]:
+                  column: str = "label") -> tuple[dict[str, np.ndarray], str, list[Any] | None]:
     """Class indices (classification) or float targets (regression), the same over splits.
 
     `task` None: a float label is regression, anything else (ints, strings, bools)
-    classification. Non-negative integer labels keep their values as indices."""
+    classification. Non-negative integer labels keep their values as indices (and the
+    class names are those integers)."""
     for split, y in ys.items():
         if y.ndim != 1:
             raise SpecError([f"data.label: {column} of {where[split]} has shape {y.shape}; "
@@ -88,7 +90,7 @@ def encode_labels(ys: dict[str, np.ndarray], task: str | None, where: dict[str, 
         ints = {s: y.astype(np.int64) for s, y in ys.items()}
         if min(int(y.min()) for y in ints.values() if len(y)) >= 0:
             top = max(int(y.max()) for y in ints.values() if len(y))
-            return ints, task, [str(i) for i in range(top + 1)]
+            return ints, task, list(range(top + 1))
         ys = ints
     values = sorted({str(v) for y in ys.values() for v in y.tolist()},
                     key=lambda v: (len(v), v) if v.lstrip("-").isdigit() else (0, v))
@@ -207,7 +209,8 @@ def from_frames(frames: dict[str, Any], spec: DataSpec, where: dict[str, str],
         xs[split] = np.concatenate(parts, axis=1)
     ys = {s: _label_array(df[spec.label]) for s, df in frames.items()}
     ys, task, classes = encode_labels(ys, task, where, spec.label)
-    return Raw(xs, ys, task, classes, names, where)
+    return Raw(xs, ys, task, classes, names, {"numeric": numeric, "categorical": categories},
+               source=where)
 
 
 def _label_array(series: Any) -> np.ndarray:
@@ -258,7 +261,7 @@ def _npz(path: Path, task: str | None) -> Raw:
                                  "finite numbers"])
             xs[split], ys[split] = x.astype(np.float32), y
     ys, task, classes = encode_labels(ys, task, where, "y")
-    return Raw(xs, ys, task, classes, None, where)
+    return Raw(xs, ys, task, classes, source=where)
 
 
 # --------------------------------------------------------------------------- images
@@ -283,7 +286,7 @@ def _imagefolder(spec: DataSpec, path: Path) -> Raw:
                                  f"{xs[split].shape[2]}x{xs[split].shape[3]}, those of "
                                  f"{split_dirs['train']} {x.shape[2]}x{x.shape[3]}; allowed: "
                                  "data.image_size: [height, width] to resize every image"])
-    return Raw(xs, ys, "classification", classes, None, where)
+    return Raw(xs, ys, "classification", classes, source=where)
 
 
 # --------------------------------------------------------------------------- hf-disk
@@ -331,7 +334,7 @@ def _hf_disk(spec: DataSpec, path: Path, task: str | None) -> Raw:
     label = first.features.get(spec.label)
     if isinstance(label, datasets.ClassLabel) and classes is not None:
         classes = [label.names[int(c)] for c in classes]
-    return Raw(xs, ys, task, classes, None, where)
+    return Raw(xs, ys, task, classes, source=where)
 
 
 # --------------------------------------------------------------------------- python
@@ -367,7 +370,7 @@ def _python(spec: DataSpec, project_dir: Path | None, task: str | None) -> Raw:
         where[split] = f"{spec.target} ({split})"
         xs[split], ys[split] = _arrays_of(part, where[split])
     ys, task, classes = encode_labels(ys, task, where)
-    return Raw(xs, ys, task, classes, None, where)
+    return Raw(xs, ys, task, classes, source=where)
 
 
 def _arrays_of(part: Any, where: str) -> tuple[np.ndarray, np.ndarray]:

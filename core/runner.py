@@ -355,9 +355,8 @@ def finish_run(spec: ExperimentSpec, data: DataBundle, c: Components, state: Tra
     registered = None
     main = "test_r2" if data.task == "regression" else "test_accuracy"
     if spec.tracking.log_model:
-        example = data.test.x[:4].to(c.device).cpu().numpy()
         registered = tracker.log_model(
-            model.cpu(), example, registered_name=spec.tracking.registered_model,
+            model.cpu(), data, registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias, selection=chosen,
             tags={"mode": spec.mode, "epoch": str(chosen.step), "epochs_trained":
                   str(state.epoch), "task": "0", "data.task": data.task,

@@ -647,7 +647,7 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
         selection = Selection(f"central_{main}", test.get(f"test_{main}"),
                               aggregated[-1] if aggregated else 0, unit="round", rule="last")
         registered = tracker.log_model(
-            model.cpu(), data.test.x[:4].numpy(), registered_name=spec.tracking.registered_model,
+            model.cpu(), data, registered_name=spec.tracking.registered_model,
             alias=spec.tracking.alias,
             tags={"mode": "federated", "strategy": f.strategy, "rounds": str(st.round),
                   "partition": f.partition.method, "data.task": data.task,

@@ -59,7 +59,7 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None: ...
-    def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
+    def log_model(self, model: nn.Module, data: Any, *, registered_name: str | None,
                   alias: str, tags: dict[str, str], selection: Selection | None = None
                   ) -> RegisteredModel | None: ...
     def flush(self) -> None: ...
@@ -87,7 +87,7 @@ class NullTracker:
     def log_plot(self, artifact_file: str, make: Callable[[], Any]) -> None:
         pass  # the figure is never drawn: plotting costs nothing when nothing records it
 
-    def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
+    def log_model(self, model: nn.Module, data: Any, *, registered_name: str | None,
                   alias: str, tags: dict[str, str], selection: Selection | None = None
                   ) -> RegisteredModel | None:
         if selection is not None:

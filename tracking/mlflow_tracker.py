@@ -7,8 +7,11 @@ benchmarks/tracking_overhead.py).
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,14 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from atoll.core.data import DataBundle
+from atoll.core.serving import preprocess, raw_example
 from atoll.tracking.base import RegisteredModel, Selection
 
+PREDICTOR = Path(__file__).with_name("pyfunc_model.py")  # logged as the model's code
 MAX_BATCH = 1000  # MLflow's per-request limit on metrics
 PARAM_VALUE_LIMIT = 6000
 
@@ -135,15 +143,19 @@ class MlflowTracker:
         finally:
             close(fig)
 
-    def log_model(self, model: nn.Module, input_example: Any, *, registered_name: str | None,
+    def log_model(self, model: nn.Module, data: DataBundle, *, registered_name: str | None,
                   alias: str, tags: dict[str, str], selection: Selection | None = None
                   ) -> RegisteredModel | None:
-        """Log in MLflow's `pt2` (torch.export) format and register a version with an alias.
+        """Log the model as a pyfunc that takes raw input, and register a version with an
+        alias.
 
-        pt2 is chosen deliberately: it loads without unpickling arbitrary code (safe by
-        default) and needs no atoll import to serve; it loads back as a GraphModule with
-        a dynamic batch dimension. A `selection` (refused when it completed nothing) tags
-        the version and the run with the metric and epoch/round that chose these weights.
+        The network goes in as a torch.export program (loads without unpickling code) with
+        a dynamic batch dimension; `tracking/pyfunc_model.py` is logged as the model's code
+        with the data's preprocessing (`core.serving.preprocess`), so
+        `mlflow.pyfunc.load_model(uri).predict(rows_or_images)` normalises, encodes and
+        returns labels/probabilities or values, with no atoll import. A `selection`
+        (refused when it completed nothing) tags the version and the run with the metric
+        and epoch/round that chose these weights.
         """
         if selection is not None:
             selection.check()
@@ -151,13 +163,27 @@ class MlflowTracker:
             self.set_tags({f"atoll.{k}": v for k, v in selection.tags().items()})
         self.wait()
         model = model.eval()
-        with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pt2",
-                input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            if registered_name is not None:
-                version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        example = data.test.x[:4] if len(data.test) else data.train.x[:4]
+        with tempfile.TemporaryDirectory(prefix="atoll-model-") as tmp:
+            program = Path(tmp) / "model.pt2"
+            auto = torch.export.Dim.AUTO
+            torch.export.save(torch.export.export(model, (example,),
+                                                  dynamic_shapes=({0: auto},)), program)
+            pre = Path(tmp) / "preprocess.json"
+            pre.write_text(json.dumps(preprocess(data)))
+            with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id), \
+                    warnings.catch_warnings():
+                # the signature comes from the input example, not predict's type hints
+                warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(PREDICTOR),
+                    artifacts={"program": str(program), "preprocess": str(pre)},
+                    input_example=(raw_example(data), {"probabilities": False}),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                      f"numpy=={np.__version__}",
+                                      f"pandas=={pd.__version__}"])
+                if registered_name is not None:
+                    version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
         self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit closed it
         if registered_name is None:
             return None

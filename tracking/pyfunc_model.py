@@ -58,8 +58,9 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
                 x = x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
         return x.astype(np.float32).reshape(len(x), *pre["input_shape"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None
-                ) -> Any:
+    def predict(self, context, model_input, params=None):
+        # no type hints: MLflow would read them as the input schema; the signature comes
+        # from the logged input example
         x = (torch.from_numpy(self._features(model_input)) - self.mean) / self.std
         with torch.no_grad():
             out = self.net(x).float()

@@ -94,3 +94,42 @@ def test_own_model_example_with_atoll_run(tmp_path):
     assert (run.data.params["model.class"], run.data.params["data.format"]) == \
         ("models.convnet.BandNet", "imagefolder")
     assert client.get_model_version_by_alias("bands", "candidate").run_id == run.info.run_id
+
+
+def _pyfunc(store, name):
+    import mlflow
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{name}@candidate")
+    finally:
+        mlflow.set_tracking_uri(None)  # it also exported MLFLOW_TRACKING_URI; undo both
+
+
+def test_registered_models_predict_from_raw_rows_and_images(tmp_path):
+    """mlflow.pyfunc.load_model("models:/name@alias").predict(...) on raw input: csv rows
+    with their text column (encoded and normalised inside) give values; PNG pixels give
+    class names, or probabilities on request."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    root = datagen.example("tabular-regression", tmp_path)
+    _atoll_run(root, tmp_path / "t.db", "train.epochs=8")
+    rows = pd.read_csv(root / "data" / "prices.csv")
+    values = _pyfunc(tmp_path / "t.db", "prices").predict(rows.drop(columns=["price"]))
+    y = rows["price"].to_numpy()
+    assert values.shape == (len(rows),) and values.dtype.kind == "f"
+    assert 1 - ((values - y) ** 2).sum() / ((y - y.mean()) ** 2).sum() >= 0.9
+
+    root = datagen.example("own-model", tmp_path)
+    _atoll_run(root, tmp_path / "i.db", "train.epochs=4")
+    files = sorted((root / "data" / "bands").glob("*/*.png"))
+    pixels = np.stack([np.asarray(Image.open(f), dtype=np.float32)[None] / 255 for f in files])
+    model = _pyfunc(tmp_path / "i.db", "bands")
+    names = model.predict(pixels)
+    assert (names == np.array([f.parent.name for f in files])).mean() >= 0.9
+    probs = model.predict(pixels[:3], params={"probabilities": True})
+    assert list(probs.columns) == ["bottom", "middle", "top"]
+    assert list(probs.idxmax(axis=1)) == list(names[:3])

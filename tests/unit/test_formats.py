@@ -57,7 +57,7 @@ def test_parquet_npz_and_python_read_the_same_task(project):
     assert pq.input_shape == (7,) and pq.classes == list(datagen.CLASSES)
     datagen.write_npz(project)
     npz = _load(project, "data.format=npz", "data.path=trees.npz")
-    assert npz.input_shape == (4,) and len(npz.test) == 75 and npz.classes == ["0", "1", "2"]
+    assert npz.input_shape == (4,) and len(npz.test) == 75 and npz.classes == [0, 1, 2]
     target = datagen.write_python(project)
     py = _load(project, "data.format=python", f"data.target={target}", "data.kwargs.n=200")
     assert py.input_shape == (3,) and len(py.test) == 50 and py.num_classes == 3

@@ -22,10 +22,10 @@ def test_the_label_dtype_decides_the_task_unless_given():
     ys, task, classes = encode_labels(floats, None, WHERE)
     assert task == "regression" and classes is None and ys["train"].dtype == np.float32
     ints = {"train": np.array([3, 1, 1]), "test": np.array([0])}
-    assert encode_labels(ints, None, WHERE)[1:] == ("classification", ["0", "1", "2", "3"])
+    assert encode_labels(ints, None, WHERE)[1:] == ("classification", [0, 1, 2, 3])
     whole = {"train": np.array([0.0, 1.0, 1.0]), "test": np.array([0.0])}
     ys, task, classes = encode_labels(whole, "classification", WHERE)
-    assert (task, classes, ys["train"].tolist()) == ("classification", ["0", "1"], [0, 1, 1])
+    assert (task, classes, ys["train"].tolist()) == ("classification", [0, 1], [0, 1, 1])
     text = {"train": np.array(["b", "a", "c"], dtype=object), "test": np.array(["a"])}
     ys, task, classes = encode_labels(text, None, WHERE)
     assert classes == ["a", "b", "c"] and ys["train"].tolist() == [1, 0, 2]
