@@ -32,6 +32,14 @@ TARGET_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$
 Width = Annotated[int, Field(ge=1)]
 
 
+def target_syntax(cls: type, v: str | None) -> str | None:
+    """A `package.module:factory` field (model.target, data.target): shape only, no import."""
+    if v is not None and not re.match(TARGET_PATTERN, v):
+        raise ValueError("allowed: 'package.module:factory' (a dotted module path, a colon, a "
+                         "callable's name)")
+    return v
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -124,13 +132,7 @@ class UserModelSpec(_Model):
         None, description="pipeline: submodule names whose composition in order is the "
         "model (not needed for an nn.Sequential)")
 
-    @field_validator("target")
-    @classmethod
-    def _target_syntax(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(TARGET_PATTERN, v):
-            raise ValueError("allowed: 'package.module:factory' (a dotted module path, a "
-                             "colon, a callable's name)")
-        return v
+    _target_syntax = field_validator("target")(target_syntax)
 
     @field_validator("stages")
     @classmethod

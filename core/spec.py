@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 import types
 import typing
 from pathlib import Path
@@ -19,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from atoll.core.model_spec import (
     MODEL_SECTIONS,
-    TARGET_PATTERN,
     MlpSpec,
     ModelSpec,
     TransformerSpec,
     one_of,
+    target_syntax,
 )
 
 # Registry names are listed here (not imported from models/ or core.data) so that
@@ -113,13 +112,7 @@ class DataSpec(_Section):
     augment: AugmentSpec = AugmentSpec()
     synthetic: SyntheticSpec = SyntheticSpec()
 
-    @field_validator("target")
-    @classmethod
-    def _target_syntax(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(TARGET_PATTERN, v):
-            raise ValueError("allowed: 'package.module:factory' (a dotted module path, a "
-                             "colon, a callable's name)")
-        return v
+    _target_syntax = field_validator("target")(target_syntax)
 
     @model_validator(mode="after")
     def _source(self) -> DataSpec:

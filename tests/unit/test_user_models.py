@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atoll.core.cli import main
 from atoll.core.model_spec import UserModelSpec, parse_model
 from atoll.core.spec import SpecError, load_spec
 from atoll.models import build_model
 from atoll.models.stages import check_blocks_compose, model_blocks, split_blocks
+from tests.refusals import refused
 
 USERNETS = '''
 import math
@@ -180,12 +180,4 @@ BAD = [  # (--set overrides, what the one line must say)
 
 @pytest.mark.parametrize(("overrides", "says"), BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_a_bad_user_model_is_exit_2_with_one_line(project, capsys, overrides, says):
-    (project / "spec.yaml").write_text("name: user-model\n")
-    args = ["run", "spec.yaml", "--set", "train.epochs=1", "--set", "train.progress=off",
-            "--set", f"tracking.uri=sqlite:///{project}/never.db"]
-    for o in overrides:
-        args += ["--set", o]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("atoll: ") and says in err[0], err
-    assert not (project / "never.db").exists()  # refused before any MLflow run
+    assert says in refused(project, capsys, overrides)
