@@ -5,7 +5,8 @@ an equal share inside its task. Both levels matter: ACC weighs every task equall
 a domain-incremental stream (permuted, rotated: every task holds the same classes) a
 class-only share lets the newest task's ~1,250 samples crowd its predecessors out of a
 200-sample memory at every re-balance. `class_balanced` is that class-only share (in a
-split stream the two coincide); `reservoir` keeps a uniform sample of everything seen
+split stream the two coincide; regression targets are balanced by task only);
+`reservoir` keeps a uniform sample of everything seen
 (Vitter's algorithm R). Each stored sample keeps its task's id, so the shares survive
 checkpoints and Flower's Context.state.
 """
@@ -87,6 +88,10 @@ class Replay(BaseStrategy):
         keep = []
         for group, quota in _shares(groups, self.cfg.size):
             members = torch.nonzero(groups == group).squeeze(1)
+            if pool_y.is_floating_point():  # regression targets: by task only
+                pick = torch.randperm(len(members), generator=self.generator)[:quota]
+                keep.append(members[pick])
+                continue
             for label, take in _shares(pool_y[members], quota):
                 idx = members[pool_y[members] == label]
                 keep.append(idx[torch.randperm(len(idx), generator=self.generator)[:take]])

@@ -80,7 +80,8 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
     check_task(spec, data.task)  # a float label makes it regression: class-only options go
     if model is None:
         # a user's model: bad kwargs or output shape is exit 2 before any memory or work
-        check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
+        check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
+                    export=spec.tracking.enabled and spec.tracking.log_model)
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, data.input_shape, data.num_classes,
                             spec.project_dir).to(device)

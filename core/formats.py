@@ -52,6 +52,10 @@ def read(spec: DataSpec, project_dir: Path | None, task: str | None = None) -> R
     if spec.format == "npz":
         return _npz(path, task)
     if spec.format == "imagefolder":
+        if task == "regression":
+            raise SpecError(["task: 'regression', but data.format 'imagefolder' holds classes "
+                             "(one folder each); allowed: task classification, or images "
+                             "with numeric targets through hf-disk, npz or python"])
         return _imagefolder(spec, path)
     return _hf_disk(spec, path, task)
 
@@ -64,8 +68,8 @@ def encode_labels(ys: dict[str, np.ndarray], task: str | None, where: dict[str, 
     """Class indices (classification) or float targets (regression), the same over splits.
 
     `task` None: a float label is regression, anything else (ints, strings, bools)
-    classification. Non-negative integer labels keep their values as indices (and the
-    class names are those integers)."""
+    classification. Integer labels map to indices in order of value and keep their values
+    as class names; text labels map in sorted order."""
     for split, y in ys.items():
         if y.ndim != 1:
             raise SpecError([f"data.label: {column} of {where[split]} has shape {y.shape}; "
@@ -77,26 +81,32 @@ def encode_labels(ys: dict[str, np.ndarray], task: str | None, where: dict[str, 
                              f"{int(np.flatnonzero(missing)[0]) + 1}); allowed: a label in every "
                              "row (drop or fill them)"])
     kinds = {y.dtype.kind for y in ys.values()}
-    if task is None:
-        task = "regression" if kinds == {"f"} else "classification"
+    numeric = kinds <= set("fiub")
+    whole = numeric and all(y.dtype.kind != "f" or bool(np.all(y == np.round(y)))
+                            for y in ys.values())
+    if task is None:  # the dtype decides; a float split beside int ones (a pandas column
+        # after dropna) with whole values is still the ints' classification
+        task = "regression" if "f" in kinds and numeric and \
+            (kinds == {"f"} or not whole) else "classification"
     if task == "regression":
         bad = [s for s, y in ys.items() if y.dtype.kind not in "fiub"]
         if bad:
             raise SpecError([f"data.label: column {column!r} of {where[bad[0]]} is not numeric "
                              f"({ys[bad[0]].dtype}); allowed with task regression: numbers"])
         return {s: y.astype(np.float32) for s, y in ys.items()}, task, None
-    if kinds <= set("iu") or (kinds == {"f"} and all(np.all(y == np.round(y))
-                                                     for y in ys.values())):
+    if whole:  # integer labels: distinct values in order, each named by its value
         ints = {s: y.astype(np.int64) for s, y in ys.items()}
-        if min(int(y.min()) for y in ints.values() if len(y)) >= 0:
-            top = max(int(y.max()) for y in ints.values() if len(y))
-            return ints, task, list(range(top + 1))
-        ys = ints
-    values = sorted({str(v) for y in ys.values() for v in y.tolist()},
-                    key=lambda v: (len(v), v) if v.lstrip("-").isdigit() else (0, v))
-    index = {v: i for i, v in enumerate(values)}
+        values = np.unique(np.concatenate([y for y in ints.values()]))
+        return ({s: np.searchsorted(values, y).astype(np.int64) for s, y in ints.items()},
+                task, [int(v) for v in values])
+    if numeric:
+        raise SpecError([f"data.label: column {column!r} holds non-integer numbers; allowed "
+                         "with task classification: integer or text labels (or task: "
+                         "regression)"])
+    texts = sorted({str(v) for y in ys.values() for v in y.tolist()})
+    index = {v: i for i, v in enumerate(texts)}
     return ({s: np.array([index[str(v)] for v in y.tolist()], dtype=np.int64)
-             for s, y in ys.items()}, task, values)
+             for s, y in ys.items()}, task, texts)
 
 
 def _missing(a: np.ndarray) -> np.ndarray:

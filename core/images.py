@@ -13,7 +13,8 @@ from PIL import Image, UnidentifiedImageError
 from atoll.core.spec import SpecError
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+HIGH_DEPTH = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 def class_folders(root: Path) -> dict[str, list[Path]]:
@@ -36,40 +37,64 @@ def class_folders(root: Path) -> dict[str, list[Path]]:
 
 
 def _open(source: Any, name: str) -> Image.Image:
+    """The image, lazily: size and mode come from the header; pixels on first use."""
     try:
-        img = source if isinstance(source, Image.Image) else Image.open(source)
-        img.load()
-        return img
+        return source if isinstance(source, Image.Image) else Image.open(source)
     except (UnidentifiedImageError, OSError) as e:
         raise SpecError([f"data.path: cannot decode image {name} ({e}); allowed: PNG or "
                          "JPEG files (remove or re-save this one)"]) from None
 
 
+def _pixels(img: Image.Image, name: str, channels: int, size: tuple[int, int] | None
+            ) -> np.ndarray:
+    """(C, H, W) float32 in [0, 1]. 16/32-bit grey is scaled by its range (convert('L')
+    would clip it); resizing happens per image, so memory holds only the small ones."""
+    try:
+        if img.mode in HIGH_DEPTH:
+            a = np.asarray(img, dtype=np.float32) / HIGH_DEPTH[img.mode]
+            if size is not None and a.shape != size:
+                a = np.asarray(Image.fromarray(a).resize(
+                    (size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+            a = np.clip(a, 0.0, 1.0)[None]
+            return np.repeat(a, 3, axis=0) if channels == 3 else a
+        img = img.convert("L" if channels == 1 else "RGB")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        a = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise SpecError([f"data.path: cannot decode image {name} ({e}); allowed: PNG or "
+                         "JPEG files (remove or re-save this one)"]) from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
 def to_array(images: Sequence[Any], names: Sequence[str], image_size: tuple[int, int] | None,
              channels: int | None) -> np.ndarray:
     """(N, C, H, W) float32 in [0, 1]. Sizes must agree unless `image_size` resizes them;
-    `channels` None: 1 when every image is grey, else 3."""
-    opened = [_open(img, name) for img, name in zip(images, names, strict=True)]
+    `channels` None: 1 when every image is grey, else 3. Headers are read first (sizes and
+    modes), then each image is decoded, converted and resized on its own."""
+    sizes: dict[tuple[int, int], str] = {}
+    modes = set()
+    for img, name in zip(images, names, strict=True):
+        opened = _open(img, name)
+        sizes.setdefault(opened.size, name)
+        modes.add(opened.mode)
+        if not isinstance(img, Image.Image):
+            opened.close()
     if channels is None:
-        channels = 1 if all(img.mode in GREY_MODES for img in opened) else 3
-    sizes = {img.size for img in opened}
+        channels = 1 if modes <= set(GREY_MODES) else 3
     if image_size is None and len(sizes) > 1:
-        by = {}
-        for img, name in zip(opened, names, strict=True):
-            by.setdefault(img.size, name)
-        (s1, n1), (s2, n2) = list(by.items())[:2]
+        (s1, n1), (s2, n2) = list(sizes.items())[:2]
         raise SpecError([f"data.image_size: images differ in size ({n1}: {s1[1]}x{s1[0]}, {n2}: "
                          f"{s2[1]}x{s2[0]}, {len(sizes)} sizes in all); allowed: data.image_size: "
                          "[height, width] to resize every image"])
-    mode = "L" if channels == 1 else "RGB"
-    out = []
-    for img in opened:
-        img = img.convert(mode)
-        if image_size is not None and img.size != (image_size[1], image_size[0]):
-            img = img.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-        a = np.asarray(img, dtype=np.float32) / 255.0
-        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return np.stack(out)
+    w, h = next(iter(sizes)) if image_size is None else (image_size[1], image_size[0])
+    out = np.empty((len(names), channels, h, w), dtype=np.float32)
+    for i, (img, name) in enumerate(zip(images, names, strict=True)):
+        opened = _open(img, name)
+        out[i] = _pixels(opened, name, channels, image_size)
+        if not isinstance(img, Image.Image):
+            opened.close()
+    return out
 
 
 def read_folder(root: Path, image_size: tuple[int, int] | None, channels: int | None,

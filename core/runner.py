@@ -57,13 +57,23 @@ RESUMABLE_CHANGES = ("project_dir", "train.epochs", "train.progress", "train.log
 BEST = "best.ckpt"  # the best epoch's weights (train.early_stopping.restore_best)
 
 
+DICT_FIELDS = ("model.kwargs.", "data.kwargs.")  # free-form: a key added counts as a change
+
+
 def check_resume_compatible(saved: dict[str, Any], spec: ExperimentSpec, path: Path) -> None:
-    now = spec.flat()
+    """Refuse a resume whose spec differs from the checkpointed one, except in
+    RESUMABLE_CHANGES. Keys this version no longer has (an older dump's fields of other
+    models) are not differences; keys added to a free-form dict are."""
+    now, old = spec.flat(), flatten(saved)
+    keys = [k for k in old if k in now or k.startswith(DICT_FIELDS)]
+    keys += [k for k in now if k.startswith(DICT_FIELDS) and k not in old]
+    same_loss = {"auto", "cross_entropy"}  # auto meant cross_entropy before regression
     problems = [
-        f"{k}: {now.get(k)!r} differs from {v!r} in the checkpointed run ({path}); allowed: "
-        "the same value to resume, or atoll run --restart to discard that run"
-        for k, v in flatten(saved).items()
-        if now.get(k) != v and not k.startswith(RESUMABLE_CHANGES)]
+        f"{k}: {now.get(k)!r} differs from {old.get(k)!r} in the checkpointed run ({path}); "
+        "allowed: the same value to resume, or atoll run --restart to discard that run"
+        for k in keys
+        if now.get(k) != old.get(k) and not k.startswith(RESUMABLE_CHANGES) and not (
+            k == "train.loss.name" and {now.get(k), old.get(k)} == same_loss)]
     if problems:
         raise SpecError(problems)
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atoll.core.model_spec import (
+    BUILTIN_MODELS,
     MODEL_SECTIONS,
     MlpSpec,
     ModelSpec,
@@ -567,8 +568,11 @@ class ExperimentSpec(_Section):
             raise ValueError(f"train.loss.label_smoothing: {self.train.loss.label_smoothing} "
                              "would put probability on classes a task-incremental model may "
                              "not predict; allowed with continual.scenario task: 0")
-        shape = IMAGE_SHAPES.get(self.data.name)
-        if self.model.name in ("cnn", "resnet", "transformer") and shape is None:
+        # the shapes of the built-in datasets are known now; a user's data is checked
+        # when it is read (the model is built against it before anything starts)
+        builtin = self.data.format == "builtin"
+        shape = IMAGE_SHAPES.get(self.data.name) if builtin else None
+        if builtin and self.model.name in ("cnn", "resnet", "transformer") and shape is None:
             raise ValueError(f"model.name: {self.model.name!r} needs image data but "
                              f"data.name {self.data.name!r} is tabular; allowed: mlp, or a "
                              "model of your own (model.target)")
@@ -643,6 +647,10 @@ def task_problems(spec: ExperimentSpec, task: str) -> list[str]:
     loss = spec.train.loss
     metrics = [("train.early_stopping.metric", spec.train.early_stopping.metric),
                ("cluster.checkpoint_metric", spec.cluster.checkpoint_metric)]
+    if task == "regression" and spec.data.format == "builtin":
+        out.append(f"task: 'regression', but data.name {spec.data.name!r} is a classification "
+                   "dataset; allowed: task classification, or your own data with a numeric "
+                   "target (data.format)")
     if task == "classification":
         if loss.name in ("mse", "huber"):
             out.append(f"train.loss.name: {loss.name!r} is a regression loss, but the task is "
@@ -732,6 +740,10 @@ def _describe(err: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     if isinstance(value, BaseModel):  # an after-validator's input: the section itself
         value = value.model_dump()
+    if loc == ("model",) and not isinstance(value, dict):
+        return (f"model: {value!r} is not valid; allowed: a mapping such as {{name: "
+                f"{value if value in BUILTIN_MODELS else 'mlp'}}} or {{target: "
+                "package.module:factory, kwargs: {...}}")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
     if kind == "extra_forbidden" and section is not None:
         names = list(section.model_fields)

@@ -55,20 +55,23 @@ def _field(spec: UserModelSpec) -> str:
 
 def _data_args(factory: Callable[..., Any], input_shape: tuple[int, ...], num_outputs: int
                ) -> dict[str, Any]:
-    """`input_shape`/`num_outputs` for the factory parameters (or **kwargs) that take them."""
+    """`input_shape`/`num_outputs` for the factory parameters that name them. Not for a
+    bare **kwargs: factories like torchvision's pass those on to a constructor that
+    takes neither."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: give only the kwargs
         return {}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     given = {"input_shape": input_shape, "num_outputs": num_outputs}
-    return {k: v for k, v in given.items() if takes_any or k in params}
+    return {k: v for k, v in given.items() if k in params and
+            params[k].kind is not inspect.Parameter.VAR_POSITIONAL}
 
 
 def _build_user(spec: UserModelSpec, input_shape: tuple[int, ...], num_outputs: int,
-                project_dir: Path | None) -> nn.Module:
+                project_dir: Path | None, factory: Callable[..., Any] | None = None
+                ) -> nn.Module:
     field = _field(spec)
-    factory = import_target(spec.factory, field, project_dir)
+    factory = factory or import_target(spec.factory, field, project_dir)
     clash = sorted(set(spec.kwargs) & set(DATA_ARGS))
     if clash:
         raise SpecError([f"model.kwargs.{clash[0]}: {spec.kwargs[clash[0]]!r} — atoll passes "
@@ -91,19 +94,32 @@ def _build_user(spec: UserModelSpec, input_shape: tuple[int, ...], num_outputs: 
 
 
 def check_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: int,
-                project_dir: Path | None = None) -> None:
+                project_dir: Path | None = None, export: bool = False) -> None:
     """Build a user's model on the meta device (no memory) and run a batch of two through
-    it, so a bad target, kwargs or output shape is exit 2 before any worker or client."""
+    it, so a bad target, kwargs or output shape is exit 2 before any worker or client.
+    `export`: the run will register the model, so torch.export must trace it too (else
+    it would fail only after the last epoch)."""
     if not isinstance(spec, UserModelSpec):
         return  # the built-ins are tested for every input shape
     field = _field(spec)
+    # imported outside the meta device: tensors the module makes at import stay real
+    factory = import_target(spec.factory, field, project_dir)
     with torch.device("meta"):
-        model = _build_user(spec, tuple(input_shape), num_outputs, project_dir)
+        model = _build_user(spec, tuple(input_shape), num_outputs, project_dir, factory)
         x = torch.empty(2, *input_shape)
         try:
             out = model(x)
         except NotImplementedError:  # an op without a meta kernel: the real run tells
             return
+        except RuntimeError as e:
+            if "meta" in str(e):  # data-dependent (.item(), a real tensor): cannot tell here
+                if export:  # ... but registration will have to trace it
+                    _check_export(model, x, field, spec.factory)
+                return
+            raise SpecError([f"{field}: {spec.factory!r} fails on a batch of shape "
+                             f"{tuple(x.shape)} (input_shape {tuple(input_shape)}): "
+                             f"{type(e).__name__}: {_first_line(e)}; allowed: a model that "
+                             "takes the data's input_shape"]) from None
         except Exception as e:
             raise SpecError([f"{field}: {spec.factory!r} fails on a batch of shape "
                              f"{tuple(x.shape)} (input_shape {tuple(input_shape)}): "
@@ -114,6 +130,23 @@ def check_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: i
         raise SpecError([f"{field}: {spec.factory!r} returns {shape} for a batch of 2; "
                          f"allowed: a (batch, {num_outputs}) tensor (use num_outputs: the "
                          "number of classes, 1 for regression)"])
+    if export:
+        _check_export(model, x, field, spec.factory)
+
+
+def _check_export(model: nn.Module, x: torch.Tensor, field: str, factory: str) -> None:
+    quiet = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warnings print the whole traced graph
+    try:
+        torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as e:
+        raise SpecError([f"{field}: {factory!r} cannot be traced by torch.export, which the "
+                         f"registered model needs ({type(e).__name__}: {_first_line(e)}); "
+                         "allowed: a forward without data-dependent Python control flow, or "
+                         "tracking.log_model: false"]) from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ categories, and the training split's normalisation statistics.
 
     model = mlflow.pyfunc.load_model("models:/name@alias")
     model.predict(frame)                                 # labels, or values
+    model.predict(images)  # float32 (N, C, H, W) in [0, 1], the training image size
     model.predict(frame, params={"probabilities": True})  # one column per class
 """
 
@@ -48,14 +49,9 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
                 onehot[np.flatnonzero(known), codes[known].astype(int).to_numpy()] = 1.0
                 parts.append(onehot)  # an unseen category: all zeros, as in training
             return np.concatenate(parts, axis=1)
+        # arrays as the reader made them (images: float32 (N, C, H, W) in [0, 1] at the
+        # training size; the signature, from a raw example, holds MLflow to that)
         x = np.asarray(data.to_numpy() if isinstance(data, pd.DataFrame) else data)
-        if pre.get("image"):  # uint8 pixels are scaled as the image reader scaled them
-            x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-            shape = tuple(pre["input_shape"])
-            if x.ndim == 3 and shape[0] == 1:  # (N, H, W) grey images
-                x = x[:, None]
-            elif x.ndim == 4 and x.shape[-1] == shape[0] and x.shape[1] != shape[0]:
-                x = x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
         return x.astype(np.float32).reshape(len(x), *pre["input_shape"])
 
     def predict(self, context, model_input, params=None):

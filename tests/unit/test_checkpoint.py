@@ -18,7 +18,7 @@ from atoll.core.checkpoint import (
     set_rng_state,
 )
 from atoll.core.runner import run_local
-from atoll.core.spec import SpecError
+from atoll.core.spec import SpecError, load_spec
 from atoll.tracking.base import NullTracker
 
 
@@ -312,3 +312,22 @@ def test_numpy_gaussian_cache_survives_a_checkpoint(tmp_path):
     np.random.seed(99)
     set_rng_state(load(tmp_path / "r.ckpt")["rng"])
     np.testing.assert_array_equal(np.random.normal(size=4), expected)
+
+
+def test_resume_compatibility_across_the_model_union_and_dict_fields(tmp_path):
+    """Found in review: a checkpoint from before per-model sections (its mlp dump holds
+    cnn/resnet/transformer keys) refused to resume with a fix no one could apply, and keys
+    added to model.kwargs were never compared."""
+    from atoll.core.runner import check_resume_compatible
+
+    spec = load_spec(None, ["model.hidden=[32]"])
+    saved = {**spec.model_dump(mode="json")}
+    saved["model"] = {**saved["model"], "channels": [32, 64], "depth": 8, "width": 16,
+                      "patch_size": 4, "dim": 64, "heads": 4, "layers": 2}
+    saved["train"]["loss"] = {**saved["train"]["loss"], "name": "cross_entropy"}
+    check_resume_compatible(saved, spec, tmp_path)  # nothing that still exists differs
+    user = load_spec(None, ["model.target=pkg.mod:build", "model.kwargs.width=32"])
+    wider = load_spec(None, ["model.target=pkg.mod:build", "model.kwargs.width=32",
+                             "model.kwargs.dropout=0.5"])
+    with pytest.raises(SpecError, match=r"model.kwargs.dropout: 0.5 differs from None"):
+        check_resume_compatible(user.model_dump(mode="json"), wider, tmp_path)

@@ -183,3 +183,53 @@ def test_bad_data_is_exit_2_with_one_line(project, capsys, write, overrides, say
     if write is not None:
         write(project)
     assert says.format(p=project) in refused(project, capsys, overrides)
+
+
+def test_built_in_image_models_take_a_users_images(project):
+    """Found in review: cnn/resnet/transformer were refused on a user's image folder (only
+    the built-in datasets' names counted as image data), and a user file named like a
+    built-in dataset was checked against that dataset's shape."""
+    from atoll.core.runner import run_local
+
+    datagen.write_imagefolder(project / "bands", n_per_class=20)
+    for name in ("cnn", "transformer"):
+        spec = load_spec(None, ["data.format=imagefolder", "data.path=bands",
+                                f"model.name={name}", "model.patch_size=2" if name ==
+                                "transformer" else "model.init=default", "train.epochs=1",
+                                "train.progress=off", "tracking.enabled=false",
+                                f"name=img-{name}"])
+        assert run_local(spec).epochs == 1
+    datagen.write_npz(project)
+    (project / "trees.npz").rename(project / "digits.npz")
+    load_spec(None, ["data.format=npz", "data.path=digits.npz", "model.name=mlp"])
+
+
+def test_class_only_settings_and_typos_in_the_model_section(project, capsys):
+    """Found in review: task regression on a built-in (classification) dataset passed
+    validation; `model: cnn` (a string) named an internal class."""
+    assert "task: 'regression', but data.name 'digits' is a classification dataset" in \
+        refused(project, capsys, ["task=regression"])
+    assert refused(project, capsys, ["model=cnn"]) == (
+        "atoll: model: 'cnn' is not valid; allowed: a mapping such as {name: cnn} or "
+        "{target: package.module:factory, kwargs: {...}}")
+
+
+def test_sixteen_bit_grey_images_scale_by_their_range(project):
+    """Found in review: 16-bit PNGs went through convert('L'), which clips."""
+    from PIL import Image
+
+    from atoll.core.images import to_array
+
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(project / "ramp.png")
+    x = to_array([project / "ramp.png"], ["ramp.png"], None, None)
+    assert x.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(x[0, 0], ramp / 65535.0, atol=1e-6)
+    rgb = to_array([project / "ramp.png"], ["ramp.png"], (4, 4), 3)
+    assert rgb.shape == (1, 3, 4, 4) and 0.4 < rgb.mean() < 0.6
+
+
+def test_an_image_folder_cannot_be_a_regression(project, capsys):
+    datagen.write_imagefolder(project / "imgs", n_per_class=3)
+    assert "task: 'regression', but data.format 'imagefolder' holds classes" in refused(
+        project, capsys, ["data.format=imagefolder", "data.path=imgs", "task=regression"])

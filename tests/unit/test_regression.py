@@ -22,7 +22,7 @@ def test_the_label_dtype_decides_the_task_unless_given():
     ys, task, classes = encode_labels(floats, None, WHERE)
     assert task == "regression" and classes is None and ys["train"].dtype == np.float32
     ints = {"train": np.array([3, 1, 1]), "test": np.array([0])}
-    assert encode_labels(ints, None, WHERE)[1:] == ("classification", [0, 1, 2, 3])
+    assert encode_labels(ints, None, WHERE)[1:] == ("classification", [0, 1, 3])
     whole = {"train": np.array([0.0, 1.0, 1.0]), "test": np.array([0.0])}
     ys, task, classes = encode_labels(whole, "classification", WHERE)
     assert (task, classes, ys["train"].tolist()) == ("classification", [0, 1], [0, 1, 1])
@@ -60,3 +60,21 @@ def test_quantity_partition_skews_sizes_of_float_labels():
     assert len(np.unique(np.concatenate(parts))) == 500  # disjoint, covering
     again = partition_indices(labels, spec, 5, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_integer_labels_map_to_indices_and_keep_their_values_as_names():
+    """Found in review: int labels in one split and whole floats in another (pandas after
+    dropna) became different classes; negative ints turned into strings; sparse ints
+    {1990, 2000} gave 2001 outputs."""
+    mixed = {"train": np.array([1, 2, 2]), "test": np.array([1.0, 2.0])}
+    ys, task, classes = encode_labels(mixed, None, WHERE)
+    assert (task, classes) == ("classification", [1, 2])
+    assert ys["train"].tolist() == [0, 1, 1] and ys["test"].tolist() == [0, 1]
+    sparse = {"train": np.array([2000, 1990, 2000]), "test": np.array([1990])}
+    ys, _, classes = encode_labels(sparse, None, WHERE)
+    assert classes == [1990, 2000] and ys["train"].tolist() == [1, 0, 1]
+    signed = {"train": np.array([-1, 1, 1]), "test": np.array([-1])}
+    ys, _, classes = encode_labels(signed, None, WHERE)
+    assert classes == [-1, 1] and all(isinstance(c, int) for c in classes)
+    dense = {"train": np.array([0, 2, 1]), "test": np.array([2])}
+    assert encode_labels(dense, None, WHERE)[0]["train"].tolist() == [0, 2, 1]

@@ -101,3 +101,14 @@ def test_a_state_from_before_task_ids_loads_as_one_task():
     r.add(torch.ones(30, 1), torch.arange(30) % 2, task=3)
     kept_old = int((r.x == 0).sum())
     assert len(r) == 20 and kept_old == 10  # half for the old memory, as one task
+
+
+def test_regression_targets_are_balanced_by_task_only():
+    """Found in review: float targets were split into 'classes' by int(value), none of
+    which matched, so the default memory kept nothing."""
+    r = Replay(ReplaySpec(size=200), seed=0)
+    g = torch.Generator().manual_seed(0)
+    for task in range(2):
+        r.add(torch.randn(500, 4, generator=g), torch.randn(500, generator=g) * 3, task=task)
+    assert len(r) == 200 and r.y.is_floating_point()
+    assert torch.bincount(r.task).tolist() == [100, 100]

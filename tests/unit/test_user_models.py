@@ -181,3 +181,60 @@ BAD = [  # (--set overrides, what the one line must say)
 @pytest.mark.parametrize(("overrides", "says"), BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_a_bad_user_model_is_exit_2_with_one_line(project, capsys, overrides, says):
     assert says in refused(project, capsys, overrides)
+
+
+MODULE_STATE = '''
+import math
+
+import torch
+import torch.nn as nn
+
+SCALE = torch.tensor([2.0])  # a tensor made at import: must not become a meta tensor
+
+
+class Scaled(nn.Module):
+    def __init__(self, input_shape, num_outputs):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_outputs)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * SCALE
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: fine to train, impossible on the meta device."""
+
+    def __init__(self, input_shape, num_outputs):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_outputs)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * (2.0 if float(x.sum()) > 0 else 1.0)
+
+
+def passes_on(**kwargs):
+    """Like torchvision's factories: **kwargs go on to a constructor that takes few."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, kwargs.get("classes", 10)))
+'''
+
+
+def test_the_preflight_neither_poisons_the_module_nor_refuses_what_trains(project):
+    """Found in review: the meta-device check imported the user's module under the meta
+    device (its import-time tensors became meta: the real build then failed), refused
+    data-dependent forwards, and passed input_shape/num_outputs into **kwargs."""
+    from atoll.models import check_model
+
+    (project / "state_nets.py").write_text(MODULE_STATE)
+    for target in ("state_nets:Scaled", "state_nets:Branchy"):
+        spec = parse_model(target=target)
+        check_model(spec, (1, 8, 8), 10, project)
+        assert build_model(spec, (1, 8, 8), 10, project)(torch.ones(2, 1, 8, 8)).shape == \
+            (2, 10)
+    spec = parse_model(target="state_nets:passes_on", kwargs={"classes": 10})
+    check_model(spec, (1, 8, 8), 10, project, export=True)
+    # ... but a model that registration's torch.export cannot trace is refused up front
+    with pytest.raises(SpecError, match="'state_nets:Branchy' cannot be traced by "
+                                        "torch.export, which the registered model needs"):
+        check_model(parse_model(target="state_nets:Branchy"), (1, 8, 8), 10, project,
+                    export=True)
+    sys.modules.pop("state_nets", None)
