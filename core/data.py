@@ -48,6 +48,8 @@ class DataBundle:
     classes: list[Any] | None = None  # the label value of each class index (int or str)
     features: list[str] | None = None  # a table's feature columns (after one-hot encoding)
     encoding: dict[str, Any] | None = None  # a table's numeric and categorical columns
+    y_mean: float = 0.0  # regression: targets are standardised with the training split's
+    y_std: float = 1.0  # statistics; losses see z-scores, metrics and predictions units
 
     @property
     def is_image(self) -> bool:
@@ -196,10 +198,18 @@ def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None,
     else:
         mean, std = torch.zeros(xt.shape[1:]), torch.ones(xt.shape[1:])
 
+    y_mean, y_std = 0.0, 1.0
+    if regression:  # MSE on z-scores: the scale of a target never sets the step size
+        yt = y[train_idx].astype(np.float64)
+        y_mean, y_std = float(yt.mean()), float(yt.std())
+        y_std = y_std if y_std > 1e-12 else 1.0
+
     def split(xa: np.ndarray, ya: np.ndarray) -> Split:
         xs = (torch.from_numpy(np.ascontiguousarray(xa)) - mean) / std
-        dtype = np.float32 if regression else np.int64
-        return Split(xs.float().contiguous(), torch.from_numpy(np.asarray(ya, dtype=dtype)))
+        if regression:
+            ys = (np.asarray(ya, dtype=np.float64) - y_mean) / y_std
+            return Split(xs.float().contiguous(), torch.from_numpy(ys.astype(np.float32)))
+        return Split(xs.float().contiguous(), torch.from_numpy(np.asarray(ya, dtype=np.int64)))
 
     ys = [a for a in (y, y_test, y_val) if len(a)]
     if regression:
@@ -210,7 +220,7 @@ def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None,
         train=split(x[train_idx], y[train_idx]), val=split(x_val, y_val),
         test=split(x_test, y_test), input_shape=tuple(xt.shape[1:]), num_classes=classes,
         mean=mean, std=std, task=raw.task, classes=raw.classes, features=raw.features,
-        encoding=raw.encoding)
+        encoding=raw.encoding, y_mean=y_mean, y_std=y_std)
 
 
 # --------------------------------------------------------------------------- batches

@@ -311,7 +311,7 @@ def evaluate(
         logits = _masked(out.float(), y, logit_mask)
         loss_sum += float(loss_fn(logits, y)) * y.shape[0]
         if regression:
-            sums += regression_sums(logits, y).cpu()
+            sums += regression_sums(logits, y, loss_fn.y_std).cpu()
         else:
             cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
     if reduce is not None:
@@ -323,7 +323,7 @@ def evaluate(
     if n == 0:
         return {}
     out = {f"{prefix}_loss": loss_sum.item() / n}
-    found = from_regression_sums(sums) if regression else from_confusion(cm)
+    found = from_regression_sums(sums, loss_fn.y_std) if regression else from_confusion(cm)
     out.update({f"{prefix}_{k}": v for k, v in found.items()})
     return out
 

@@ -44,13 +44,17 @@ def class_weights(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> tor
 
 
 class RegressionLoss(nn.Module):
-    """MSE or Huber between a model's (N, 1) output and (N,) float targets."""
+    """MSE or Huber between a model's (N, 1) output and (N,) standardised targets.
+
+    `y_mean`/`y_std` undo the standardisation for metrics (`regression_sums`), so MAE and
+    RMSE are in the target's units; the loss itself stays on z-scores."""
 
     regression = True  # the loop reports MAE/RMSE/R² instead of accuracy
 
-    def __init__(self, kind: str, delta: float = 1.0):
+    def __init__(self, kind: str, delta: float = 1.0, y_mean: float = 0.0,
+                 y_std: float = 1.0):
         super().__init__()
-        self.kind, self.delta = kind, delta
+        self.kind, self.delta, self.y_mean, self.y_std = kind, delta, y_mean, y_std
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out = out.reshape(target.shape)
@@ -63,26 +67,31 @@ def is_regression(loss_fn: nn.Module) -> bool:
     return bool(getattr(loss_fn, "regression", False))
 
 
-def regression_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[Σ|e|, Σe², Σy, Σy², n] (float64): what MAE, RMSE and R² are computed from."""
+def regression_sums(pred: torch.Tensor, target: torch.Tensor, scale: float = 1.0
+                    ) -> torch.Tensor:
+    """[Σ|e|, Σe², Σz, Σz², n] (float64) of standardised predictions and targets (errors
+    times `scale`, the target's std, are in its units): what MAE, RMSE and R² are
+    computed from. Sums of z-scores keep R²'s Σ(y - ȳ)² free of cancellation."""
     p, y = pred.reshape(target.shape).double(), target.double()
-    e = p - y
+    e = (p - y) * scale
     return torch.stack([e.abs().sum(), (e * e).sum(), y.sum(), (y * y).sum(),
                         torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
 
 
-def from_regression_sums(s: torch.Tensor) -> dict[str, float]:
+def from_regression_sums(s: torch.Tensor, scale: float = 1.0) -> dict[str, float]:
     abs_sum, sq_sum, y_sum, y2_sum, n = (float(v) for v in s)
     n = max(n, 1.0)
-    total = y2_sum - y_sum * y_sum / n  # Σ(y - ȳ)²
+    total = (y2_sum - y_sum * y_sum / n) * scale * scale  # Σ(y - ȳ)², in units
     return {"mae": abs_sum / n, "rmse": (sq_sum / n) ** 0.5,
             "r2": 1.0 - sq_sum / total if total > 0 else 0.0}
 
 
 def build_loss(spec: LossSpec, labels: torch.Tensor, num_classes: int,
-               task: str = "classification") -> nn.Module:
+               task: str = "classification", y_mean: float = 0.0, y_std: float = 1.0
+               ) -> nn.Module:
     if task == "regression":
-        return RegressionLoss("huber" if spec.name == "huber" else "mse", spec.huber_delta)
+        return RegressionLoss("huber" if spec.name == "huber" else "mse", spec.huber_delta,
+                              y_mean, y_std)
     weight = class_weights(spec, labels, num_classes)
     if spec.name == "focal":
         return FocalLoss(spec.focal_gamma, weight, spec.label_smoothing)

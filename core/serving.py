@@ -21,7 +21,8 @@ def preprocess(data: DataBundle) -> dict[str, Any]:
                                                              for c in classes),
             "image": data.is_image, "numeric": enc.get("numeric"),
             "categorical": enc.get("categorical", {}),
-            "mean": data.mean.tolist(), "std": data.std.tolist()}  # broadcast as in training
+            "mean": data.mean.tolist(), "std": data.std.tolist(),  # broadcast as in training
+            "y_mean": data.y_mean, "y_std": data.y_std}  # regression: back to units
 
 
 def raw_example(data: DataBundle, n: int = 4) -> Any:

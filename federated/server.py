@@ -167,7 +167,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
-    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task)
+    loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
+                         data.y_mean, data.y_std)
     test = eval_batches(data.test, spec.data)
 
     partitions = discover(grid, f.num_clients, minimum=f.min_fit_clients)

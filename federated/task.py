@@ -126,7 +126,8 @@ def federation_loss(spec: ExperimentSpec, device: torch.device | str = "cpu") ->
     """The loss every client and the server use: class weights (`balanced`) come from the
     federation's global training histogram, never from one client's labels."""
     bundle = _bundle(spec_key(spec))
-    return build_loss(spec.train.loss, bundle.train.y, bundle.num_classes, bundle.task).to(device)
+    return build_loss(spec.train.loss, bundle.train.y, bundle.num_classes, bundle.task,
+                      bundle.y_mean, bundle.y_std).to(device)
 
 
 class CrashFault(RuntimeError):

@@ -60,8 +60,9 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
         x = (torch.from_numpy(self._features(model_input)) - self.mean) / self.std
         with torch.no_grad():
             out = self.net(x).float()
-        if self.pre["task"] == "regression":
-            return out.reshape(len(x)).numpy()
+        if self.pre["task"] == "regression":  # the network predicts z-scores
+            return (out.reshape(len(x)).double() * self.pre["y_std"] +
+                    self.pre["y_mean"]).numpy()
         probs = torch.softmax(out, dim=1).numpy()
         classes = self.pre["classes"] or [str(i) for i in range(probs.shape[1])]
         if (params or {}).get("probabilities"):
