@@ -85,6 +85,7 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, data.input_shape, data.num_classes,
                             spec.project_dir).to(device)
+        check_stages(spec, model, data)
     optimizer = build_optimizer(model.parameters(), spec.optim)
     steps = -(-steps_per_epoch // spec.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, spec.train.epochs)
@@ -92,6 +93,20 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
                          data.y_mean, data.y_std).to(device)
     return Components(model, optimizer, scheduler, loss_fn, build_strategy(spec),
                       loop_config(spec, device), device)
+
+
+def check_stages(spec: ExperimentSpec, model: nn.Module, data: DataBundle) -> None:
+    """Declared `model.stages` must compose to the model's forward in every mode, not only
+    when a pipeline cuts there (a wrong list would otherwise wait for that run)."""
+    names = getattr(spec.model, "stages", None)
+    if names is None:
+        return
+    from atoll.models.stages import check_blocks_compose, model_blocks
+
+    label = repr(spec.model.label)
+    sample = data.val.x[:4] if len(data.val) else data.train.x[:4]
+    device = next(model.parameters(), torch.empty(0)).device
+    check_blocks_compose(model, model_blocks(model, names, label), sample.to(device), label)
 
 
 def checkpoint_payload(c: Components, state: TrainState, model_state: dict[str, Any] | None = None,

@@ -34,7 +34,7 @@ from atoll.core.runner import (
     prepare,
     start_anew,
 )
-from atoll.core.spec import ExperimentSpec
+from atoll.core.spec import ExperimentSpec, check_task
 
 log = logging.getLogger("atoll.continual")
 
@@ -83,6 +83,7 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
         torch.set_num_threads(spec.train.threads)
     seed_everything(spec.seed)
     data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    check_task(spec, data.task)  # before the stream: a split stream of a regression, say
     tasks = build_stream(data, spec.continual, spec.seed)
     mask = task_mask(tasks, data.num_classes) if spec.continual.scenario == "task" else None
     c = build_components(spec, data, len(_batches(spec, data, tasks[0])))

@@ -181,7 +181,8 @@ def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None,
     for name, other in (("test", x_test), ("val", x_val)):
         if len(other) and other.shape[1:] != x.shape[1:]:
             where = raw.source.get(name, name)
-            raise SpecError([f"data.path: samples of {where} have shape {other.shape[1:]}, "
+            field = "data.target" if spec.format == "python" else "data.path"
+            raise SpecError([f"{field}: samples of {where} have shape {other.shape[1:]}, "
                              f"those of the training split {x.shape[1:]}; allowed: the same "
                              "columns (or image size) in every split"])
     if spec.limit is not None:

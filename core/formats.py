@@ -40,7 +40,25 @@ def resolve(path: Path, project_dir: Path | None) -> Path:
 
 
 def read(spec: DataSpec, project_dir: Path | None, task: str | None = None) -> Raw:
-    """The data `spec` (format != builtin) names; `task` None: inferred from the labels."""
+    """The data `spec` (format != builtin) names; `task` None: inferred from the labels.
+    Classes: two or more in the training split, and none only in val/test."""
+    raw = _read(spec, project_dir, task)
+    if raw.task == "classification" and raw.classes is not None:
+        seen = set(np.unique(raw.y["train"]).tolist())
+        if len(seen) < 2:
+            raise SpecError([f"data.label: the labels of {raw.source['train']} hold one class "
+                             f"({raw.classes[next(iter(seen))]!r}); allowed: two or more "
+                             "classes"])
+        for split in ("val", "test"):
+            extra = sorted(set(np.unique(raw.y.get(split, [])).tolist()) - seen)
+            if extra:
+                raise SpecError([f"data.label: class {raw.classes[extra[0]]!r} of "
+                                 f"{raw.source[split]} is not in the training split; allowed: "
+                                 "classes the training data has"])
+    return raw
+
+
+def _read(spec: DataSpec, project_dir: Path | None, task: str | None) -> Raw:
     if spec.format == "python":
         return _python(spec, project_dir, task)
     path = resolve(Path(spec.path), project_dir)  # type: ignore[arg-type]
@@ -207,6 +225,18 @@ def from_frames(frames: dict[str, Any], spec: DataSpec, where: dict[str, str],
                                  f"{int(bad.sum())} missing values (first in data row "
                                  f"{int(np.flatnonzero(bad)[0]) + 1}); allowed: fill or drop "
                                  "them before training"])
+            inf = ~np.isfinite(series.to_numpy(dtype=np.float64))
+            if inf.any():
+                raise SpecError([f"data.features: column {col!r} of {where[split]} has "
+                                 f"{int(inf.sum())} infinite values (first in data row "
+                                 f"{int(np.flatnonzero(inf)[0]) + 1}); allowed: finite numbers"])
+        for col in spec.categorical:
+            bad = df[col].isna().to_numpy()
+            if bad.any():
+                raise SpecError([f"data.categorical: column {col!r} of {where[split]} has "
+                                 f"{int(bad.sum())} missing values (first in data row "
+                                 f"{int(np.flatnonzero(bad)[0]) + 1}); allowed: fill them (a "
+                                 "category of its own, e.g. 'unknown') or drop those rows"])
     categories = {c: sorted({str(v) for df in frames.values() for v in df[c].tolist()})
                   for c in spec.categorical}
     names = numeric + [f"{c}={v}" for c in spec.categorical for v in categories[c]]
@@ -243,9 +273,11 @@ def _npz(path: Path, task: str | None) -> Raw:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise SpecError([f"data.path: cannot read {path} as npz ({str(e)[:200]}); allowed: a "
-                         "file written by numpy.savez with numeric arrays"]) from None
+    except (OSError, ValueError, EOFError) as e:
+        what = "is not an npz archive" if "pickle" in str(e) or not _is_zip(path) else \
+            f"cannot be read as npz ({str(e)[:200]})"
+        raise SpecError([f"data.path: {path} {what}; allowed: a file written by numpy.savez "
+                         "with numeric arrays"]) from None
     keys = {"train": ("x_train", "y_train"), "val": ("x_val", "y_val"),
             "test": ("x_test", "y_test")}
     if {"x", "y"} <= set(arrays) and "x_train" not in arrays:
@@ -272,6 +304,11 @@ def _npz(path: Path, task: str | None) -> Raw:
             xs[split], ys[split] = x.astype(np.float32), y
     ys, task, classes = encode_labels(ys, task, where, "y")
     return Raw(xs, ys, task, classes, source=where)
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 # --------------------------------------------------------------------------- images
@@ -404,4 +441,9 @@ def _arrays_of(part: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     if x.dtype.kind not in "fiub" or len(x) != len(y):
         raise SpecError([f"data.target: {where} gives x of {x.dtype} {x.shape} and {len(y)} "
                          "labels; allowed: numeric x with one label per sample"])
-    return x.astype(np.float32), y
+    x = x.astype(np.float32)
+    bad = int((~np.isfinite(x)).sum())
+    if bad:
+        raise SpecError([f"data.target: x of {where} has {bad} NaN/inf values; allowed: finite "
+                         "numbers"])
+    return x, y

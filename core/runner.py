@@ -6,6 +6,7 @@ level, so `atoll --help` and `atoll validate` stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -103,6 +104,7 @@ def check_writable(directory: Path, field_name: str) -> None:
     """Refuse (exit 2) before training when `directory` cannot take files, instead of
     failing with a traceback at the first checkpoint. A real probe file, not os.access:
     root passes os.access on a read-only mount."""
+    made = [p for p in [directory, *directory.parents] if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix=".atoll-probe-"):
@@ -110,6 +112,10 @@ def check_writable(directory: Path, field_name: str) -> None:
     except OSError as e:
         raise SpecError([f"{field_name}: cannot write to {directory} ({e.strerror or e}); "
                          "allowed: a directory this user can create files in"]) from None
+    finally:  # the probe leaves nothing: a run refused later must not leave folders
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 # ------------------------------------------------------------ finished / unfinished runs

@@ -78,6 +78,14 @@ class SyntheticSpec(_Section):
     class_sep: float = Field(1.5, gt=0.0)
 
 
+# the fields of a user's data each format reads (the rest must stay unset)
+_TABLE = frozenset({"path", "label", "features", "categorical"})
+FORMAT_FIELDS = {"csv": _TABLE, "parquet": _TABLE, "npz": frozenset({"path"}),
+                 "imagefolder": frozenset({"path", "image_size", "channels"}),
+                 "hf-disk": _TABLE | {"image_size", "channels"},
+                 "python": frozenset({"target", "kwargs"})}
+
+
 class DataSpec(_Section):
     """A built-in dataset by `name`, or the user's own data by `format` + `path` (or
     `target` for `python`): tables, image folders, arrays, a saved Hugging Face dataset."""
@@ -134,6 +142,21 @@ class DataSpec(_Section):
                                  f"{self.name!r}); allowed: data.format csv, parquet, npz, "
                                  "imagefolder, hf-disk or python for your own data")
             return self
+        reads = FORMAT_FIELDS[self.format]
+        stray = sorted(f for f in own - reads if getattr(self, f) !=
+                       type(self).model_fields[f].get_default())
+        if stray:
+            raise ValueError(f"data.{stray[0]}: set, but data.format {self.format!r} does not "
+                             f"read it; allowed with {self.format}: {', '.join(sorted(reads))}")
+        for name in ("features", "categorical"):
+            given = getattr(self, name) or []
+            if getattr(self, name) == [] and name == "features":
+                raise ValueError("data.features: [] lists no column; allowed: at least one, or "
+                                 "leave it out for every column but the label")
+            twice = sorted({c for c in given if given.count(c) > 1})
+            if twice:
+                raise ValueError(f"data.{name}: {twice[0]!r} is listed twice; allowed: distinct "
+                                 "columns")
         if self.format == "python":
             if self.target is None:
                 raise ValueError("data.target: required with data.format 'python'; allowed: "

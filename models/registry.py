@@ -85,6 +85,10 @@ def _build_user(spec: UserModelSpec, input_shape: tuple[int, ...], num_outputs: 
                          "allowed: the factory's own parameters"]) from None
     except Exception as e:
         log.debug("building %s failed", spec.factory, exc_info=True)
+        if spec.kwargs:  # most likely a value the factory cannot take
+            raise SpecError([f"model.kwargs: {spec.kwargs} — {call} raised {type(e).__name__}: "
+                             f"{_first_line(e)}; allowed: values the factory accepts"]
+                            ) from None
         raise SpecError([f"{field}: {call} raised {type(e).__name__}: {_first_line(e)}"]
                         ) from None
     if not isinstance(model, nn.Module):

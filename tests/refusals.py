@@ -21,4 +21,5 @@ def refused(project: Path, capsys: Any, overrides: list[str]) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("atoll: "), err
     assert not (project / "never.db").exists()  # refused before any MLflow run
+    assert not (project / ".atoll").exists(), "a refused run left folders behind"
     return err[0]

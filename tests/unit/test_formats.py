@@ -131,6 +131,43 @@ def _python_bad(p):
     (p / "treedata.py").write_text("def make():\n    return 42\n")
 
 
+def _cat_nan(p):
+    f = datagen.table(50)
+    f.loc[2, "soil"] = None
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _inf_feature(p):
+    f = datagen.table(50)
+    f.loc[5, "bark"] = np.inf
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _one_class(p):
+    f = datagen.table(50)
+    f["tree"] = "ash"
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _test_only_class(p):
+    datagen.write_csv(p, split=True)
+    (p / "trees").rename(p / "s")
+    f = datagen.table(20)
+    f.loc[0, "tree"] = "elm"
+    f.to_csv(p / "s" / "test.csv", index=False)
+
+
+def _python_nan(p):
+    (p / "treedata.py").write_text("import numpy as np\n\ndef make():\n    x = np.ones((30, "
+                                   "2))\n    x[4, 1] = np.nan\n    return x, np.arange(30) % 2\n")
+
+
+def _python_shapes(p):
+    (p / "treedata.py").write_text(
+        "import numpy as np\n\ndef make():\n    return {'train': (np.ones((30, 3)), "
+        "np.arange(30) % 2), 'test': (np.ones((8, 2)), np.arange(8) % 2)}\n")
+
+
 TAB = ["data.format=csv", "data.path=t.csv", "data.label=tree"]
 BAD = [  # (writer, --set overrides, what the one line says)
     (None, ["data.format=csv", "data.path=nowhere.csv"], "data.path: {p}/nowhere.csv does not "
@@ -174,7 +211,37 @@ BAD = [  # (writer, --set overrides, what the one line says)
      "classification dataset"),
     (None, ["train.loss.name=huber"], "train.loss.name: 'huber' is a regression loss, but the "
      "task is classification"),
+    # found by the bad-input probe
+    (_cat_nan, [*TAB, "data.categorical=[soil]"], "data.categorical: column 'soil' of "
+     "{p}/t.csv has 1 missing values (first in data row 3)"),
+    (_text_feature, [*TAB, "data.features=[height, height]", "data.categorical=[]"],
+     "data.features: 'height' is listed twice; allowed: distinct columns"),
+    (_inf_feature, [*TAB, "data.categorical=[soil]"], "data.features: column 'bark' of "
+     "{p}/t.csv has 1 infinite values"),
+    (_python_nan, ["data.format=python", "data.target=treedata:make"], "data.target: x of "
+     "treedata:make (train) has 1 NaN/inf values"),
+    (_one_class, [*TAB, "data.categorical=[soil]"], "data.label: the labels of {p}/t.csv hold "
+     "one class ('ash'); allowed: two or more classes"),
+    (_test_only_class, ["data.format=csv", "data.path=s", "data.label=tree",
+                        "data.categorical=[soil]"], "data.label: class 'elm' of {p}/s/test.csv "
+     "is not in the training split"),
+    (_text_feature, [*TAB, "data.features=[]"], "data.features: [] lists no column; allowed: "
+     "at least one"),
+    (_text_feature, [*TAB, "data.categorical=[soil]", "data.image_size=[8, 8]"],
+     "data.image_size: set, but data.format 'csv' does not read it; allowed with csv: "
+     "categorical, features, label, path"),
+    (None, ["data.format=python", "data.target=treedata:make", "data.path=x.csv"],
+     "data.path: set, but data.format 'python' does not read it"),
+    (datagen.write_regression_csv, ["data.format=csv", "data.path=prices.csv",
+                                    "data.label=price", "data.categorical=[region]",
+                                    "continual.stream=split"],
+     "continual.stream: 'split' splits classes; the task is regression"),
+    (_python_shapes, ["data.format=python", "data.target=treedata:make"], "data.target: "
+     "samples of treedata:make (test) have shape (2,)"),
+    (lambda p: (p / "a.npz").write_text("not numpy"), ["data.format=npz", "data.path=a.npz"],
+     "data.path: {p}/a.npz is not an npz archive"),
 ]
+
 
 
 @pytest.mark.parametrize(("write", "overrides", "says"), BAD,

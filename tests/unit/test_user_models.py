@@ -175,6 +175,12 @@ BAD = [  # (--set overrides, what the one line must say)
     (["model.target=usernets:Net", "model.stages=[head, body]", "mode=cluster",
       "cluster.strategy=pipeline"], "model.stages: applying ['head', 'body'] in order to a "
      "batch of (4, 1, 8, 8) fails"),
+    # found by the bad-input probe: stages are checked whenever given; a factory failing
+    # on the user's kwargs names model.kwargs
+    (["model.target=usernets:Net", "model.stages=[head, body]"], "model.stages: applying "
+     "['head', 'body'] in order to a batch of (4, 1, 8, 8) fails"),
+    (["model.target=usernets:build", "model.kwargs.width=-3"], "model.kwargs: {'width': -3} — "
+     "usernets:build(**model.kwargs) raised RuntimeError"),
 ]
 
 
