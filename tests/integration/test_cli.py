@@ -60,7 +60,8 @@ def test_run_refuses_more_stages_than_model_blocks(tmp_path):
                  "--set", "cluster.strategy=pipeline", "--set", "cluster.num_workers=8",
                  "--set", "data.batch_size=64", cwd=tmp_path)
     assert out.returncode == 2
-    assert "cluster.num_workers: 8 needs 8 pipeline stages but mlp has 4 blocks" in out.stderr
+    assert "cluster.num_workers: 8 needs 8 pipeline stages but model 'mlp' has 4 blocks" \
+        in out.stderr
     assert not (tmp_path / "mlruns.db").exists()  # refused before anything started
 
 
