@@ -28,6 +28,7 @@ def import_target(target: str, field: str, project_dir: Path | None = None) -> A
     """The object `target` ("package.module:attr.sub") names; SpecError if it cannot be had."""
     module_name, _, attr = target.partition(":")
     where = on_path(project_dir)
+    _forget_other_projects(module_name.split(".")[0], where)
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -53,6 +54,22 @@ def import_target(target: str, field: str, project_dir: Path | None = None) -> A
                          f"{type(obj).__name__}); allowed: a function or class that builds "
                          "the object"])
     return obj
+
+
+def _forget_other_projects(top: str, where: Path) -> None:
+    """If `top` is a package of this project but a same-named one from elsewhere (another
+    project run earlier in this process) is imported, drop that one: the project wins."""
+    if not ((where / top).is_dir() or (where / f"{top}.py").is_file()):
+        return
+    loaded = sys.modules.get(top)
+    if loaded is None:
+        return
+    origins = [getattr(loaded, "__file__", None), *list(getattr(loaded, "__path__", []))]
+    if any(o and Path(o).resolve().is_relative_to(where) for o in origins):
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
 
 
 def _first_line(e: BaseException) -> str:

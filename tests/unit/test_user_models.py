@@ -244,3 +244,24 @@ def test_the_preflight_neither_poisons_the_module_nor_refuses_what_trains(projec
         check_model(parse_model(target="state_nets:Branchy"), (1, 8, 8), 10, project,
                     export=True)
     sys.modules.pop("state_nets", None)
+
+
+def test_two_projects_with_a_models_package_in_one_process(tmp_path, monkeypatch):
+    """Found running both examples in one test process: the first project's `models`
+    stayed in sys.modules, so the second project's `models.tabular` was 'not found'."""
+    from atoll.core.imports import import_target
+
+    for name, body in (("a", "def build():\n    return 'a'\n"),
+                       ("b", "def make():\n    return 'b'\n")):
+        (tmp_path / name / "models").mkdir(parents=True)
+        (tmp_path / name / "models" / "__init__.py").write_text("")
+        (tmp_path / name / "models" / f"{name}.py").write_text(body)
+    try:
+        assert import_target("models.a:build", "model.target", tmp_path / "a")() == "a"
+        assert import_target("models.b:make", "model.target", tmp_path / "b")() == "b"
+    finally:
+        for n in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+            del sys.modules[n]
+        for d in ("a", "b"):
+            while str((tmp_path / d).resolve()) in sys.path:
+                sys.path.remove(str((tmp_path / d).resolve()))
