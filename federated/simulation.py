@@ -251,6 +251,9 @@ def _shown(line: str) -> bool:
 
 
 def _pump(stream: Any, log_file: Path, quiet: bool) -> None:
+    """Copy the federation's output to `log_file` (and the console). It must never stop
+    reading: a full pipe would block flwr, and the run would hang."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a", encoding="utf-8", errors="replace") as out:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
@@ -288,6 +291,7 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
     run_config = R.run_config_for(spec, run_dir=run_dir, tracking_uri=uri, mlflow_run_id=None,
                                   resume=mode, restart=not mode)
     log_file = run_dir / "federation.log"
+    run_dir.mkdir(parents=True, exist_ok=True)  # every refusal is behind us: now it may exist
     with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency,
                     ray_address=os.environ.get("RAY_ADDRESS") or spec.cluster.address) as fed:
         log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d, Ray %s%s); "

@@ -331,3 +331,16 @@ def test_resume_compatibility_across_the_model_union_and_dict_fields(tmp_path):
                              "model.kwargs.dropout=0.5"])
     with pytest.raises(SpecError, match=r"model.kwargs.dropout: 0.5 differs from None"):
         check_resume_compatible(user.model_dump(mode="json"), wider, tmp_path)
+
+
+def test_the_writability_probe_leaves_no_folder_behind(tmp_path):
+    """A refused run must leave nothing; the federated runner makes its run directory
+    itself once every refusal is behind it (the probe used to leave it, and the log pump
+    relied on that)."""
+    from atoll.core.runner import check_writable
+
+    check_writable(tmp_path / "a" / "b", "train.checkpoint_dir")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_writable(tmp_path / "kept", "train.checkpoint_dir")
+    assert (tmp_path / "kept").is_dir()  # a folder that existed stays
