@@ -34,11 +34,11 @@ from typing import Any
 from atoll.cluster.worker import FAILED_MARK
 from atoll.core.checkpoint import CheckpointError, load
 from atoll.core.components import build_components, pick_device
-from atoll.core.data import DataBundle, load_data
+from atoll.core.data import load_data
 from atoll.core.runner import RunFailed, RunResult, check_resume_compatible, finish_run
 from atoll.core.spec import ExperimentSpec, SpecError
 from atoll.models import model_class
-from atoll.models.stages import check_blocks_compose, model_blocks
+from atoll.models.stages import model_blocks
 from atoll.tracking.base import Selection
 
 log = logging.getLogger("atoll.cluster")
@@ -156,18 +156,15 @@ def _prepare(spec: ExperimentSpec, run_dir: Path, restart: bool) -> dict[str, An
     return payload
 
 
-def _check_layout(spec: ExperimentSpec, model: Any, data: DataBundle) -> None:
+def _check_layout(spec: ExperimentSpec, model: Any) -> None:
     """What the spec alone cannot tell: can the model be cut into a block per stage (an
-    nn.Sequential, or declared `model.stages` that compose to its forward)."""
+    nn.Sequential, or declared `model.stages`; build_components already checked that
+    those compose to its forward)."""
     if spec.cluster.strategy not in ("pipeline", "hybrid"):
         return
     _, pp = spec.cluster.mesh()
     label = repr(spec.model.label)
-    names = getattr(spec.model, "stages", None)
-    blocks = model_blocks(model, names, label)
-    if names is not None:
-        check_blocks_compose(model, blocks, data.val.x[:4] if len(data.val) else
-                             data.train.x[:4], label)
+    blocks = model_blocks(model, getattr(spec.model, "stages", None), label)
     if pp > len(blocks):
         raise ValueError(f"cluster.num_workers: {spec.cluster.num_workers} needs {pp} pipeline "
                          f"stages but model {label} has {len(blocks)} blocks; allowed: at "
@@ -334,7 +331,7 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     # what the spec alone cannot tell is refused before an MLflow run or Ray exists
     data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     comps = build_components(spec, data, 1, device=pick_device(spec))
-    _check_layout(spec, comps.model, data)
+    _check_layout(spec, comps.model)
     root = storage_root(spec)
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir, restart)
