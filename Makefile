@@ -26,14 +26,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/atoll demo
 
+# two xdist workers, each taking whole modules (one Ray head or federation set-up per
+# module), the longest first (tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit
 
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests/integration
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder tests/integration
 
 ui: $(STAMP)
 	$(BIN)/atoll ui

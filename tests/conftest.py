@@ -3,13 +3,16 @@ under $HOME (matplotlib, MLflow telemetry) are pointed at places the test sessio
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="atoll-tests-"))
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)  # each xdist worker's own
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MPLCONFIGDIR"] = str(_SESSION_TMP / "mpl")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -56,9 +59,10 @@ def _checkout_store_untouched():
 # Longest modules first: under `pytest -n 2 --dist loadfile --no-loadscope-reorder`
 # xdist hands out whole modules in collection order, so the long ones must not come last.
 # Measured serial seconds on 2 cores (pytest --durations); unlisted modules are short.
-HEAVY_MODULES = ("test_federated.py", "test_faults.py", "test_cluster.py",
-                 "test_faults_cluster.py", "test_cli.py", "test_deploy_flower.py",
-                 "test_deploy_ray.py", "test_parallel_equivalence.py")
+HEAVY_MODULES = ("test_federated.py", "test_faults.py", "test_cluster.py", "test_cli.py",
+                 "test_deploy_flower.py", "test_faults_cluster.py", "test_deploy_ray.py",
+                 "test_parallel_equivalence.py", "test_own_data.py", "test_deploy_mlflow.py",
+                 "test_continual_runs.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

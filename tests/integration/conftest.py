@@ -96,7 +96,12 @@ def start_head(ray_tmp: str, log: Path) -> tuple[subprocess.Popen, str]:
     head = start([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2",
                   "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={ray_tmp}",
                   f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
-                  "--disable-usage-stats"], log)
+                  "--disable-usage-stats",
+                  # every agent on a port of its own: under xdist another worker's Ray (a
+                  # head, a simulation's own) runs beside this one and takes the defaults
+                  *(f"--{name}={free_port()}" for name in (
+                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                      "runtime-env-agent-port", "metrics-export-port"))], log)
     address = f"127.0.0.1:{port}"
     try:
         wait_ray(address, head, log)

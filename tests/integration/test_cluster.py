@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
     tmp = tempfile.mkdtemp(prefix="atoll-rc-")  # short: Ray's socket paths
     port, dash, agent, agent_grpc, env_agent, metrics = (free_port() for _ in range(6))
     log = Path(tmp) / "head.log"
@@ -51,6 +51,12 @@ def ray_head():
         yield {"gcs": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{dash}", "tmp": tmp}
     finally:
         stop(head)
+        # the head's own logs outlive it in pytest's kept temp dirs (a refused job's
+        # cause is in dashboard_agent.log / raylet.out, not in the job's output)
+        logs = Path(tmp) / "session_latest" / "logs"
+        if logs.is_dir():
+            shutil.copytree(logs, tmp_path_factory.mktemp("ray-head-logs"),
+                            dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -120,8 +126,11 @@ def _submit_and_kill_rank_1(ray_head, spec, tmp_path: Path, after_checkpoints: i
     return run_dir
 
 
-def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypatch):
-    """SIGKILL rank 1 mid-training: the worker group restarts from the last checkpoint."""
+def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path):
+    """SIGKILL rank 1 mid-training: the worker group restarts from the last checkpoint and
+    the run ends as a clean one would (that a resumed loop equals an uninterrupted one
+    is test_checkpoint's and test_faults_cluster's; a second, clean cluster run here
+    cost ~40 s of suite time and showed nothing more)."""
     overrides = ["mode=cluster", "train.epochs=6", "train.progress=off",
                  "tracking.experiment=tests-cluster", "tracking.log_model=false",
                  "cluster.max_failures=2"]
@@ -129,15 +138,10 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path, monkeypa
     run_dir = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=2)
     client = _store(tmp_path)
     run = _run_of(client, "killed")
+    assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(1, 7))  # every epoch once, in order: no gaps, no repeats
-    # the same spec without the kill, in this process against the same head
-    monkeypatch.setenv("RAY_ADDRESS", ray_head["gcs"])
-    monkeypatch.chdir(tmp_path)
-    from atoll.cluster.runner import run_cluster
-
-    clean = run_cluster(load_spec(CONFIGS / "demo.yaml", [*overrides, "name=clean"]))
-    assert abs(run.data.metrics["test_accuracy"] - clean.metrics["test_accuracy"]) <= 0.02
+    assert run.data.metrics["test_accuracy"] >= 0.9  # the demo MLP: ~0.96 after 6 epochs
     assert json.loads((run_dir / "atoll-finished.json").read_text())["epoch"] == 6
 
 
