@@ -38,7 +38,7 @@ from atoll.core.data import load_data
 from atoll.core.runner import RunFailed, RunResult, check_resume_compatible, finish_run
 from atoll.core.spec import ExperimentSpec, SpecError
 from atoll.models import model_class
-from atoll.models.stages import model_blocks
+from atoll.models.stages import model_blocks, stage_names
 from atoll.tracking.base import Selection
 
 log = logging.getLogger("atoll.cluster")
@@ -164,7 +164,7 @@ def _check_layout(spec: ExperimentSpec, model: Any) -> None:
         return
     _, pp = spec.cluster.mesh()
     label = repr(spec.model.label)
-    blocks = model_blocks(model, getattr(spec.model, "stages", None), label)
+    blocks = model_blocks(model, stage_names(spec.model, model), label)
     if pp > len(blocks):
         raise ValueError(f"cluster.num_workers: {spec.cluster.num_workers} needs {pp} pipeline "
                          f"stages but model {label} has {len(blocks)} blocks; allowed: at "

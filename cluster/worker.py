@@ -66,6 +66,7 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     from atoll.core.data import load_data
     from atoll.core.spec import validate
     from atoll.models import build_model
+    from atoll.models.stages import stage_names
 
     quiet_ray_train()
     spec = validate(config["spec"])
@@ -79,12 +80,12 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
     model = build_model(spec.model, data.input_shape, data.num_classes,
-                        spec.project_dir).to(device)
+                        spec.project_dir, data.embedded).to(device)
     dp, pp = spec.cluster.mesh()
     per_rank = spec.data.batch_size // dp
     layout = build(spec.cluster.strategy, model, device, stages=pp,
                    schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
-                   batch=per_rank, block_names=getattr(spec.model, "stages", None))
+                   batch=per_rank, block_names=stage_names(spec.model, model))
     return WorkerStart(spec, rank, device, data, layout, per_rank)
 
 

@@ -75,8 +75,16 @@ def build_stream(data: DataBundle, spec: ContinualSpec, seed: int) -> list[Task]
     for i in range(n):
         if spec.stream == "permuted":
             dims = math.prod(data.input_shape)
+            # embedded categoricals are codes, not values: only the numeric columns move
+            moved = data.embedded.numeric if data.embedded is not None else dims
+            if moved < 2:
+                raise ValueError("continual.stream: 'permuted' shuffles numeric features, "
+                                 f"and the table has {moved}; allowed: split, or more "
+                                 "numeric columns")
             g = torch.Generator().manual_seed(seed * 7_919 + i)
-            perm = torch.arange(dims) if i == 0 else torch.randperm(dims, generator=g)
+            perm = torch.arange(dims)
+            if i > 0:
+                perm[:moved] = torch.randperm(moved, generator=g)
             make = lambda s, p=perm: _permute(s, p)  # noqa: E731
             name = "original" if i == 0 else f"permutation {i}"
         else:

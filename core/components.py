@@ -81,10 +81,11 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
     if model is None:
         # a user's model: bad kwargs or output shape is exit 2 before any memory or work
         check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
-                    export=spec.tracking.enabled and spec.tracking.log_model)
+                    export=spec.tracking.enabled and spec.tracking.log_model,
+                    embedded=data.embedded)
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, data.input_shape, data.num_classes,
-                            spec.project_dir).to(device)
+                            spec.project_dir, data.embedded).to(device)
         check_stages(spec, model, data)
     optimizer = build_optimizer(model.parameters(), spec.optim)
     steps = -(-steps_per_epoch // spec.train.grad_accum_steps)
@@ -98,10 +99,11 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
 def check_stages(spec: ExperimentSpec, model: nn.Module, data: DataBundle) -> None:
     """Declared `model.stages` must compose to the model's forward in every mode, not only
     when a pipeline cuts there (a wrong list would otherwise wait for that run)."""
-    names = getattr(spec.model, "stages", None)
+    from atoll.models.stages import check_blocks_compose, model_blocks, stage_names
+
+    names = stage_names(spec.model, model)
     if names is None:
         return
-    from atoll.models.stages import check_blocks_compose, model_blocks
 
     label = repr(spec.model.label)
     sample = data.val.x[:4] if len(data.val) else data.train.x[:4]

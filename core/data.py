@@ -55,6 +55,30 @@ class DataBundle:
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
 
+    @property
+    def embedded(self) -> Embedded | None:
+        """A table whose categorical columns are codes for learned embeddings."""
+        enc = self.encoding or {}
+        if enc.get("mode") != "embedding":
+            return None
+        return Embedded(len(enc["numeric"]), tuple(len(c) for c in enc["categorical"].values()),
+                        tuple(enc["dims"]))
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Feature layout of a table with embedded categoricals: `numeric` columns first, then
+    one code column per categorical of `cardinalities[i]` categories, embedded in
+    `dims[i]` numbers; the model behind the embeddings sees `width` features."""
+
+    numeric: int
+    cardinalities: tuple[int, ...]
+    dims: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return self.numeric + sum(self.dims)
+
 
 # --------------------------------------------------------------------------- registry
 
@@ -198,6 +222,10 @@ def load_data(spec: DataSpec, seed: int, project_dir: Path | None = None,
         std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant pixels stay 0
     else:
         mean, std = torch.zeros(xt.shape[1:]), torch.ones(xt.shape[1:])
+    if (raw.encoding or {}).get("mode") == "embedding":  # category codes stay codes
+        k = len(raw.encoding["numeric"])
+        mean, std = mean.clone(), std.clone()
+        mean[..., k:], std[..., k:] = 0.0, 1.0
 
     y_mean, y_std = 0.0, 1.0
     if regression:  # MSE on z-scores: the scale of a target never sets the step size

@@ -239,18 +239,28 @@ def from_frames(frames: dict[str, Any], spec: DataSpec, where: dict[str, str],
                                  "category of its own, e.g. 'unknown') or drop those rows"])
     categories = {c: sorted({str(v) for df in frames.values() for v in df[c].tolist()})
                   for c in spec.categorical}
-    names = numeric + [f"{c}={v}" for c in spec.categorical for v in categories[c]]
+    embed = spec.categorical_encoding == "embedding"
+    # onehot: a 0/1 column per category; embedding: one column of category codes each
+    # (float, like every feature; the model's CategoricalEmbedding looks them up)
+    names = numeric + (list(spec.categorical) if embed else
+                       [f"{c}={v}" for c in spec.categorical for v in categories[c]])
     xs = {}
     for split, df in frames.items():
         parts = [df[numeric].to_numpy(dtype=np.float32)]
         for c in spec.categorical:
             codes = df[c].astype(str).map({v: i for i, v in enumerate(categories[c])})
-            parts.append(np.eye(len(categories[c]), dtype=np.float32)[codes.to_numpy()])
+            codes = codes.to_numpy(dtype=np.int64)
+            parts.append(codes[:, None].astype(np.float32) if embed else
+                         np.eye(len(categories[c]), dtype=np.float32)[codes])
         xs[split] = np.concatenate(parts, axis=1)
     ys = {s: _label_array(df[spec.label]) for s, df in frames.items()}
     ys, task, classes = encode_labels(ys, task, where, spec.label)
-    return Raw(xs, ys, task, classes, names, {"numeric": numeric, "categorical": categories},
-               source=where)
+    encoding: dict[str, Any] = {"numeric": numeric, "categorical": categories,
+                                "mode": spec.categorical_encoding}
+    if embed:
+        encoding["dims"] = [spec.embedding_dim or min(16, (len(categories[c]) + 1) // 2)
+                            for c in spec.categorical]
+    return Raw(xs, ys, task, classes, names, encoding, source=where)
 
 
 def _label_array(series: Any) -> np.ndarray:

@@ -21,6 +21,7 @@ def preprocess(data: DataBundle) -> dict[str, Any]:
                                                              for c in classes),
             "image": data.is_image, "numeric": enc.get("numeric"),
             "categorical": enc.get("categorical", {}),
+            "categorical_encoding": enc.get("mode", "onehot"),
             "mean": data.mean.tolist(), "std": data.std.tolist(),  # broadcast as in training
             "y_mean": data.y_mean, "y_std": data.y_std}  # regression: back to units
 
@@ -38,6 +39,10 @@ def raw_example(data: DataBundle, n: int = 4) -> Any:
     frame = pd.DataFrame(x[:, :len(numeric)].astype(np.float64), columns=numeric)
     at = len(numeric)
     for col, cats in enc["categorical"].items():
-        frame[col] = [cats[i] for i in x[:, at:at + len(cats)].argmax(1)]
-        at += len(cats)
+        if enc.get("mode") == "embedding":  # one column of codes
+            frame[col] = [cats[int(round(c))] for c in x[:, at]]
+            at += 1
+        else:
+            frame[col] = [cats[i] for i in x[:, at:at + len(cats)].argmax(1)]
+            at += len(cats)
     return frame

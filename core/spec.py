@@ -79,7 +79,8 @@ class SyntheticSpec(_Section):
 
 
 # the fields of a user's data each format reads (the rest must stay unset)
-_TABLE = frozenset({"path", "label", "features", "categorical"})
+_TABLE = frozenset({"path", "label", "features", "categorical", "categorical_encoding",
+                    "embedding_dim"})
 FORMAT_FIELDS = {"csv": _TABLE, "parquet": _TABLE, "npz": frozenset({"path"}),
                  "imagefolder": frozenset({"path", "image_size", "channels"}),
                  "hf-disk": _TABLE | {"image_size", "channels"},
@@ -99,8 +100,14 @@ class DataSpec(_Section):
     label: str = Field("label", description="csv/parquet/hf-disk: the label column")
     features: list[str] | None = Field(None, description="csv/parquet/hf-disk: feature "
                                        "columns; default: every column but the label")
-    categorical: list[str] = Field([], description="csv/parquet/hf-disk: columns one-hot "
-                                   "encoded (categories from the whole table)")
+    categorical: list[str] = Field([], description="csv/parquet/hf-disk: columns of "
+                                   "categories (from the whole table), encoded as "
+                                   "data.categorical_encoding says")
+    categorical_encoding: Literal["onehot", "embedding"] = Field(
+        "onehot", description="onehot: a 0/1 column per category; embedding: a learned "
+        "vector per category, in front of the model (for columns with many categories)")
+    embedding_dim: int | None = Field(None, ge=1, description="embedding: the vector size of "
+                                      "every column; default min(16, (categories + 1) // 2)")
     image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="imagefolder/hf-disk images: resize to (height, width)")
     channels: Literal[1, 3] | None = Field(
@@ -125,8 +132,8 @@ class DataSpec(_Section):
 
     @model_validator(mode="after")
     def _source(self) -> DataSpec:
-        own = {"path", "label", "features", "categorical", "image_size", "channels", "target",
-               "kwargs"}
+        own = {"path", "label", "features", "categorical", "categorical_encoding",
+               "embedding_dim", "image_size", "channels", "target", "kwargs"}
         if self.format == "builtin":
             if self.name not in DATASETS:
                 try:
@@ -172,6 +179,13 @@ class DataSpec(_Section):
         if self.label in self.categorical or (self.features and self.label in self.features):
             raise ValueError(f"data.label: {self.label!r} is also listed as a feature; "
                              "allowed: a column that is only the label")
+        if self.categorical_encoding == "embedding" and not self.categorical:
+            raise ValueError("data.categorical_encoding: 'embedding', but data.categorical "
+                             "lists no column; allowed: list the columns to embed, or onehot")
+        if self.embedding_dim is not None and self.categorical_encoding != "embedding":
+            raise ValueError(f"data.embedding_dim: {self.embedding_dim} is set, but "
+                             f"data.categorical_encoding is {self.categorical_encoding!r}; "
+                             "allowed: data.categorical_encoding: embedding")
         if self.features is not None:
             missing = sorted(set(self.categorical) - set(self.features))
             if missing:

@@ -166,7 +166,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
     seed_everything(spec.seed)
     data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir)
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
+                        data.embedded)
     loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
                          data.y_mean, data.y_std)
     test = eval_batches(data.test, spec.data)

@@ -333,7 +333,8 @@ def _preflight(spec: ExperimentSpec) -> None:
         data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
         check_task(spec, data.task)
         check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
-                    export=spec.tracking.enabled and spec.tracking.log_model)
+                    export=spec.tracking.enabled and spec.tracking.log_model,
+                    embedded=data.embedded)
 
 
 def _resume_hint(run_dir: Path, spec: ExperimentSpec) -> str:

@@ -208,7 +208,7 @@ def local_evaluate(spec: ExperimentSpec, data: ClientData,
         raise ValueError("this client has no validation samples; raise "
                          "federated.partition.val_fraction")
     model = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes,
-                        spec.project_dir)
+                        spec.project_dir, data.bundle.embedded)
     model.load_state_dict(global_state)
     m = evaluate(model, eval_batches(split, spec.data), federation_loss(spec),
                  data.bundle.num_classes)

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from atoll.core.data import Embedded
 from atoll.core.imports import import_target
 from atoll.core.model_spec import AnyModelSpec, UserModelSpec
 from atoll.core.spec import SpecError
 from atoll.models.cnn import build_cnn
 from atoll.models.common import init_weights
+from atoll.models.embedding import EmbeddedModel, with_embeddings
 from atoll.models.mlp import build_mlp
 from atoll.models.resnet import build_resnet
 from atoll.models.transformer import build_transformer
@@ -40,8 +42,14 @@ DATA_ARGS = ("input_shape", "num_outputs")
 
 
 def build_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: int,
-                project_dir: Path | None = None) -> nn.Module:
-    """The model `spec` names for samples of `input_shape` and `num_outputs` outputs."""
+                project_dir: Path | None = None, embedded: Embedded | None = None
+                ) -> nn.Module:
+    """The model `spec` names for samples of `input_shape` and `num_outputs` outputs;
+    with `embedded` (a table's categorical codes, `DataBundle.embedded`), behind learned
+    embeddings, the model itself built for their `width` dense features."""
+    if embedded is not None:
+        inner = build_model(spec, (embedded.width,), num_outputs, project_dir)
+        return with_embeddings(inner, embedded)
     if isinstance(spec, UserModelSpec):
         return _build_user(spec, tuple(input_shape), num_outputs, project_dir)
     model = MODELS[spec.name](spec, tuple(input_shape), num_outputs)
@@ -98,13 +106,16 @@ def _build_user(spec: UserModelSpec, input_shape: tuple[int, ...], num_outputs: 
 
 
 def check_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: int,
-                project_dir: Path | None = None, export: bool = False) -> None:
+                project_dir: Path | None = None, export: bool = False,
+                embedded: Embedded | None = None) -> None:
     """Build a user's model on the meta device (no memory) and run a batch of two through
     it, so a bad target, kwargs or output shape is exit 2 before any worker or client.
     `export`: the run will register the model, so torch.export must trace it too (else
     it would fail only after the last epoch)."""
     if not isinstance(spec, UserModelSpec):
         return  # the built-ins are tested for every input shape
+    if embedded is not None:  # the user's model sees the embeddings' dense features
+        input_shape = (embedded.width,)
     field = _field(spec)
     # imported outside the meta device: tensors the module makes at import stay real
     factory = import_target(spec.factory, field, project_dir)
@@ -155,6 +166,8 @@ def _first_line(e: BaseException) -> str:
 
 def model_class(model: nn.Module) -> str:
     """`module.Class` of the built model: a run's params say whose model it trained."""
+    if isinstance(model, EmbeddedModel):
+        return model.inner_class
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -7,10 +7,13 @@ model's forward, and every parameter lies in one of them).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from atoll.core.spec import SpecError
+from atoll.models.embedding import EmbeddedModel
 
 Block = tuple[str, nn.Module]
 
@@ -36,6 +39,15 @@ def _balanced_cuts(costs: list[int], n: int) -> list[int]:
         j = cut[k][j]
         bounds.append(j)
     return bounds[::-1]
+
+
+def stage_names(spec: Any, model: nn.Module) -> list[str] | None:
+    """The spec's `model.stages` as names in `model`: behind categorical embeddings, the
+    embeddings are a stage block of their own and the model's names move under it."""
+    names = getattr(spec, "stages", None)
+    if names is None or not isinstance(model, EmbeddedModel):
+        return names
+    return ["embed", *(model.prefix + n for n in names)]
 
 
 def model_blocks(model: nn.Module, names: list[str] | None, label: str = "the model"

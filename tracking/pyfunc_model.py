@@ -42,8 +42,12 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"input has no column {missing[0]!r}; the model takes "
                                  f"{', '.join(pre['numeric'] + list(pre['categorical']))}")
             parts = [data[pre["numeric"]].to_numpy(dtype=np.float32)]
+            embedded = pre.get("categorical_encoding") == "embedding"
             for col, cats in pre["categorical"].items():
                 codes = data[col].astype(str).map({v: i for i, v in enumerate(cats)})
+                if embedded:  # an unseen category: the embeddings' spare row
+                    parts.append(codes.fillna(len(cats)).to_numpy(dtype=np.float32)[:, None])
+                    continue
                 onehot = np.zeros((len(data), len(cats)), dtype=np.float32)
                 known = codes.notna().to_numpy()
                 onehot[np.flatnonzero(known), codes[known].astype(int).to_numpy()] = 1.0

@@ -32,6 +32,9 @@ FORMATS = {  # format -> (writer, overrides)
     "hf-disk": (lambda p: datagen.write_hf_disk(p, image=True),
                 ["data.format=hf-disk", "data.path=hf_images"]),
     "python": (datagen.write_python, ["data.format=python", "data.target=treedata:make"]),
+    "csv-embedding": (datagen.write_csv, ["data.format=csv", "data.path=trees.csv",
+                                          "data.label=tree", "data.categorical=[soil]",
+                                          "data.categorical_encoding=embedding"]),
 }
 
 
@@ -133,3 +136,25 @@ def test_registered_models_predict_from_raw_rows_and_images(tmp_path):
     probs = model.predict(pixels[:3], params={"probabilities": True})
     assert list(probs.columns) == ["bottom", "middle", "top"]
     assert list(probs.idxmax(axis=1)) == list(names[:3])
+
+
+def test_embedded_categoricals_register_and_predict_raw_rows(project):
+    """A table with an embedded categorical, registered: the pyfunc turns raw rows'
+    categories into codes (an unseen one into the spare row) and predicts class names."""
+    import pandas as pd
+
+    datagen.write_csv(project)
+    store = project / "e.db"
+    spec = load_spec(None, ["name=embedded", *TRAIN, *FORMATS["csv-embedding"][1],
+                            f"tracking.uri=sqlite:///{store}", "tracking.experiment=own",
+                            "tracking.registered_model=trees"])
+    result = run_local(spec)
+    assert result.registered is not None and result.metrics["test_accuracy"] >= 0.85
+    run = MlflowClient(f"sqlite:///{store}").get_run(result.run_id)
+    assert run.data.params["data.categorical_encoding"] == "embedding"
+    rows = pd.read_csv(project / "trees.csv")
+    model = _pyfunc(store, "trees")
+    names = model.predict(rows.drop(columns=["tree"]))
+    assert (names == rows["tree"].to_numpy()).mean() >= 0.85
+    rows.loc[:4, "soil"] = "peat"  # never seen in training
+    assert len(model.predict(rows.drop(columns=["tree"]).iloc[:5])) == 5

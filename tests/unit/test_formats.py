@@ -42,6 +42,39 @@ def test_csv_one_hot_text_labels_and_train_only_statistics(project):
     assert d.val.x.mean(0).abs().max() > 1e-3  # normalised with the train split's statistics
 
 
+def test_embedded_categoricals_are_codes_in_front_of_any_model(project):
+    """data.categorical_encoding: embedding keeps one code column per categorical (not
+    normalised), and every model is built behind a learned table per column, for the
+    dense width; a category never seen maps to the table's spare row."""
+    from atoll.core.data import Embedded
+    from atoll.core.model_spec import parse_model
+    from atoll.models import build_model, model_class
+    from atoll.models.stages import model_blocks, stage_names
+
+    datagen.write_csv(project)
+    d = _load(project, "data.format=csv", "data.path=trees.csv", "data.label=tree",
+              "data.categorical=[soil]", "data.categorical_encoding=embedding")
+    assert d.features == ["height", "girth", "bark", "leaf", "soil"]
+    assert d.input_shape == (5,) and d.embedded == Embedded(4, (3,), (2,))
+    assert set(d.train.x[:, 4].unique().tolist()) == {0.0, 1.0, 2.0}  # codes stay codes
+    torch.testing.assert_close(d.train.x[:, :4].mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    model = build_model(parse_model(name="mlp", hidden=[8]), d.input_shape, 3,
+                        embedded=d.embedded)
+    assert model.embed.tables[0].weight.shape == (4, 2)  # 3 categories + the unseen row
+    assert next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).in_features \
+        == 6  # 4 numeric + 2 embedded
+    assert model(d.train.x[:3]).shape == (3, 3)
+    unseen = d.train.x[:2].clone()
+    unseen[0, 4], unseen[1, 4] = 9.0, -1.0  # past the last category, and negative
+    spare = model.embed.tables[0].weight[3]
+    torch.testing.assert_close(model.embed(unseen)[:, 4:], torch.stack([spare, spare]))
+    # a pipeline still finds the model's blocks, the embeddings the first of them
+    blocks = model_blocks(model, stage_names(parse_model(name="mlp"), model))
+    assert blocks[0][0] == "embed" and len(blocks) == 1 + len(
+        build_model(parse_model(name="mlp", hidden=[8]), (6,), 3))
+    assert model_class(model) == "torch.nn.modules.container.Sequential"
+
+
 def test_a_folder_of_split_files_wins_over_the_fractions(project):
     datagen.write_csv(project, split=True)
     d = _load(project, "data.format=csv", "data.path=trees", "data.label=tree",
@@ -229,7 +262,15 @@ BAD = [  # (writer, --set overrides, what the one line says)
      "at least one"),
     (_text_feature, [*TAB, "data.categorical=[soil]", "data.image_size=[8, 8]"],
      "data.image_size: set, but data.format 'csv' does not read it; allowed with csv: "
-     "categorical, features, label, path"),
+     "categorical, categorical_encoding, embedding_dim, features, label, path"),
+    (_text_feature, [*TAB, "data.categorical_encoding=embedding"],
+     "data.categorical_encoding: 'embedding', but data.categorical lists no column"),
+    (_text_feature, [*TAB, "data.categorical=[soil]", "data.embedding_dim=4"],
+     "data.embedding_dim: 4 is set, but data.categorical_encoding is 'onehot'"),
+    (_text_feature, [*TAB, "data.features=[height, soil]", "data.categorical=[soil]",
+                     "data.categorical_encoding=embedding", "continual.stream=permuted",
+                     "continual.scenario=domain"],
+     "continual.stream: 'permuted' shuffles numeric features, and the table has 1"),
     (None, ["data.format=python", "data.target=treedata:make", "data.path=x.csv"],
      "data.path: set, but data.format 'python' does not read it"),
     (datagen.write_regression_csv, ["data.format=csv", "data.path=prices.csv",
