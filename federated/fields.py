@@ -19,6 +19,7 @@ FIELDS: dict[str, str] = {
     "data.augment.shift": HONOURED, "data.augment.noise_std": HONOURED,
     "data.synthetic.": HONOURED, "data.format": HONOURED, "data.path": HONOURED,
     "data.label": HONOURED, "data.features": HONOURED, "data.categorical": HONOURED,
+    "data.categorical_encoding": HONOURED, "data.embedding_dim": HONOURED,
     "data.image_size": HONOURED, "data.channels": HONOURED, "data.target": HONOURED,
     "data.kwargs.": HONOURED,
     "data.val_fraction": "replaced by federated.partition.val_fraction (client-side "
