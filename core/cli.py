@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow resets its logger's level when imported, here and in workers/ServerApps
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     signal.signal(signal.SIGTERM, _terminated)  # `kill PID` stops a run like Ctrl-C does
+    # and SIGINT is Ctrl-C even when inherited as ignored (a job started in a script's
+    # background): Python leaves an ignored SIGINT ignored, and the run would go on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except SpecError as e:

@@ -221,3 +221,37 @@ def test_run_says_which_epoch_it_ends_with(tmp_path):
                  cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "weights: epoch 1 of 3, the best by train_loss" in out.stdout
+
+
+def test_sigint_stops_a_run_started_with_sigint_ignored(tmp_path):
+    """A job started in the background of a script inherits SIGINT ignored (POSIX); a
+    later `kill -INT` must still end it as Ctrl-C does: KILLED, a resume hint, exit 130
+    (found when the suite itself ran in the background: the federated Ctrl-C test's run
+    finished all its rounds and exited 0)."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.Popen(
+        [*ATOLL, "run", str(CONFIGS / "demo.yaml"), "--set", "name=bg", "--set",
+         "train.epochs=200", "--set", "train.progress=log", "--set", "tracking.log_model=false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        seen, deadline = "", time.monotonic() + 120
+        while "epoch 2/200" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert "epoch 2/200" in seen, seen[-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        procs.stop(proc)
+    assert proc.returncode == 130, err[-3000:]
+    assert "atoll: interrupted; re-run the same command to resume from" in err, err[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("atoll-demo").experiment_id])
+    assert run.info.status == "KILLED"
