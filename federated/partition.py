@@ -24,13 +24,12 @@ def quantity_sizes(n: int, spec: PartitionSpec, num_clients: int, seed: int) -> 
 
 
 def partitioner(spec: PartitionSpec, num_clients: int, seed: int, n: int = 0):
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-        ShardPartitioner,
-        SizePartitioner,
-    )
+    from atoll.federated.partitioners import partitioner_module
+
+    fp = partitioner_module()
+    DirichletPartitioner, IidPartitioner, PathologicalPartitioner, ShardPartitioner, \
+        SizePartitioner = (fp.DirichletPartitioner, fp.IidPartitioner,
+                           fp.PathologicalPartitioner, fp.ShardPartitioner, fp.SizePartitioner)
 
     if spec.method == "iid":
         return IidPartitioner(num_partitions=num_clients)
