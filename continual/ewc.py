@@ -6,7 +6,9 @@ Penalty, with the ½ convention of the original paper:
 pair whose Fisher is γ·F_old + F_new and whose anchor is the latest parameters.
 The Fisher is the diagonal of E_x[(∇ log p(y|x))²], with y the true label (`empirical`) or
 drawn from the model's own prediction (`sampled`, the true Fisher), estimated in eval mode
-so batch-norm statistics and dropout stay frozen during the pass.
+so batch-norm statistics and dropout stay frozen during the pass. For regression p(y|x) is
+a unit-variance Gaussian around the output (targets are z-scores; the MSE loss), whose
+Fisher is exactly (∇f)², for either setting of `labels`.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def fisher_diagonal(model: nn.Module, batches: Iterable[Batch], *, max_samples: 
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
 
     def nll(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (x,))
-        return F.cross_entropy(logits, y)
+        out = functional_call(model, (p, buffers), (x,))
+        if y.is_floating_point():
+            # regression: a unit-variance Gaussian around the output (targets are
+            # z-scores), whose Fisher E_y[(∇ log p)²] is exactly (∇f)²; the residual
+            # (y − f)·∇f of the empirical version vanishes once a task is fitted
+            return out.reshape(len(y)).mean()
+        return F.cross_entropy(out, y)
 
     per_sample_grad = vmap(grad(lambda p, x, y: nll(p, x[None], y[None])),
                            in_dims=(None, 0, 0))
@@ -52,7 +59,7 @@ def fisher_diagonal(model: nn.Module, batches: Iterable[Batch], *, max_samples: 
         if seen >= max_samples:
             break
         x, y = x[: max_samples - seen].to(device), y[: max_samples - seen].to(device)
-        if labels == "sampled":
+        if labels == "sampled" and not y.is_floating_point():  # regression: exact already
             with torch.no_grad():
                 probs = F.softmax(functional_call(model, (params, buffers), (x,)), dim=1)
             y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)

@@ -126,3 +126,19 @@ def test_state_survives_a_weights_only_checkpoint(tmp_path):
     torch.testing.assert_close(ewc2.penalty(model), ewc.penalty(model))
     assert torch.equal(rep2.x, rep.x) and rep2.seen == rep.seen
     assert torch.equal(rep2.generator.get_state(), rep.generator.get_state())
+
+
+def test_regression_fisher_is_the_gaussian_one():
+    """A regression model (one output, float targets, unit-variance Gaussian likelihood in
+    z-score units) has the exact Fisher (∇f)²: for a linear model E[x²] for the weights
+    and 1 for the bias, whatever the residuals (the empirical (y − f)²·x² vanishes on a
+    fitted task) and for both label settings. (EWC on a regression stream raised
+    "expected target dtype to be Long" before.)"""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(40, 3), torch.randn(40)
+    for labels in ("empirical", "sampled"):
+        fisher = fisher_diagonal(model, [(x, y)], max_samples=40, per_sample=True,
+                                 labels=labels, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(fisher["weight"], (x ** 2).mean(0)[None])
+        torch.testing.assert_close(fisher["bias"], torch.ones(1))
