@@ -58,6 +58,70 @@ def test_each_format_trains_locally(project, fmt):
     assert result.metrics["test_accuracy"] >= 0.85, result.metrics
 
 
+# csv and imagefolder run on workers and clients through the examples (test_cluster,
+# test_federated); these are the other readers, and embedded categoricals
+ELSEWHERE = ("parquet", "npz", "hf-disk", "python", "csv-embedding")
+MODES = {
+    "cluster": ["mode=cluster", "cluster.strategy=ddp", "cluster.num_workers=2",
+                "train.epochs=8"],
+    "federated": ["mode=federated", "federated.num_clients=2", "federated.rounds=4",
+                  "federated.local_epochs=3", "federated.partition.method=iid",
+                  "federated.fraction_evaluate=0"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("fmt", ELSEWHERE)
+def test_each_format_trains_on_ray_workers_and_flower_clients(shared_ray, warm_store,
+                                                              project, fmt, mode):
+    """Ray Train workers and Flower client actors (on the module's Ray head, in working
+    directories of their own) read the user's files from project_dir; the model trains."""
+    from atoll.cluster.runner import run_cluster
+    from atoll.federated.simulation import run_federated
+
+    write, overrides = FORMATS[fmt]
+    write(project)
+    spec = load_spec(None, [f"name={mode}-{fmt}", *TRAIN, *overrides, *MODES[mode],
+                            f"project_dir={project}", "tracking.log_model=false",
+                            "tracking.experiment=own-data"])
+    result = (run_cluster if mode == "cluster" else run_federated)(spec)
+    assert result.metrics["test_accuracy"] >= 0.8, result.metrics
+    params = MlflowClient(f"sqlite:///{warm_store}").get_run(result.run_id).data.params
+    assert f"data.format={params['data.format']}" in overrides
+
+
+def test_a_users_table_as_a_class_incremental_stream(project):
+    """Class-incremental tasks of a parquet file, with replay."""
+    from atoll.core.continual_runner import run_continual
+
+    datagen.write_parquet(project)
+    spec = load_spec(None, ["name=stream", *TRAIN, "train.epochs=6", "tracking.enabled=false",
+                            *FORMATS["parquet"][1], "continual.stream=split",
+                            "continual.n_tasks=3", "continual.strategy=replay"])
+    result = run_continual(spec)
+    assert result.epochs == 18 and result.metrics["cl_acc"] >= 0.6, result.metrics
+
+
+def test_ewc_remembers_a_permuted_regression_stream(project):
+    """Permuted tasks of a regression csv: the matrix holds R², each task is learnt, and
+    EWC (with the Gaussian Fisher) forgets far less than naive fine-tuning."""
+    from atoll.core.continual_runner import run_continual
+
+    datagen.write_regression_csv(project)
+    base = [*TRAIN, "train.epochs=6", "tracking.enabled=false", "data.format=csv",
+            "data.path=prices.csv", "data.label=price", "data.categorical=[region]",
+            "continual.stream=permuted", "continual.n_tasks=2", "continual.scenario=domain"]
+    naive = run_continual(load_spec(None, ["name=naive", *base, "continual.strategy=naive"]))
+    ewc = run_continual(load_spec(None, ["name=ewc", *base, "continual.strategy=ewc",
+                                         "continual.ewc.lam=1000"]))
+    for r in (naive, ewc):
+        matrix = r.details["matrix"]
+        assert matrix[0][0] >= 0.9 and matrix[1][1] >= 0.8, matrix  # R² right after each
+    assert ewc.metrics["cl_forgetting"] < naive.metrics["cl_forgetting"] - 0.3, \
+        (ewc.metrics, naive.metrics)
+    assert ewc.metrics["cl_acc"] > naive.metrics["cl_acc"] + 0.1
+
+
 def _atoll_run(root, store, *overrides):
     args = [str(BIN / "atoll"), "run", "spec.yaml", "--set", "train.progress=off",
             "--set", f"tracking.uri=sqlite:///{store}"]
