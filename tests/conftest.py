@@ -59,9 +59,9 @@ def _checkout_store_untouched():
 # Longest modules first: under `pytest -n 2 --dist loadfile --no-loadscope-reorder`
 # xdist hands out whole modules in collection order, so the long ones must not come last.
 # Measured serial seconds on 2 cores (pytest --durations); unlisted modules are short.
-HEAVY_MODULES = ("test_federated.py", "test_faults.py", "test_cluster.py", "test_cli.py",
-                 "test_deploy_flower.py", "test_faults_cluster.py", "test_deploy_ray.py",
-                 "test_parallel_equivalence.py", "test_own_data.py", "test_deploy_mlflow.py",
+HEAVY_MODULES = ("test_federated.py", "test_faults.py", "test_own_data.py", "test_cluster.py",
+                 "test_cli.py", "test_deploy_flower.py", "test_faults_cluster.py",
+                 "test_deploy_ray.py", "test_parallel_equivalence.py", "test_deploy_mlflow.py",
                  "test_continual_runs.py")
 
 
