@@ -37,7 +37,8 @@ def _setup(hidden: int, layers: int) -> tuple[torch.nn.Sequential, object]:
                      [f"model.hidden=[{','.join([str(hidden)] * layers)}]", "model.dropout=0"])
     data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(0)
-    return build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir), data
+    return build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
+                       data.embedded), data
 
 
 def _epochs(model, batches, epochs: int, pipe=None, reduce=None) -> float:

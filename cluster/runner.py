@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from atoll.cluster.worker import FAILED_MARK
+from atoll.continual.streams import check_stream
 from atoll.core.checkpoint import CheckpointError, load
 from atoll.core.components import build_components, pick_device
 from atoll.core.data import load_data
@@ -332,6 +333,7 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     comps = build_components(spec, data, 1, device=pick_device(spec))
     _check_layout(spec, comps.model)
+    check_stream(data, spec.continual)
     root = storage_root(spec)
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir, restart)

@@ -51,8 +51,24 @@ def _rotate(split: Split, degrees: float) -> Split:
     return Split(x, split.y)
 
 
+def check_stream(data: DataBundle, spec: ContinualSpec) -> None:
+    """What the data must allow for `spec.stream`, without building a task: the cluster
+    and federated drivers refuse here (exit 2) before any worker or client starts."""
+    if spec.stream == "rotated" and not data.is_image:
+        raise ValueError("continual.stream: 'rotated' needs image data; allowed for tabular "
+                         "data: split, permuted")
+    if spec.stream == "permuted":
+        # embedded categoricals are codes, not values: only the numeric columns move
+        moved = data.embedded.numeric if data.embedded is not None else \
+            math.prod(data.input_shape)
+        if moved < 2:
+            raise ValueError("continual.stream: 'permuted' shuffles numeric features, and the "
+                             f"table has {moved}; allowed: split, or more numeric columns")
+
+
 def build_stream(data: DataBundle, spec: ContinualSpec, seed: int) -> list[Task]:
     """The tasks of `spec.stream`; `none` is one task holding the whole dataset."""
+    check_stream(data, spec)
     all_classes = tuple(range(data.num_classes))
     if spec.stream == "none":
         return [Task(0, "all", data.train, data.val, data.test, all_classes)]
@@ -75,12 +91,7 @@ def build_stream(data: DataBundle, spec: ContinualSpec, seed: int) -> list[Task]
     for i in range(n):
         if spec.stream == "permuted":
             dims = math.prod(data.input_shape)
-            # embedded categoricals are codes, not values: only the numeric columns move
             moved = data.embedded.numeric if data.embedded is not None else dims
-            if moved < 2:
-                raise ValueError("continual.stream: 'permuted' shuffles numeric features, "
-                                 f"and the table has {moved}; allowed: split, or more "
-                                 "numeric columns")
             g = torch.Generator().manual_seed(seed * 7_919 + i)
             perm = torch.arange(dims)
             if i > 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DEFERRED = ("visualization", "metrics")
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered when loading reads the module it loads
 
 
 class _Deferred(types.ModuleType):
@@ -27,10 +27,13 @@ class _Deferred(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:  # only for names not yet in the module
         with _lock:
-            spec = self.__dict__.get("__deferred_spec__")
+            spec = self.__dict__.pop("__deferred_spec__", None)
             if spec is not None:
-                del self.__dict__["__deferred_spec__"]
-                spec.loader.exec_module(self)
+                try:
+                    spec.loader.exec_module(self)
+                except BaseException:  # the next access tries again and shows the cause
+                    self.__dict__["__deferred_spec__"] = spec
+                    raise
         try:
             return self.__dict__[name]
         except KeyError:

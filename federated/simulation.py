@@ -326,12 +326,14 @@ def _preflight(spec: ExperimentSpec) -> None:
     from atoll.core.model_spec import UserModelSpec
 
     if spec.data.format != "builtin" or isinstance(spec.model, UserModelSpec) or spec.task:
+        from atoll.continual.streams import check_stream
         from atoll.core.data import load_data
         from atoll.core.spec import check_task
         from atoll.models import check_model
 
         data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
         check_task(spec, data.task)
+        check_stream(data, spec.continual)
         check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
                     export=spec.tracking.enabled and spec.tracking.log_model,
                     embedded=data.embedded)

@@ -47,10 +47,12 @@ class EmbeddedModel(nn.Sequential):
     submodule names (`model.stages`) to names in here."""
 
     def __init__(self, embed: CategoricalEmbedding, model: nn.Module):
-        inner = list(model.named_children()) if isinstance(model, nn.Sequential) else \
-            [("net", model)]
+        # only a plain Sequential is inlined: a subclass may have its own forward or
+        # parameters of its own, and a child named `embed` would replace the embeddings
+        inline = type(model) is nn.Sequential and "embed" not in dict(model.named_children())
+        inner = list(model.named_children()) if inline else [("net", model)]
         super().__init__(OrderedDict([("embed", embed), *inner]))
-        self.prefix = "" if isinstance(model, nn.Sequential) else "net."
+        self.prefix = "" if inline else "net."
         cls = type(model)  # what the run's model.class param names
         self.inner_class = f"{cls.__module__}.{cls.__qualname__}"
 

@@ -51,7 +51,8 @@ def train(spec: Any) -> dict[str, Any]:
     torch.set_num_threads(spec.cluster.cpus_per_worker)
     data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)
-    model = DDP(build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir))
+    model = DDP(build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
+                            data.embedded))
     opt = torch.optim.SGD(model.parameters(), lr=spec.optim.lr, momentum=spec.optim.momentum,
                           weight_decay=spec.optim.weight_decay)
     dataset = TensorDataset(data.train.x, data.train.y)

@@ -271,6 +271,11 @@ BAD = [  # (writer, --set overrides, what the one line says)
                      "data.categorical_encoding=embedding", "continual.stream=permuted",
                      "continual.scenario=domain"],
      "continual.stream: 'permuted' shuffles numeric features, and the table has 1"),
+    *((_text_feature, [*TAB, "data.features=[height, soil]", "data.categorical=[soil]",
+                       "data.categorical_encoding=embedding", "continual.stream=permuted",
+                       "continual.scenario=domain", *mode],
+       "continual.stream: 'permuted' shuffles numeric features, and the table has 1")
+      for mode in (["mode=cluster"], ["mode=federated", "federated.num_clients=2"])),
     (None, ["data.format=python", "data.target=treedata:make", "data.path=x.csv"],
      "data.path: set, but data.format 'python' does not read it"),
     (datagen.write_regression_csv, ["data.format=csv", "data.path=prices.csv",
