@@ -104,7 +104,7 @@ def test_a_users_table_as_a_class_incremental_stream(project):
 
 def test_ewc_remembers_a_permuted_regression_stream(project):
     """Permuted tasks of a regression csv: the matrix holds R², each task is learnt, and
-    EWC (with the Gaussian Fisher) forgets far less than naive fine-tuning."""
+    EWC (the Gaussian Fisher, its default λ) forgets far less than naive fine-tuning."""
     from atoll.core.continual_runner import run_continual
 
     datagen.write_regression_csv(project)
@@ -112,8 +112,7 @@ def test_ewc_remembers_a_permuted_regression_stream(project):
             "data.path=prices.csv", "data.label=price", "data.categorical=[region]",
             "continual.stream=permuted", "continual.n_tasks=2", "continual.scenario=domain"]
     naive = run_continual(load_spec(None, ["name=naive", *base, "continual.strategy=naive"]))
-    ewc = run_continual(load_spec(None, ["name=ewc", *base, "continual.strategy=ewc",
-                                         "continual.ewc.lam=1000"]))
+    ewc = run_continual(load_spec(None, ["name=ewc", *base, "continual.strategy=ewc"]))
     for r in (naive, ewc):
         matrix = r.details["matrix"]
         assert matrix[0][0] >= 0.9 and matrix[1][1] >= 0.8, matrix  # R² right after each
