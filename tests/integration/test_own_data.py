@@ -85,6 +85,7 @@ def test_each_format_trains_on_ray_workers_and_flower_clients(shared_ray, warm_s
                             f"project_dir={project}", "tracking.log_model=false",
                             "tracking.experiment=own-data"])
     result = (run_cluster if mode == "cluster" else run_federated)(spec)
+    print(f"\n{fmt} {mode}: test_accuracy {result.metrics['test_accuracy']:.3f}")
     assert result.metrics["test_accuracy"] >= 0.8, result.metrics
     params = MlflowClient(f"sqlite:///{warm_store}").get_run(result.run_id).data.params
     assert f"data.format={params['data.format']}" in overrides
