@@ -7,6 +7,7 @@ level, so `atoll --help` and `atoll validate` stay fast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -68,6 +69,12 @@ def check_resume_compatible(saved: dict[str, Any], spec: ExperimentSpec, path: P
     now, old = spec.flat(), flatten(saved)
     keys = [k for k in old if k in now or k.startswith(DICT_FIELDS)]
     keys += [k for k in now if k.startswith(DICT_FIELDS) and k not in old]
+    if old:  # a field newer than the checkpoint: the checkpointed run had its default
+        defaults = _defaults()
+        for k in now:
+            if k not in old and k in defaults and not k.startswith(DICT_FIELDS):
+                old[k] = defaults[k]
+                keys.append(k)
     same_loss = {"auto", "cross_entropy"}  # auto meant cross_entropy before regression
     problems = [
         f"{k}: {now.get(k)!r} differs from {old.get(k)!r} in the checkpointed run ({path}); "
@@ -77,6 +84,12 @@ def check_resume_compatible(saved: dict[str, Any], spec: ExperimentSpec, path: P
             k == "train.loss.name" and {now.get(k), old.get(k)} == same_loss)]
     if problems:
         raise SpecError(problems)
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """Every field's default, flattened (the default spec's)."""
+    return ExperimentSpec().flat()
 
 
 def latest_valid(ckpts: CheckpointDir) -> tuple[Path, dict[str, Any]] | None:

@@ -344,3 +344,21 @@ def test_the_writability_probe_leaves_no_folder_behind(tmp_path):
     (tmp_path / "kept").mkdir()
     check_writable(tmp_path / "kept", "train.checkpoint_dir")
     assert (tmp_path / "kept").is_dir()  # a folder that existed stays
+
+
+def test_a_field_newer_than_the_checkpoint_counts_at_its_default(tmp_path):
+    """Found in review: a checkpoint written before data.categorical_encoding existed,
+    resumed with `embedding`, passed the check (only the checkpoint's own keys were
+    compared) and failed later in load_state_dict; the old run had the default."""
+    from atoll.core.runner import check_resume_compatible
+
+    table = ["data.format=csv", "data.path=t.csv", "data.label=y", "data.categorical=[c]"]
+    before = load_spec(None, table).model_dump(mode="json")
+    del before["data"]["categorical_encoding"], before["data"]["embedding_dim"]
+    check_resume_compatible(before, load_spec(None, table), tmp_path)  # the default: same
+    with pytest.raises(SpecError, match=r"data.categorical_encoding: 'embedding' differs "
+                                        r"from 'onehot'"):
+        check_resume_compatible(before, load_spec(None, [*table,
+                                                         "data.categorical_encoding=embedding"]),
+                                tmp_path)
+    check_resume_compatible({}, load_spec(None, table), tmp_path)  # a dump without a spec
