@@ -51,6 +51,12 @@ def _rotate(split: Split, degrees: float) -> Split:
     return Split(x, split.y)
 
 
+def _permutable(data: DataBundle) -> int:
+    """The leading features a permuted stream shuffles: embedded categoricals are codes,
+    not values, so only a table's numeric columns move."""
+    return data.embedded.numeric if data.embedded is not None else math.prod(data.input_shape)
+
+
 def check_stream(data: DataBundle, spec: ContinualSpec) -> None:
     """What the data must allow for `spec.stream`, without building a task: the cluster
     and federated drivers refuse here (exit 2) before any worker or client starts."""
@@ -58,9 +64,7 @@ def check_stream(data: DataBundle, spec: ContinualSpec) -> None:
         raise ValueError("continual.stream: 'rotated' needs image data; allowed for tabular "
                          "data: split, permuted")
     if spec.stream == "permuted":
-        # embedded categoricals are codes, not values: only the numeric columns move
-        moved = data.embedded.numeric if data.embedded is not None else \
-            math.prod(data.input_shape)
+        moved = _permutable(data)
         if moved < 2:
             raise ValueError("continual.stream: 'permuted' shuffles numeric features, and the "
                              f"table has {moved}; allowed: split, or more numeric columns")
@@ -91,7 +95,7 @@ def build_stream(data: DataBundle, spec: ContinualSpec, seed: int) -> list[Task]
     for i in range(n):
         if spec.stream == "permuted":
             dims = math.prod(data.input_shape)
-            moved = data.embedded.numeric if data.embedded is not None else dims
+            moved = _permutable(data)
             g = torch.Generator().manual_seed(seed * 7_919 + i)
             perm = torch.arange(dims)
             if i > 0:

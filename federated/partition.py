@@ -27,24 +27,21 @@ def partitioner(spec: PartitionSpec, num_clients: int, seed: int, n: int = 0):
     from atoll.federated.partitioners import partitioner_module
 
     fp = partitioner_module()
-    DirichletPartitioner, IidPartitioner, PathologicalPartitioner, ShardPartitioner, \
-        SizePartitioner = (fp.DirichletPartitioner, fp.IidPartitioner,
-                           fp.PathologicalPartitioner, fp.ShardPartitioner, fp.SizePartitioner)
-
     if spec.method == "iid":
-        return IidPartitioner(num_partitions=num_clients)
+        return fp.IidPartitioner(num_partitions=num_clients)
     if spec.method == "quantity":  # label-free: regression targets as well as classes
-        return SizePartitioner(quantity_sizes(n, spec, num_clients, seed))
+        return fp.SizePartitioner(quantity_sizes(n, spec, num_clients, seed))
     if spec.method == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_clients, partition_by="label",
-                                    alpha=spec.alpha, min_partition_size=spec.min_partition_size,
-                                    self_balancing=False, seed=seed)
+        return fp.DirichletPartitioner(num_partitions=num_clients, partition_by="label",
+                                       alpha=spec.alpha,
+                                       min_partition_size=spec.min_partition_size,
+                                       self_balancing=False, seed=seed)
     if spec.method == "shard":
-        return ShardPartitioner(num_partitions=num_clients, partition_by="label",
-                                num_shards_per_partition=spec.shards_per_client, seed=seed)
-    return PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
-                                   num_classes_per_partition=spec.classes_per_client,
-                                   class_assignment_mode="first-deterministic", seed=seed)
+        return fp.ShardPartitioner(num_partitions=num_clients, partition_by="label",
+                                   num_shards_per_partition=spec.shards_per_client, seed=seed)
+    return fp.PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
+                                      num_classes_per_partition=spec.classes_per_client,
+                                      class_assignment_mode="first-deterministic", seed=seed)
 
 
 def partition_indices(labels: np.ndarray, spec: PartitionSpec, num_clients: int,
