@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from atoll.core import interrupts
 from atoll.core.spec import ExperimentSpec, SpecError, load_spec
 
 EXIT_SPEC = 2
@@ -250,10 +251,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -265,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
         # MLflow resets its logger's level when imported, here and in workers/ServerApps
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    signal.signal(signal.SIGTERM, _terminated)  # `kill PID` stops a run like Ctrl-C does
-    # and SIGINT is Ctrl-C even when inherited as ignored (a job started in a script's
-    # background): Python leaves an ignored SIGINT ignored, and the run would go on
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `kill PID` stops a run like Ctrl-C does; and SIGINT is Ctrl-C even when inherited as
+    # ignored (a job started in a script's background): Python leaves an ignored SIGINT
+    # ignored, and the run would go on
+    interrupts.reset()
+    signal.signal(signal.SIGTERM, interrupts.handle)
+    signal.signal(signal.SIGINT, interrupts.handle)
     try:
         return args.func(args)
     except SpecError as e:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn as nn
 
+from atoll.core import interrupts
 from atoll.core.metrics import (
     confusion,
     from_confusion,
@@ -398,6 +399,7 @@ def train_task(
                      metrics["seconds"])
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
+        interrupts.check()  # a Ctrl-C that a library swallowed mid-epoch
     if strategy is not None and task_boundaries:
         strategy.after_task(unwrap(model), task, train)
     return state

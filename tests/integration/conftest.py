@@ -19,7 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,25 +91,42 @@ def wait_ray(address: str, head: subprocess.Popen, log: Path, timeout: float = 9
     raise TimeoutError(log.read_text()[-3000:])
 
 
+def start_ray(args: list[str], log: Path, ready: Callable[[subprocess.Popen], None],
+              attempts: int = 3, **kw: Any) -> subprocess.Popen:
+    """`ray start --block <args>` until `ready(process)` returns. Ray gives a starting
+    raylet a fixed 30 s to register with the GCS (ray/_private/node.py), which a loaded
+    2-core machine can exceed: `ray start` then exits, and it is tried again. `args` is
+    called anew per attempt when it is a callable (fresh ports)."""
+    for attempt in range(1, attempts + 1):
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block",
+               *(args() if callable(args) else args)]
+        proc = start(cmd, log, **kw)
+        try:
+            ready(proc)
+            return proc
+        except BaseException:
+            exited = proc.poll() is not None  # by itself, before stop() ends it
+            stop(proc)
+            if (attempt == attempts or not exited
+                    or "timed out during startup" not in log.read_text(errors="replace")):
+                raise
+            log.write_text("")  # the next attempt's failure is its own
+    raise AssertionError("unreachable")
+
+
 def start_head(ray_tmp: str, log: Path) -> tuple[subprocess.Popen, str]:
     """A 2-CPU Ray head without a dashboard on free loopback ports; (process, address)."""
     port = free_port()
-    bin_dir = Path(sys.executable).parent
-    head = start([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2",
-                  "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={ray_tmp}",
-                  f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
-                  "--disable-usage-stats",
-                  # every agent on a port of its own: under xdist another worker's Ray (a
-                  # head, a simulation's own) runs beside this one and takes the defaults
-                  *(f"--{name}={free_port()}" for name in (
-                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                      "runtime-env-agent-port", "metrics-export-port"))], log)
     address = f"127.0.0.1:{port}"
-    try:
-        wait_ray(address, head, log)
-    except BaseException:
-        stop(head)
-        raise
+    head = start_ray(["--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={port}",
+                      f"--temp-dir={ray_tmp}", f"--ray-client-server-port={free_port()}",
+                      "--include-dashboard=false", "--disable-usage-stats",
+                      # every agent on a port of its own: under xdist another worker's Ray (a
+                      # head, a simulation's own) runs beside this one and takes the defaults
+                      *(f"--{name}={free_port()}" for name in (
+                          "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                          "runtime-env-agent-port", "metrics-export-port"))],
+                     log, lambda p: wait_ray(address, p, log))
     return head, address
 
 

@@ -233,7 +233,8 @@ def test_sigint_stops_a_run_started_with_sigint_ignored(tmp_path):
     proc = subprocess.Popen(
         [*ATOLL, "run", str(CONFIGS / "demo.yaml"), "--set", "name=bg", "--set",
          "train.epochs=200", "--set", "train.progress=log", "--set", "tracking.log_model=false"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own group: procs.stop can end it if this test fails
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         seen, deadline = "", time.monotonic() + 120
@@ -244,7 +245,11 @@ def test_sigint_stops_a_run_started_with_sigint_ignored(tmp_path):
             seen += line
         assert "epoch 2/200" in seen, seen[-3000:]
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            err = seen + proc.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            procs.stop(proc)
+            pytest.fail("still running 120 s after SIGINT:\n" + (seen + proc.stderr.read())[-3000:])
     finally:
         procs.stop(proc)
     assert proc.returncode == 130, err[-3000:]

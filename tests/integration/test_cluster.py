@@ -21,10 +21,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from atoll.cluster import jobs
-from atoll.core.procs import free_port, start, stop, wait_http
+from atoll.core.procs import free_port, stop, wait_http
 from atoll.core.spec import load_spec
 from tests import datagen
 from tests.conftest import CONFIGS
+from tests.integration.conftest import start_ray
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +38,17 @@ def ray_head(tmp_path_factory):
     port, dash, agent, agent_grpc, env_agent, metrics = (free_port() for _ in range(6))
     log = Path(tmp) / "head.log"
     env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = start([str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
-                  "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-                  f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats",
-                  # own ports for every agent: another Ray on this machine (a Flower
-                  # simulation, a second test run) must not take the job agent's default
-                  f"--dashboard-agent-listen-port={agent}",
-                  f"--dashboard-agent-grpc-port={agent_grpc}",
-                  f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
-                 log, env=env, cwd=Path(tmp))
+    head = start_ray(["--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={port}",
+                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                      f"--temp-dir={tmp}", "--disable-usage-stats",
+                      # own ports for every agent: another Ray on this machine (a Flower
+                      # simulation, a second test run) must not take the job agent's default
+                      f"--dashboard-agent-listen-port={agent}",
+                      f"--dashboard-agent-grpc-port={agent_grpc}",
+                      f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
+                     log, lambda p: wait_http(f"http://127.0.0.1:{dash}/api/version", p, log,
+                                              timeout=120), env=env, cwd=Path(tmp))
     try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version", head, log, timeout=120)
         yield {"gcs": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{dash}", "tmp": tmp}
     finally:
         stop(head)

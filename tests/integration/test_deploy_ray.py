@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from atoll.cluster import jobs
-from atoll.core.procs import free_port, start, stop, wait_http
+from atoll.core.procs import free_port, stop, wait_http
 from atoll.core.spec import load_spec
 from tests.conftest import CONFIGS
+from tests.integration.conftest import start_ray
 
 pytestmark = pytest.mark.integration
 
@@ -67,26 +68,33 @@ def two_nodes():
            "RAY_AUTH_TOKEN": "",  # Ray ignores an empty one; it would win over the file
            # the dashboard's modules get 30 s to start, too few on a loaded 2-core machine
            "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
-    common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    head_log, node_log = Path(tmp) / "head.log", Path(tmp) / "node.log"
-    head = start([str(BIN / "ray"), "start", "--head", *common, f"--port={port}",
-                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={tmp}",
-                  *_node_ports()], head_log, env=env, cwd=Path(tmp))
-    node = None
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head_log = Path(tmp) / "head.log"
+    http = f"http://127.0.0.1:{dash}"
+    head = node = None
     try:
-        http = f"http://127.0.0.1:{dash}"
-        # public without a token (/api/version needs one)
-        wait_http(f"{http}/api/gcs_healthz", head, head_log, timeout=240)
-        node = start([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common,
-                      *_node_ports()], node_log, env=env, cwd=Path(tmp))
-        _wait_for_nodes(http, token, 2, node, node_log)
+        head = start_ray(["--head", *common, f"--port={port}", "--dashboard-host=127.0.0.1",
+                          f"--dashboard-port={dash}", f"--temp-dir={tmp}", *_node_ports()],
+                         head_log,
+                         # public without a token (/api/version needs one)
+                         lambda p: wait_http(f"{http}/api/gcs_healthz", p, head_log, timeout=240),
+                         env=env, cwd=Path(tmp))
+        node = _join(f"127.0.0.1:{port}", common, env, Path(tmp), http, token)
         yield {"http": http, "gcs": f"127.0.0.1:{port}", "tmp": Path(tmp), "token": token,
                "token_file": token_file}
     finally:
-        if node is not None:
-            stop(node)
-        stop(head)
+        for proc in (node, head):
+            if proc is not None:
+                stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _join(gcs: str, common: list[str], env: dict[str, str], tmp: Path, http: str,
+          token: str) -> subprocess.Popen:
+    """The second node, joined with `ray start --address`, on fresh ports per attempt."""
+    log = tmp / "node.log"
+    return start_ray(lambda: [f"--address={gcs}", *common, *_node_ports()], log,
+                     lambda p: _wait_for_nodes(http, token, 2, p, log), env=env, cwd=tmp)
 
 
 def _alive_nodes(http: str, token: str) -> list[str]:

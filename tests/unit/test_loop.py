@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -185,3 +186,31 @@ def test_evaluate_reports_all_metrics_and_restores_mode():
     assert set(out) == {"test_loss", "test_accuracy", "test_precision", "test_recall",
                         "test_f1"}
     assert model.training
+
+
+def test_an_interrupt_a_library_swallowed_still_stops_the_loop():
+    """Ctrl-C raises KeyboardInterrupt wherever the main thread is; code that catches
+    BaseException (a __del__, a library's cleanup) can swallow it, and the run went on to
+    its last epoch. The request is remembered: the loop stops after the epoch it is in,
+    with that epoch's checkpoint hook run."""
+    import signal
+
+    from atoll.core import interrupts
+
+    model = nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ended: list[int] = []
+
+    def swallow(*_: object) -> None:
+        with contextlib.suppress(BaseException):  # what the library did
+            interrupts.handle(signal.SIGINT, None)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_task(model, Batches(_toy(), 8), None, opt, nn.CrossEntropyLoss(),
+                       LoopConfig(epochs=5, progress="off", log_every_n_steps=1), TrainState(), 3,
+                       on_step=swallow,
+                       on_epoch_end=lambda s, m: ended.append(s.epoch))
+    finally:
+        interrupts.reset()
+    assert ended == [1]
