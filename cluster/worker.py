@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from atoll.cluster.parallel import even_shard
+from atoll.cluster.parallel import all_reduce_sum, even_shard
+from atoll.core.cadence import Cadence
 from atoll.core.loop import NonFiniteLoss
 
 CKPT_FILE = "state.ckpt"
@@ -128,10 +129,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                | {"cluster.world_size": layout.dp_size,
                                   "cluster.device": str(device)})
 
+    es = spec.train.early_stopping
+    every = Cadence.of(spec.train.checkpoint_every, "cluster", selects_best=bool(
+        spec.cluster.checkpoint_metric or (es.patience > 0 and es.restore_best)))
+
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
+        shown = {k: v for k, v in metrics.items() if k != "samples"}
+        final = st.epoch >= c.cfg.epochs or st.stopped_early
+        # a minutes interval is read from each rank's clock: rank 0's decides for all
+        due = float(every.due(st.epoch, final)) if rank == 0 else 0.0
+        if not all_reduce_sum(torch.tensor([due], dtype=torch.float64))[0]:  # every rank
+            if rank == 0:  # no checkpoint: a crash re-trains (and skips re-logging) these
+                tracker.log_metrics(shown, step=st.epoch)
+            ray.train.report({**shown, "epoch": st.epoch})
+            return
+        every.saved()
         full = layout.full_state()  # collective under FSDP: all ranks call it
         optim = layout.full_optim_state(c.optimizer)
-        shown = {k: v for k, v in metrics.items() if k != "samples"}
         if rank == 0:
             staging = Path(config["run_dir"]) / ".staging"
             staging.mkdir(parents=True, exist_ok=True)

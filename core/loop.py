@@ -154,12 +154,16 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over `batches`; returns train_loss/train_accuracy/samples/seconds.
 
+    No host sync per step: loss sums, hits and a non-finite flag stay on the device and are
+    read once per logging interval (`cfg.log_every_n_steps` optimizer steps) and at the end.
+    A non-finite loss or gradient sets the flag and the optimizer skips that step and every
+    later one on the device (a fused optimizer's `found_inf`, as GradScaler does), so NaN
+    never reaches the weights; the next read raises NonFiniteLoss naming the first bad step.
+    With `reduce` (several ranks) the ranks agree on the flag at the same step, so all of
+    them stop together. An optimizer without a fused kernel (or a pipeline, whose stages
+    agree on every step's loss anyway) is checked on the host before every step instead.
     `no_sync` (DDP's `model.no_sync`) skips the gradient all-reduce on accumulation
-    micro-steps. The loss is checked before every backward: a non-finite value raises
-    NonFiniteLoss and the optimizer never applies it. With `reduce` (several ranks) the
-    ranks first agree on the value, so all of them stop at the same step instead of one
-    raising while the others wait in the backward's all-reduce. Under a `pipe` the
-    schedule runs the backward, so the check comes after it and before the optimizer step.
+    micro-steps.
     """
     if pipe is not None and cfg.grad_accum_steps > 1:
         raise ValueError("train.grad_accum_steps: pipelines accumulate over "
@@ -169,7 +173,9 @@ def train_epoch(
     source = strategy.batches(batches, task) if strategy is not None else batches
     total = len(batches) if hasattr(batches, "__len__") else 0
     bar = Progress(total, f"epoch {state.epoch + 1}/{cfg.epochs}", cfg.progress)
-    stats = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n
+    guard = _Guard(optimizer, device, deferred=pipe is None, start=state.global_step)
+    stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss·n, correct
+    count = 0  # samples: a host number, known without asking the device
     regression = is_regression(loss_fn)
     accum = cfg.grad_accum_steps
     t0 = time.perf_counter()
@@ -186,6 +192,7 @@ def train_epoch(
                                                  logit_mask)
             if not math.isfinite(value):  # every rank agrees: all stop before the step
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+            objective = torch.tensor(value)
         else:
             with ctx:
                 with _autocast(device, cfg.autocast_dtype):
@@ -193,48 +200,134 @@ def train_epoch(
                     loss = loss_fn(logits, y)
                     extra = strategy.penalty(unwrap(model)) if strategy is not None else None
                     objective = loss + extra if extra is not None else loss
-                value = float(objective.detach())
-                if reduce is not None:  # any rank's NaN/inf makes the sum non-finite
-                    agreed = float(reduce(torch.tensor([value], dtype=torch.float64))[0])
-                    if not math.isfinite(agreed):
-                        value = value if not math.isfinite(value) else agreed
-                        raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
-                elif not math.isfinite(value):
-                    raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+                guard.loss(objective.detach(), state, reduce)
                 (objective / group).backward()
         if logits is not None:  # a pipeline's earlier stages count nothing
             with torch.no_grad():
                 n = y.shape[0]
-                hits = 0.0 if regression else float((logits.argmax(1) == y).sum())
-                stats += torch.tensor([float(loss) * n, hits, n], dtype=torch.float64)
-        bar.update(1, loss=value)
+                count += n
+                stats[0] += loss.detach().double() * n
+                if not regression:
+                    stats[1] += (logits.argmax(1) == y).sum()
         if not last_micro:
+            bar.update(1)
             continue
         if strategy is not None:
             strategy.after_backward(unwrap(model))
         if cfg.grad_clip is not None:
             _clip(model, cfg.grad_clip, pipe)
-        optimizer.step()
+        guard.step(model)
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
         state.global_step += 1
-        if on_step is not None and state.global_step % cfg.log_every_n_steps == 0:
-            # step_*: the epoch rows hold train_loss and lr, at step = epoch; one key for
-            # both would mix two series (and collide where a step number equals an epoch)
-            on_step(state.global_step, {"step_loss": value,
-                                        "step_lr": optimizer.param_groups[0]["lr"]})
+        if state.global_step % cfg.log_every_n_steps == 0:
+            value = guard.check(state, reduce, objective)  # the interval's one host read
+            bar.update(1, loss=value)
+            if on_step is not None:
+                # step_*: the epoch rows hold train_loss and lr, at step = epoch; one key
+                # for both would mix two series (and collide where a step equals an epoch)
+                on_step(state.global_step, {"step_loss": value,
+                                            "step_lr": optimizer.param_groups[0]["lr"]})
+        else:
+            bar.update(1)
+    guard.check(state, reduce, None)
+    stats = torch.cat([stats.cpu(), torch.tensor([float(count)], dtype=torch.float64)])
     if reduce is not None:
         stats = reduce(stats)
     seconds = time.perf_counter() - t0
-    n = max(stats[2].item(), 1.0)
-    out = {"train_loss": stats[0].item() / n, "train_accuracy": stats[1].item() / n,
-           "samples": stats[2].item(), "seconds": seconds,
-           "samples_per_s": stats[2].item() / max(seconds, 1e-9)}
+    loss_sum, correct, count = stats.tolist()
+    n = max(count, 1.0)
+    out = {"train_loss": loss_sum / n, "train_accuracy": correct / n, "samples": count,
+           "seconds": seconds, "samples_per_s": count / max(seconds, 1e-9)}
     if regression:
         del out["train_accuracy"]
     bar.close()
     return out
+
+
+class _Guard:
+    """Keeps non-finite losses and gradients out of the weights without a per-step sync.
+
+    `bad` is a sticky device flag; `first` holds the global step and the objective of the
+    first bad step. A fused optimizer (torch's `_step_supports_amp_scaling`) takes the flag
+    as `found_inf` and leaves parameters and state untouched when it is set.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, deferred: bool,
+                 start: int):
+        self.optimizer = optimizer
+        self.deferred = deferred and _fused(optimizer)
+        self.start = start  # the global step this epoch began at
+        self.bad = torch.zeros((), dtype=torch.float32, device=device)
+        self.first = torch.full((2,), math.nan, dtype=torch.float64, device=device)
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.one = torch.ones((), dtype=torch.float32, device=device)
+
+    def loss(self, objective: torch.Tensor, state: TrainState, reduce: Reducer | None) -> None:
+        if not self.deferred:  # the host check before every backward (see train_epoch)
+            value = float(objective)
+            if reduce is not None:  # any rank's NaN/inf makes the sum non-finite
+                agreed = float(reduce(torch.tensor([value], dtype=torch.float64))[0])
+                if not math.isfinite(agreed):
+                    value = value if not math.isfinite(value) else agreed
+                    raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+            elif not math.isfinite(value):
+                raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
+            return
+        self._flag(~torch.isfinite(objective), objective)
+
+    def _flag(self, now: torch.Tensor, objective: torch.Tensor) -> None:
+        new = now & (self.bad == 0)
+        here = torch.stack([self.steps, objective.detach().double().reshape(())])
+        self.first.copy_(torch.where(new, here, self.first))
+        self.bad.copy_(torch.maximum(self.bad, now.float()))
+
+    def step(self, model: nn.Module) -> None:
+        if not self.deferred:
+            self.optimizer.step()
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        if by_dtype:  # an overflowing gradient (or another rank's NaN, after the all-reduce)
+            found = torch.zeros((), dtype=torch.float32, device=self.bad.device)
+            for grads in by_dtype.values():
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
+            self._flag(found > 0, torch.full((), math.nan, device=self.bad.device))
+        self.optimizer.found_inf = self.bad  # type: ignore[attr-defined]
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf  # type: ignore[attr-defined]
+        self.steps += 1
+
+    def check(self, state: TrainState, reduce: Reducer | None,
+              objective: torch.Tensor | None) -> float:
+        """Read the flag (and the current objective) once; raise if any rank saw a bad
+        step. Returns the objective's value (NaN when none is given)."""
+        if not self.deferred:
+            return float(objective.detach()) if objective is not None else math.nan
+        packed = torch.cat([self.bad.double().reshape(1), self.first,
+                            (objective.detach().double().reshape(1) if objective is not None
+                             else torch.full((1,), math.nan, dtype=torch.float64,
+                                             device=self.bad.device))]).cpu()
+        if reduce is not None:
+            agreed = reduce(packed[:1].clone())
+            packed[0] = agreed[0]
+        bad, first_step, first_value, value = packed.tolist()
+        if bad > 0:
+            step = self.start + int(first_step) if math.isfinite(first_step) \
+                else state.global_step
+            raise NonFiniteLoss(state.epoch + 1, step, first_value)
+        return value
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` honours `found_inf` (torch's fused kernels)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 def _clip(model: nn.Module, max_norm: float, pipe: PipelineStep | None) -> None:
@@ -295,11 +388,12 @@ def evaluate(
     model.eval()
     device = _device_of(model)
     regression = is_regression(loss_fn)
-    sums = torch.zeros(5, dtype=torch.float64)  # regression: see metrics.regression_sums
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
+    # sums stay on the device; the only per-batch read is whether a batch holds padding
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # metrics.regression_sums
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, autocast_dtype):
             out = pipe.forward(x, y) if pipe is not None else model(x)
         if out is None:
@@ -310,11 +404,12 @@ def evaluate(
             if y.numel() == 0:
                 continue
         logits = _masked(out.float(), y, logit_mask)
-        loss_sum += float(loss_fn(logits, y)) * y.shape[0]
+        loss_sum += loss_fn(logits, y).double() * y.shape[0]
         if regression:
-            sums += regression_sums(logits, y, loss_fn.y_std).cpu()
+            sums += regression_sums(logits, y, loss_fn.y_std)
         else:
-            cm += confusion(logits.argmax(1).cpu(), y.cpu(), num_classes).double()
+            cm += confusion(logits.argmax(1), y, num_classes).double()
+    loss_sum, sums, cm = loss_sum.cpu(), sums.cpu(), cm.cpu()
     if reduce is not None:
         packed = reduce(torch.cat([loss_sum, sums, cm.flatten()]))
         loss_sum, sums, cm = packed[:1], packed[1:6], packed[6:].reshape(num_classes,

@@ -13,11 +13,23 @@ from atoll.core.spec import OptimSpec, SchedulerSpec
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimSpec
                     ) -> torch.optim.Optimizer:
+    """SGD/Adam/AdamW, with torch's fused kernel where it applies: one kernel per step, and
+    a step the loop can skip on the device (`found_inf`) without a host sync."""
+    params = list(params)
+    fused = {"fused": True} if _fusable(params) else {}
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
-                               nesterov=spec.nesterov, weight_decay=spec.weight_decay)
+                               nesterov=spec.nesterov, weight_decay=spec.weight_decay, **fused)
     cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    return cls(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, **fused)
+
+
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Plain floating-point tensors on CPU or CUDA: FSDP2's DTensor parameters have no
+    sharding rule for fused SGD, and other devices have no fused kernels."""
+    return bool(params) and all(
+        type(p.detach()) is torch.Tensor and p.is_floating_point()
+        and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_factor(spec: SchedulerSpec, step: int, steps_per_epoch: int, epochs: int) -> float:

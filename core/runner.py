@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from atoll.core.cadence import Cadence
 from atoll.core.checkpoint import CheckpointDir, CheckpointError, load, save
 from atoll.core.components import Components, build_components, checkpoint_payload, restore
 from atoll.core.data import DataBundle, eval_batches, load_data, train_batches
@@ -49,7 +50,7 @@ class RunResult:
 # Fields that may change between a run and its resumption (how long, how it is shown and
 # where it is logged); anything else would silently train a different experiment.
 RESUMABLE_CHANGES = ("project_dir", "train.epochs", "train.progress", "train.log_every_n_steps",
-                     "train.resume",
+                     "train.resume", "train.checkpoint_every",
                      "train.threads", "train.keep_checkpoints", "train.checkpoint_dir",
                      "train.early_stopping.", "data.data_dir", "data.cache_dir", "data.mirror",
                      "data.download", "tracking.", "cluster.address", "federated.rounds",
@@ -307,10 +308,14 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
                             "model.class": model_class(c.model), "data.task": data.task,
                             "data.train_samples": len(data.train), "device": str(c.device)})
 
+    every = Cadence.of(spec.train.checkpoint_every, "local")
+
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "samples"}, step=st.epoch)
-        ckpts.save(checkpoint_payload(c, st, run_id=tracker.run_id,
-                                       spec=spec.model_dump(mode="json")), st.epoch)
+        if every.due(st.epoch, final=st.epoch >= c.cfg.epochs or st.stopped_early):
+            ckpts.save(checkpoint_payload(c, st, run_id=tracker.run_id,
+                                           spec=spec.model_dump(mode="json")), st.epoch)
+            every.saved()
         if keep_best and st.best_epoch == st.epoch:
             save_best(c, st, best)
 

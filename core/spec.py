@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from atoll.core import cadence
 from atoll.core.model_spec import (
     BUILTIN_MODELS,
     MODEL_SECTIONS,
@@ -272,9 +273,22 @@ class TrainSpec(_Section):
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     checkpoint_dir: Path = Field(Path(".atoll/checkpoints"), description="per-run subdirectory")
     keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: str = Field(
+        "auto", description="'N epochs' or 'M minutes' (at epoch ends; the last epoch "
+                            "always; streams: every task); auto: every epoch locally, every "
+                            "minute in cluster mode unless a best epoch is selected")
     resume: bool = Field(True, description="continue from the latest checkpoint of `name`")
     progress: Literal["auto", "bar", "log", "off"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _interval(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v} epochs"  # a bare number counts epochs
+        if isinstance(v, str) and v != "auto":
+            cadence.parse(v)
+        return v
 
 
 class EwcSpec(_Section):

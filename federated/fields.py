@@ -39,6 +39,7 @@ FIELDS: dict[str, str] = {
     "train.early_stopping.": "unused while patience is 0 (the only allowed value)",
     "train.log_every_n_steps": "clients log no steps; the server logs every round",
     "train.checkpoint_dir": HONOURED, "train.keep_checkpoints": HONOURED,
+    "train.checkpoint_every": "replaced by federated.checkpoint_every (rounds)",
     "train.resume": HONOURED, "train.progress": HONOURED,
     "train.threads": "server threads; clients use federated.client_cpus",
 }

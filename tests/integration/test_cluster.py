@@ -134,7 +134,7 @@ def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path):
     cost ~40 s of suite time and showed nothing more)."""
     overrides = ["mode=cluster", "train.epochs=6", "train.progress=off",
                  "tracking.experiment=tests-cluster", "tracking.log_model=false",
-                 "cluster.max_failures=2"]
+                 "cluster.max_failures=2", "train.checkpoint_every=1 epoch"]
     spec = load_spec(CONFIGS / "demo.yaml", [*overrides, "name=killed"])
     run_dir = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=2)
     client = _store(tmp_path)

@@ -102,7 +102,8 @@ def _spec(name: str, *extra: str):
     return load_spec(CONFIGS / "demo.yaml", [
         "mode=cluster", f"name={name}", "train.epochs=3", "train.progress=off",
         f"tracking.experiment={EXPERIMENT}", "tracking.log_model=false",
-        "train.log_every_n_steps=1", "cluster.max_failures=2", *extra])
+        "train.log_every_n_steps=1", "cluster.max_failures=2",
+        "train.checkpoint_every=1 epoch", *extra])
 
 
 def _run_of(client: MlflowClient, name: str):
@@ -201,7 +202,7 @@ def test_ctrl_c_ends_killed_with_a_resume_hint_and_removes_private_ray(tmp_path)
     env = {"TMPDIR": str(short), "RAY_TMPDIR": str(short), "RAY_ADDRESS": "",
            "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     sets = ["mode=cluster", "name=ctrlc", "train.epochs=40", "train.progress=off",
-            f"tracking.experiment={EXPERIMENT}"]
+            f"tracking.experiment={EXPERIMENT}", "train.checkpoint_every=1 epoch"]
     proc = start([str(BIN / "atoll"), "run", str(CONFIGS / "demo.yaml"),
                   *(a for s in sets for a in ("--set", s))], log, env=env, cwd=tmp_path)
     try:

@@ -362,3 +362,42 @@ def test_a_field_newer_than_the_checkpoint_counts_at_its_default(tmp_path):
                                                          "data.categorical_encoding=embedding"]),
                                 tmp_path)
     check_resume_compatible({}, load_spec(None, table), tmp_path)  # a dump without a spec
+
+
+def test_checkpoint_every_n_epochs_keeps_the_last_one(tiny_spec, tmp_path):
+    """'2 epochs' over 5: checkpoints after epochs 2 and 4 and, always, the last; a resume
+    from epoch 4 equals the uninterrupted run (the interval changes nothing else)."""
+    common = ["train.epochs=5", "train.keep_checkpoints=10", "data.limit=200"]
+    sparse = run_local(tiny_spec(*common, "train.checkpoint_every=2 epochs",
+                                 "train.checkpoint_dir=a"), tracker=NullTracker())
+    assert sorted(p.name for p in (tmp_path / "a/atoll").glob("epoch-*.ckpt")) == \
+        ["epoch-000002.ckpt", "epoch-000004.ckpt", "epoch-000005.ckpt"]
+    (tmp_path / "b/atoll").mkdir(parents=True)
+    shutil.copy(tmp_path / "a/atoll/epoch-000004.ckpt", tmp_path / "b/atoll")
+    resumed = run_local(tiny_spec(*common, "train.checkpoint_dir=b"), tracker=NullTracker())
+    for k, v in load(sparse.checkpoint)["model"].items():
+        assert torch.equal(v, load(resumed.checkpoint)["model"][k]), k
+
+
+def test_checkpoint_intervals():
+    from atoll.core.cadence import Cadence, parse
+
+    assert parse("3 epochs") == ("epochs", 3) and parse("1 epoch") == ("epochs", 1)
+    assert parse("0.5 minutes") == ("minutes", 0.5) and parse("2") == ("epochs", 2)
+    for bad in ("0 epochs", "1.5 epochs", "soon", "-1 minutes"):
+        with pytest.raises(ValueError, match="allowed: 'auto'"):
+            parse(bad)
+    every = Cadence.of("3 epochs", "cluster")
+    assert [e for e in range(1, 8) if every.due(e, final=e == 7)] == [3, 6, 7]
+    assert Cadence.of("auto", "local").unit == "epochs"
+    assert (Cadence.of("auto", "cluster").unit, Cadence.of("auto", "cluster").every) == \
+        ("minutes", 1)
+    assert Cadence.of("auto", "cluster", selects_best=True).unit == "epochs"  # every epoch
+    timed = Cadence.of("1 minute", "cluster")
+    assert not timed.due(1, final=False)  # not a minute since the start
+    timed.last -= 61
+    assert timed.due(2, final=False)
+    timed.saved()
+    assert not timed.due(3, final=False) and timed.due(3, final=True)
+    with pytest.raises(SpecError, match="train.checkpoint_every: 'weekly' is not valid"):
+        load_spec(None, ["train.checkpoint_every=weekly"])

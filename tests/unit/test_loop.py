@@ -214,3 +214,59 @@ def test_an_interrupt_a_library_swallowed_still_stops_the_loop():
     finally:
         interrupts.reset()
     assert ended == [1]
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Every Tensor → Python read (each one waits for the device to finish)."""
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("interval", [4, 64])
+def test_train_epoch_reads_the_device_per_logging_interval_not_per_step(monkeypatch, interval):
+    """The hot path keeps loss sums, hits and the non-finite flag on the device: host reads
+    grow with logging intervals, not with steps (64 steps here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = build_optimizer(model.parameters(), OptimSpec(name="sgd", lr=0.05, momentum=0.9))
+    batches = Batches(_toy(n=256), 4)
+    logged: list[int] = []
+    reads = _count_host_reads(monkeypatch)
+    train_epoch(model, batches, opt, nn.CrossEntropyLoss(),
+                LoopConfig(progress="off", log_every_n_steps=interval), TrainState(),
+                on_step=lambda step, m: logged.append(step))
+    monkeypatch.undo()
+    intervals = 64 // interval
+    assert logged == [interval * (k + 1) for k in range(intervals)]
+    assert len(reads) <= 2 * intervals + 4, reads  # one read per interval, a few per epoch
+
+
+def test_a_fused_optimizer_skips_non_finite_steps_on_the_device():
+    """NaN in the 3rd batch: no host check per step, yet no weight or optimizer state sees
+    it, and the error names the step where it happened (read at the interval's end)."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    opt = build_optimizer(model.parameters(), OptimSpec(name="adamw", lr=0.1))
+    data = _toy()
+    data.x[9] = float("nan")  # batch 3 of 8 (batch size 4)
+    state = TrainState(epoch=0, global_step=10)
+    train_epoch(model, Batches(Split(data.x[:8], data.y[:8]), 4, shuffle=False), opt,
+                nn.CrossEntropyLoss(), LoopConfig(progress="off"), state)
+    state.epoch += 1
+    after_two = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(NonFiniteLoss, match="non-finite loss nan at epoch 2, step 14"):
+        train_epoch(model, Batches(data, 4, shuffle=False), opt, nn.CrossEntropyLoss(),
+                    LoopConfig(progress="off", log_every_n_steps=8), state)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert not torch.equal(model.weight, after_two["weight"])  # steps 1-2 of the epoch ran
+    step_count = opt.state_dict()["state"][0]["step"]
+    assert float(step_count) == float(moments[0]["step"]) + 2  # later steps were skipped
