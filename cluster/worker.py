@@ -2,8 +2,9 @@
 
 Re-validates the spec, builds the data shard and the parallel layout, restores the
 latest Ray Train checkpoint (after a worker died, or when a job name is re-run), trains
-with the one loop, and reports each epoch with a checkpoint from rank 0. Only rank 0 logs,
-into the MLflow run the driver created.
+with the one loop, and reports each epoch to Ray Train, with a checkpoint from rank 0 at
+the epoch ends `train.checkpoint_every` names. Only rank 0 logs, into the MLflow run the
+driver created.
 
 A non-finite loss is deterministic: a retry would meet it again. The ranks agree on it
 (core.loop), rank 0 records it in `atoll-failed.json` and every rank returns normally, so

@@ -63,18 +63,21 @@ PAD_LABEL = -1
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf; raised before the optimizer step so weights stay finite."""
+    """The loss (or a gradient) became NaN/inf; the optimizer never applied it, so the
+    weights stay finite (see train_epoch for when it is raised)."""
 
-    def __init__(self, epoch: int, step: int, value: float):
-        self.epoch, self.step, self.value = epoch, step, value
+    def __init__(self, epoch: int, step: int, value: float, what: str = "loss"):
+        self.epoch, self.step, self.value, self.what = epoch, step, value, what
+        found = f"non-finite loss {value}" if what == "loss" else \
+            "non-finite gradient (the loss was finite)"
         super().__init__(
-            f"non-finite loss {value} at epoch {epoch}, step {step}; training stopped. "
+            f"{found} at epoch {epoch}, step {step}; training stopped. "
             "Lower optim.lr, set optim.grad_clip, or check the data for NaNs")
 
-    def __reduce__(self) -> tuple[type, tuple[int, int, float]]:
+    def __reduce__(self) -> tuple[type, tuple[int, int, float, str]]:
         # Ray pickles a worker's exception to the driver; the default reduce would call
         # __init__ with the message alone and turn this into a TypeError.
-        return type(self), (self.epoch, self.step, self.value)
+        return type(self), (self.epoch, self.step, self.value, self.what)
 
 
 @dataclass
@@ -173,7 +176,8 @@ def train_epoch(
     source = strategy.batches(batches, task) if strategy is not None else batches
     total = len(batches) if hasattr(batches, "__len__") else 0
     bar = Progress(total, f"epoch {state.epoch + 1}/{cfg.epochs}", cfg.progress)
-    guard = _Guard(optimizer, device, deferred=pipe is None, start=state.global_step)
+    guard = _Guard(optimizer, device, deferred=pipe is None, start=state.global_step,
+                   reduce=reduce)
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss·n, correct
     count = 0  # samples: a host number, known without asking the device
     regression = is_regression(loss_fn)
@@ -200,7 +204,7 @@ def train_epoch(
                     loss = loss_fn(logits, y)
                     extra = strategy.penalty(unwrap(model)) if strategy is not None else None
                     objective = loss + extra if extra is not None else loss
-                guard.loss(objective.detach(), state, reduce)
+                guard.loss(objective.detach(), state)
                 (objective / group).backward()
         if logits is not None:  # a pipeline's earlier stages count nothing
             with torch.no_grad():
@@ -216,13 +220,13 @@ def train_epoch(
             strategy.after_backward(unwrap(model))
         if cfg.grad_clip is not None:
             _clip(model, cfg.grad_clip, pipe)
-        guard.step(model)
+        guard.step(model, state)
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
         state.global_step += 1
         if state.global_step % cfg.log_every_n_steps == 0:
-            value = guard.check(state, reduce, objective)  # the interval's one host read
+            value = guard.check(state, objective)  # the interval's one host read
             bar.update(1, loss=value)
             if on_step is not None:
                 # step_*: the epoch rows hold train_loss and lr, at step = epoch; one key
@@ -231,7 +235,7 @@ def train_epoch(
                                             "step_lr": optimizer.param_groups[0]["lr"]})
         else:
             bar.update(1)
-    guard.check(state, reduce, None)
+    guard.check(state, None)
     stats = torch.cat([stats.cpu(), torch.tensor([float(count)], dtype=torch.float64)])
     if reduce is not None:
         stats = reduce(stats)
@@ -249,53 +253,82 @@ def train_epoch(
 class _Guard:
     """Keeps non-finite losses and gradients out of the weights without a per-step sync.
 
-    `bad` is a sticky device flag; `first` holds the global step and the objective of the
-    first bad step. A fused optimizer (torch's `_step_supports_amp_scaling`) takes the flag
-    as `found_inf` and leaves parameters and state untouched when it is set.
+    `bad` is a sticky device flag; `first` holds the step, the objective and the kind
+    (0 loss, 1 gradient) of the first bad step. A fused optimizer (torch's
+    `_step_supports_amp_scaling`) takes the flag as `found_inf` and leaves parameters and
+    state untouched when it is set. With `reduce` the ranks sum their loss flags at every
+    optimizer step (a device collective: no host sync under nccl), so all of them skip
+    from the same step and name it — a loss can overflow on one rank while the averaged
+    gradient stays finite. Gradients agree by themselves after DDP's all-reduce.
     """
 
+    LOSS, GRADIENT = 0.0, 1.0
+
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, deferred: bool,
-                 start: int):
-        self.optimizer = optimizer
+                 start: int, reduce: Reducer | None):
+        self.optimizer, self.reduce = optimizer, reduce
         self.deferred = deferred and _fused(optimizer)
         self.start = start  # the global step this epoch began at
         self.bad = torch.zeros((), dtype=torch.float32, device=device)
-        self.first = torch.full((2,), math.nan, dtype=torch.float64, device=device)
+        self.first = torch.full((3,), math.nan, dtype=torch.float64, device=device)
         self.steps = torch.zeros((), dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.float32, device=device)
+        # this rank's loss flag and value since the last step (accumulation micro-steps)
+        self.pending = torch.zeros(2, dtype=torch.float64, device=device)
 
-    def loss(self, objective: torch.Tensor, state: TrainState, reduce: Reducer | None) -> None:
+    def loss(self, objective: torch.Tensor, state: TrainState) -> None:
         if not self.deferred:  # the host check before every backward (see train_epoch)
             value = float(objective)
-            if reduce is not None:  # any rank's NaN/inf makes the sum non-finite
-                agreed = float(reduce(torch.tensor([value], dtype=torch.float64))[0])
+            if self.reduce is not None:  # any rank's NaN/inf makes the sum non-finite
+                agreed = float(self.reduce(torch.tensor([value], dtype=torch.float64))[0])
                 if not math.isfinite(agreed):
                     value = value if not math.isfinite(value) else agreed
                     raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
             elif not math.isfinite(value):
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
             return
-        self._flag(~torch.isfinite(objective), objective)
+        now = ~torch.isfinite(objective)
+        if self.reduce is None:
+            self._flag(now, objective, self.LOSS)
+            return
+        here = torch.stack([now.double(), objective.double().reshape(())])
+        self.pending.copy_(torch.where(now & (self.pending[0] == 0), here, self.pending))
 
-    def _flag(self, now: torch.Tensor, objective: torch.Tensor) -> None:
+    def _flag(self, now: torch.Tensor, objective: torch.Tensor, kind: float) -> None:
         new = now & (self.bad == 0)
-        here = torch.stack([self.steps, objective.detach().double().reshape(())])
+        here = torch.stack([self.steps, objective.detach().double().reshape(()),
+                            torch.full((), kind, dtype=torch.float64, device=self.bad.device)])
         self.first.copy_(torch.where(new, here, self.first))
         self.bad.copy_(torch.maximum(self.bad, now.float()))
 
-    def step(self, model: nn.Module) -> None:
-        if not self.deferred:
-            self.optimizer.step()
-            return
+    def _grads_bad(self, model: nn.Module) -> torch.Tensor:
+        """1.0 where any gradient is NaN/inf (0-dim, on the device), else 0.0."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in model.parameters():
             if p.grad is not None:
                 by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        if by_dtype:  # an overflowing gradient (or another rank's NaN, after the all-reduce)
-            found = torch.zeros((), dtype=torch.float32, device=self.bad.device)
-            for grads in by_dtype.values():
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
-            self._flag(found > 0, torch.full((), math.nan, device=self.bad.device))
+        found = torch.zeros((), dtype=torch.float32, device=self.bad.device)
+        for grads in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
+        return found
+
+    def step(self, model: nn.Module, state: TrainState) -> None:
+        if not self.deferred:  # this path syncs every step anyway: the gradients too
+            found = self._grads_bad(model).double().reshape(1)
+            if self.reduce is not None:  # sharded (FSDP2) or staged (pipeline) gradients:
+                found = self.reduce(found)  # every rank stops, or none does
+            if float(found[0]) > 0:
+                raise NonFiniteLoss(state.epoch + 1, state.global_step, math.nan, "gradient")
+            self.optimizer.step()
+            return
+        if self.reduce is not None:
+            agreed = self.reduce(torch.stack([self.pending[0], torch.where(
+                self.pending[0] > 0, self.pending[1], torch.zeros_like(self.pending[1]))]))
+            self._flag(agreed[0] > 0, agreed[1], self.LOSS)
+            self.pending.zero_()
+        # an overflowing gradient (a NaN on any rank, after DDP's all-reduce)
+        self._flag(self._grads_bad(model) > 0, torch.full((), math.nan, device=self.bad.device),
+                   self.GRADIENT)
         self.optimizer.found_inf = self.bad  # type: ignore[attr-defined]
         try:
             self.optimizer.step()
@@ -303,8 +336,7 @@ class _Guard:
             del self.optimizer.found_inf  # type: ignore[attr-defined]
         self.steps += 1
 
-    def check(self, state: TrainState, reduce: Reducer | None,
-              objective: torch.Tensor | None) -> float:
+    def check(self, state: TrainState, objective: torch.Tensor | None) -> float:
         """Read the flag (and the current objective) once; raise if any rank saw a bad
         step. Returns the objective's value (NaN when none is given)."""
         if not self.deferred:
@@ -313,14 +345,14 @@ class _Guard:
                             (objective.detach().double().reshape(1) if objective is not None
                              else torch.full((1,), math.nan, dtype=torch.float64,
                                              device=self.bad.device))]).cpu()
-        if reduce is not None:
-            agreed = reduce(packed[:1].clone())
-            packed[0] = agreed[0]
-        bad, first_step, first_value, value = packed.tolist()
+        if self.reduce is not None:  # equal on every rank already; a cheap second opinion
+            packed[0] = self.reduce(packed[:1].clone())[0]
+        bad, first_step, first_value, kind, value = packed.tolist()
         if bad > 0:
             step = self.start + int(first_step) if math.isfinite(first_step) \
                 else state.global_step
-            raise NonFiniteLoss(state.epoch + 1, step, first_value)
+            raise NonFiniteLoss(state.epoch + 1, step, first_value,
+                                "gradient" if kind == self.GRADIENT else "loss")
         return value
 
 

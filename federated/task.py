@@ -145,7 +145,7 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
     rounds: at a task boundary the previous task is closed on the received global model
     (EWC's Fisher, replay's memory, … from this client's data of that task). `crash`
     raises CrashFault half-way through the local steps (an injected fault).
-    A non-finite loss raises core.loop.NonFiniteLoss before any step applies it.
+    A non-finite loss or gradient raises core.loop.NonFiniteLoss; no step applied it.
     """
     seed = _seed(spec, server_round, partition)
     bad = partition in byzantine_clients(spec.federated.byzantine, num_clients, spec.seed)

@@ -398,3 +398,43 @@ def test_pipeline_trains_and_evaluates_in_one_precision(tmp_path):
     was outside autocast) while evaluation ran in bf16."""
     for stage in _on_two_ranks(_precision_worker, tmp_path, "precision"):
         assert stage["train"] == stage["eval"] == ["torch.bfloat16"], stage
+
+
+def _inf_loss_worker(rank: int, world: int, init: str, out: str) -> None:
+    """DDP, fused SGD, regression: rank 1's 3rd batch holds a target whose squared error
+    overflows to inf while its gradient stays finite."""
+    from atoll.cluster.parallel import build
+    from atoll.core.loop import NonFiniteLoss
+    from atoll.core.optim import build_optimizer
+    from atoll.core.spec import OptimSpec
+
+    with spawned_rank(rank, world, init):
+        torch.manual_seed(1)
+        lay = build("ddp", torch.nn.Linear(4, 1), torch.device("cpu"))
+        g = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+        if rank == 1:
+            y[9] = 3e19  # batch 3 of 8 (batch size 4)
+        opt = build_optimizer(lay.model.parameters(), OptimSpec(name="sgd", lr=0.01))
+        try:
+            train_epoch(lay.model, Batches(Split(x, y), 4, shuffle=False), opt,
+                        torch.nn.MSELoss(), LoopConfig(progress="off", log_every_n_steps=8),
+                        TrainState(), reduce=lay.reduce)
+            raised = None
+        except NonFiniteLoss as e:
+            raised = str(e)
+        torch.save({"raised": raised, "state": lay.full_state()}, f"{out}.{rank}")
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_its_step(tmp_path):
+    """The ranks agree on the non-finite flag at the step it happens (not only when it is
+    read): every rank skips from there, the replicas never drift apart, and every rank
+    names that step."""
+    out = tmp_path / "inf.pt"
+    _spawn_with_deadline(_inf_loss_worker, (2, f"file://{tmp_path / 'rdzv-inf'}", str(out)), 2, 180)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert r["raised"] is not None and "at epoch 1, step 2" in r["raised"], r["raised"]
+        assert "non-finite loss inf" in r["raised"], r["raised"]
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k

@@ -270,3 +270,25 @@ def test_a_fused_optimizer_skips_non_finite_steps_on_the_device():
     assert not torch.equal(model.weight, after_two["weight"])  # steps 1-2 of the epoch ran
     step_count = opt.state_dict()["state"][0]["step"]
     assert float(step_count) == float(moments[0]["step"]) + 2  # later steps were skipped
+
+
+class _FiniteLossNanGradient(nn.Module):
+    """0 everywhere, with a NaN gradient: d√|x|/dx at x = 0."""
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (logits - logits.detach()).abs().sqrt().mean()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_gradient_under_a_finite_loss_never_reaches_the_weights(fused):
+    """Fused (skipped on the device, read at the interval) or not (checked on the host at
+    every step, e.g. an optimizer restored from a checkpoint written without `fused`):
+    either way the weights stay as they were and the error says it was a gradient."""
+    model = nn.Linear(5, 3)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+    with pytest.raises(NonFiniteLoss, match="non-finite gradient .* at epoch 1, step 0"):
+        train_epoch(model, Batches(_toy(), 4, shuffle=False), opt, _FiniteLossNanGradient(),
+                    LoopConfig(progress="off"), TrainState())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
