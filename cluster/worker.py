@@ -245,7 +245,8 @@ def rank_tracker(spec: Any, config: dict[str, Any], rank: int) -> Any:
     if rank != 0 or not config.get("run_id"):
         return NullTracker()
     tracking = spec.tracking.model_copy(update={"uri": config["tracking_uri"]})
-    return make_tracker(tracking, spec.name, mode="cluster", run_id=config["run_id"])
+    return make_tracker(tracking, spec.name, mode="cluster", run_id=config["run_id"],
+                        trains=True)
 
 
 def _backfill(tracker: Any, state: Any) -> None:

@@ -112,7 +112,8 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
     if tracker is None:
         from atoll.tracking import make_tracker
 
-        tracker = make_tracker(spec.tracking, spec.name, mode=spec.mode, run_id=run_id)
+        tracker = make_tracker(spec.tracking, spec.name, mode=spec.mode, run_id=run_id,
+                               trains=True)
     if start == 0:
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")

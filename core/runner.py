@@ -298,7 +298,7 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
         from atoll.tracking import make_tracker
 
         tracker = make_tracker(spec.tracking, spec.name, mode="local",
-                               run_id=payload.get("run_id") if payload else None)
+                               run_id=payload.get("run_id") if payload else None, trains=True)
     from atoll.models import count_parameters, model_class
 
     if payload is None:

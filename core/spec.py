@@ -572,6 +572,10 @@ class TrackingSpec(_Section):
     fallback: Literal["fail", "local"] = Field(
         "fail", description="unreachable server: fail before training, or log to local sqlite"
     )
+    system_metrics: bool = Field(
+        True, description="CPU, memory, disk, network (and GPU) of the machine that trains, "
+                          "as MLflow system metrics (system/*)")
+    system_metrics_interval: float = Field(10.0, ge=1.0, description="seconds between samples")
 
     @field_validator("uri")
     @classmethod

@@ -578,7 +578,7 @@ def _tracker(spec: ExperimentSpec, run_config: dict[str, Any], run_id: str | Non
 
     uri = str(run_config.get(R.TRACKING_URI, "") or "") or spec.tracking.uri
     return make_tracker(spec.tracking.model_copy(update={"uri": uri}), spec.name,
-                        mode="federated", run_id=run_id)
+                        mode="federated", run_id=run_id, trains=True)
 
 
 def _log_setup(spec: ExperimentSpec, tracker: Any, data: DataBundle, population: list[int],

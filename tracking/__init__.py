@@ -64,8 +64,11 @@ def run_status(spec: TrackingSpec, run_id: str) -> str | None:
 
 
 def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,
-                 run_id: str | None = None) -> Tracker:
+                 run_id: str | None = None, trains: bool = False) -> Tracker:
     """An MlflowTracker on rank 0 (NullTracker elsewhere or when disabled).
+
+    `trains`: this process runs (or hosts) the training, so its machine's CPU, memory and
+    GPU figures go to the run as MLflow system metrics (`tracking.system_metrics`).
 
     An unreachable store raises TrackingUnavailable before training starts, unless the
     spec asks for `fallback: local`, in which case one warning says where runs go instead.
@@ -85,4 +88,6 @@ def make_tracker(spec: TrackingSpec, run_name: str, *, mode: str, rank: int = 0,
     root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite") \
         else None
     return MlflowTracker(uri, spec.experiment, run_name, run_id=run_id, artifact_root=root,
-                         tags=run_tags(mode))
+                         tags=run_tags(mode),
+                         system_metrics=spec.system_metrics_interval
+                         if trains and spec.system_metrics else None)

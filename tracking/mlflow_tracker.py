@@ -54,13 +54,14 @@ def _fluent_uri(uri: str) -> Iterator[None]:
 class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
                  artifact_root: Path | None = None, tags: dict[str, str] | None = None,
-                 flush_every_s: float = 5.0):
+                 flush_every_s: float = 5.0, system_metrics: float | None = None):
         self.uri = uri
         self.client = MlflowClient(uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
         # (key, step) pairs the run already holds: a resumed run re-trains from its last
         # checkpoint, and what the interrupted attempt logged past it must not appear twice.
         self._logged: set[tuple[str, int]] = set()
+        resumed = run_id is not None
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
             run_id = run.info.run_id
@@ -77,6 +78,18 @@ class MlflowTracker:
         # off the training loop; writes stay in order because there is only one.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-mlflow")
         self._pending: list[Future] = []
+        self._system = self._system_metrics(system_metrics, resumed) \
+            if system_metrics else None
+
+    def _system_metrics(self, interval: float, resumed: bool) -> Any:
+        """MLflow's own monitor (psutil; pynvml when there is an NVIDIA GPU): the UI's
+        System metrics tab. A resumed run continues its steps."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                       resume_logging=resumed, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -193,6 +206,8 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         try:
+            if self._system is not None:
+                self._system.finish()  # its last samples, before the run closes
             self.wait()
         finally:
             self._writer.shutdown(wait=True)

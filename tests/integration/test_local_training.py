@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def demo_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(where)
     try:
-        spec = load_spec(CONFIGS / "demo.yaml", ["train.progress=off"])
+        spec = load_spec(CONFIGS / "demo.yaml", ["train.progress=off",
+                                                 "tracking.system_metrics_interval=1"])
         yield spec, run_local(spec), where
     finally:
         os.chdir(cwd)
@@ -65,6 +67,10 @@ def test_run_is_fully_recorded_in_mlflow(demo_run):
     png = client.download_artifacts(result.run_id, "plots/curves.png", str(where))
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (where / "mlartifacts").is_dir()  # artifacts next to the store, not elsewhere
+    # the machine's figures, sampled every second while the run lasted (MLflow's monitor)
+    cpu = client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")
+    assert cpu and all(0 <= m.value <= 100 * (os.cpu_count() or 1) for m in cpu)
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
 
 
 def test_registered_model_loads_by_alias_and_reproduces_accuracy(demo_run):
