@@ -66,10 +66,23 @@ def even_shard(split: Split, rank: int, world: int) -> Split:
     return Split(x, y)
 
 
-def ddp(model: nn.Module, device: torch.device) -> Layout:
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Batch norm over the global batch on GPUs (SyncBatchNorm: the same parameters and
+    buffers, so checkpoints are unchanged). torch implements it for accelerators only; on
+    CPU/gloo each rank keeps statistics of its own shard."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if device.type != "cuda" or not has_bn:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def ddp(model: nn.Module, device: torch.device, compile: bool = False) -> Layout:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    model = sync_batchnorm(model, device)
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:  # the DDP module, so Dynamo splits graphs at its gradient buckets
+        wrapped.compile()
 
     def load_optim(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         opt.load_state_dict(state)
@@ -122,11 +135,13 @@ def fsdp(model: nn.Module, device: torch.device) -> Layout:
             1 for c in model.children() if any(True for _ in c.parameters())) + 1})
 
 
-def build(strategy: str, model: nn.Module, device: torch.device, **pipeline: Any) -> Layout:
+def build(strategy: str, model: nn.Module, device: torch.device, compile: bool = False,
+          **pipeline: Any) -> Layout:
     """`pipeline` (stages, schedule, microbatches, batch, block_names) is used by
-    pipeline/hybrid."""
+    pipeline/hybrid; `compile` (train.compile) by ddp, the only strategy the spec allows
+    it with."""
     if strategy == "ddp":
-        return ddp(model, device)
+        return ddp(model, device, compile=compile)
     if strategy == "fsdp":
         return fsdp(model, device)
     if strategy in ("pipeline", "hybrid"):

@@ -85,7 +85,7 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
                         spec.project_dir, data.embedded).to(device)
     dp, pp = spec.cluster.mesh()
     per_rank = spec.data.batch_size // dp
-    layout = build(spec.cluster.strategy, model, device, stages=pp,
+    layout = build(spec.cluster.strategy, model, device, compile=spec.train.compile, stages=pp,
                    schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
                    batch=per_rank, block_names=stage_names(spec.model, model))
     return WorkerStart(spec, rank, device, data, layout, per_rank)

@@ -87,6 +87,8 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
         model = build_model(spec.model, data.input_shape, data.num_classes,
                             spec.project_dir, data.embedded).to(device)
         check_stages(spec, model, data)
+        if spec.train.compile:  # in place: the state dict keeps its keys
+            model.compile()
     optimizer = build_optimizer(model.parameters(), spec.optim)
     steps = -(-steps_per_epoch // spec.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, spec.train.epochs)

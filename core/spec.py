@@ -280,6 +280,9 @@ class TrainSpec(_Section):
     resume: bool = Field(True, description="continue from the latest checkpoint of `name`")
     progress: Literal["auto", "bar", "log", "off"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    compile: bool = Field(
+        False, description="torch.compile the model (local, cluster ddp); the first steps "
+                           "pay the compilation, checkpoints keep their keys")
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
@@ -663,9 +666,16 @@ class ExperimentSpec(_Section):
                              f"{self.train.early_stopping.patience} — a federation runs "
                              "federated.rounds rounds and clients never stop early; allowed "
                              "in federated mode: 0")
+        if self.train.compile:
+            raise ValueError("train.compile: true — a client builds its model anew every "
+                             "round and would compile it every round; allowed in federated "
+                             "mode: false")
 
     def _check_cluster_batch(self) -> None:
         c, batch = self.cluster, self.data.batch_size
+        if self.train.compile and c.strategy != "ddp":
+            raise ValueError(f"train.compile: true with cluster.strategy {c.strategy!r}; "
+                             "allowed: cluster.strategy ddp, or train.compile false")
         dp, _ = c.mesh()
         if batch % dp:
             raise ValueError(f"data.batch_size: {batch} (the global batch) does not split over "

@@ -41,6 +41,7 @@ FIELDS: dict[str, str] = {
     "train.checkpoint_dir": HONOURED, "train.keep_checkpoints": HONOURED,
     "train.checkpoint_every": "replaced by federated.checkpoint_every (rounds)",
     "train.resume": HONOURED, "train.progress": HONOURED,
+    "train.compile": REFUSED,  # anything but false
     "train.threads": "server threads; clients use federated.client_cpus",
 }
 

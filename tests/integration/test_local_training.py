@@ -248,3 +248,21 @@ def test_a_model_that_completed_nothing_is_never_registered(tmp_path):
     tracker.finish("FAILED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert client.search_registered_models("name='never'") == []
+
+
+def test_a_compiled_run_trains_like_an_eager_one_and_registers(tiny_spec, tmp_path):
+    """train.compile compiles the model in place: the same weights as eager (to rounding),
+    checkpoints with the eager keys (a resume or another mode can load them), and a
+    registered model exported from the compiled module."""
+    common = ["data.limit=300", "train.epochs=2", "tracking.log_model=false"]
+    eager = run_local(tiny_spec(*common, "name=eager"))
+    compiled = run_local(tiny_spec(*common, "name=compiled", "train.compile=true",
+                                   "tracking.log_model=true",
+                                   "tracking.registered_model=compiled"))
+    from atoll.core.checkpoint import load
+
+    a, b = load(eager.checkpoint)["model"], load(compiled.checkpoint)["model"]
+    assert list(a) == list(b)
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5)
+    assert compiled.registered is not None and compiled.registered.version == "1"

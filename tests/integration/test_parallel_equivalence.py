@@ -50,7 +50,9 @@ def _worker(rank: int, world: int, init: str, layout: str, out: str, epochs: int
     from atoll.cluster.parallel import build
 
     with spawned_rank(rank, world, init):
-        lay = build(layout, _model(), torch.device("cpu"))
+        compiled = layout.endswith("+compile")
+        lay = build(layout.removesuffix("+compile"), _model(), torch.device("cpu"),
+                    compile=compiled)
         batches = Batches(_data(), BATCH // world, shuffle=True, seed=3, rank=rank, world=world)
         _train(lay.model, batches, lay.reduce, lay.no_sync, epochs)
         full = lay.full_state()
@@ -438,3 +440,25 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_its_step(tmp_path):
         assert "non-finite loss inf" in r["raised"], r["raised"]
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), k
+
+
+def test_compiled_ddp_trains_like_ddp(tmp_path):
+    """train.compile under DDP compiles the DDP module (graphs split at its buckets): the
+    same weights as eager DDP, and the state dict keeps its keys."""
+    eager = _spawn(tmp_path, "ddp", epochs=2)
+    compiled = _spawn(tmp_path, "ddp+compile", epochs=2)
+    assert list(compiled) == list(eager)
+    for k, v in eager.items():
+        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batchnorm_on_gpus_only():
+    from atoll.cluster.parallel import sync_batchnorm
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+
+    on_gpu = sync_batchnorm(net(), torch.device("cuda", 0))  # a module swap: no GPU needed
+    assert isinstance(on_gpu[1], torch.nn.SyncBatchNorm)
+    assert list(on_gpu.state_dict()) == list(net().state_dict())
+    assert type(sync_batchnorm(net(), torch.device("cpu"))[1]) is torch.nn.BatchNorm1d

@@ -71,9 +71,10 @@ def test_every_local_field_is_honoured_replaced_or_refused():
     unclassified = [k for k in keys if treatment(k) is None]
     assert not unclassified, f"say how federated mode treats: {unclassified}"
     refused = [k for k in keys if treatment(k) == REFUSED]
-    assert refused == ["optim.scheduler.name", "train.early_stopping.patience"]
+    assert refused == ["optim.scheduler.name", "train.early_stopping.patience",
+                       "train.compile"]
     for key, value in (("optim.scheduler.name", "cosine"),
-                       ("train.early_stopping.patience", "3")):
+                       ("train.early_stopping.patience", "3"), ("train.compile", "true")):
         with pytest.raises(SpecError) as e:
             _spec(f"{key}={value}")
         assert e.value.problems[0].startswith(f"{key}:")

@@ -61,6 +61,13 @@ BAD = [
           "privacy: client"]),
     ("mode: cluster\ncluster:\n  num_workers: 3\n", (),
      ["data.batch_size: 64 (the global batch) does not split over 3"]),
+    ("mode: federated\ntrain:\n  compile: true\n", (),
+     ["train.compile: true — a client builds its model anew every round", "allowed in "
+      "federated mode: false"]),
+    ("mode: cluster\ncluster:\n  strategy: fsdp\ntrain:\n  compile: true\n", (),
+     ["train.compile: true with cluster.strategy 'fsdp'", "allowed: cluster.strategy ddp"]),
+    ("train:\n  checkpoint_every: weekly\n", (),
+     ["train.checkpoint_every: 'weekly' is not valid", "'N epochs'"]),
 ]
 
 
