@@ -9,7 +9,7 @@ collectively, so every rank must call `full_state`/`full_optim_state` together.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +96,15 @@ def ddp(model: nn.Module, device: torch.device, compile: bool = False) -> Layout
         description={"parallel": "ddp", "dp": dist.get_world_size()})
 
 
-def fsdp(model: nn.Module, device: torch.device) -> Layout:
-    """FSDP2: every child with parameters is its own shard unit, then the root."""
+def fsdp(model: nn.Module, device: torch.device, precision: torch.dtype | None = None
+         ) -> Layout:
+    """FSDP2: every child with parameters is its own shard unit, then the root.
+
+    With bf16 precision on a GPU, FSDP2's MixedPrecisionPolicy keeps bf16 parameters for
+    the forward/backward and reduces gradients in fp32 (the sharded master weights stay
+    fp32). Accumulation micro-steps skip the gradient reduce-scatter
+    (`set_requires_gradient_sync(False)`), as DDP's `no_sync` does.
+    """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -106,14 +113,24 @@ def fsdp(model: nn.Module, device: torch.device) -> Layout:
         set_optimizer_state_dict,
     )
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32) \
+        if precision is not None and device.type == "cuda" else MixedPrecisionPolicy()
     for child in model.children():
         if any(p.requires_grad for p in child.parameters()):
-            fully_shard(child, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(child, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+    @contextlib.contextmanager
+    def no_sync() -> Iterator[None]:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
@@ -128,7 +145,7 @@ def fsdp(model: nn.Module, device: torch.device) -> Layout:
 
     return Layout(
         model=model, base=model, dp_rank=dist.get_rank(), dp_size=world, reduce=all_reduce_sum,
-        no_sync=None, full_state=lambda: get_model_state_dict(model, options=full),
+        no_sync=no_sync, full_state=lambda: get_model_state_dict(model, options=full),
         full_optim_state=optim_state, load_full_state=load_state,
         load_full_optim_state=load_optim,
         description={"parallel": "fsdp2", "dp": world, "shard_units": sum(
@@ -136,14 +153,14 @@ def fsdp(model: nn.Module, device: torch.device) -> Layout:
 
 
 def build(strategy: str, model: nn.Module, device: torch.device, compile: bool = False,
-          **pipeline: Any) -> Layout:
+          precision: torch.dtype | None = None, **pipeline: Any) -> Layout:
     """`pipeline` (stages, schedule, microbatches, batch, block_names) is used by
     pipeline/hybrid; `compile` (train.compile) by ddp, the only strategy the spec allows
     it with."""
     if strategy == "ddp":
         return ddp(model, device, compile=compile)
     if strategy == "fsdp":
-        return fsdp(model, device)
+        return fsdp(model, device, precision)
     if strategy in ("pipeline", "hybrid"):
         from atoll.cluster.pipeline import pipeline as pipelined
 

@@ -64,7 +64,7 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     import ray.train
 
     from atoll.cluster.parallel import build
-    from atoll.core.components import seed_everything
+    from atoll.core.components import autocast_dtype, seed_everything
     from atoll.core.data import load_data
     from atoll.core.spec import validate
     from atoll.models import build_model
@@ -85,7 +85,8 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
                         spec.project_dir, data.embedded).to(device)
     dp, pp = spec.cluster.mesh()
     per_rank = spec.data.batch_size // dp
-    layout = build(spec.cluster.strategy, model, device, compile=spec.train.compile, stages=pp,
+    layout = build(spec.cluster.strategy, model, device, compile=spec.train.compile,
+                   precision=autocast_dtype(spec, device), stages=pp,
                    schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
                    batch=per_rank, block_names=stage_names(spec.model, model))
     return WorkerStart(spec, rank, device, data, layout, per_rank)
