@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 CKPT_FILE = "state.ckpt"
@@ -26,7 +25,7 @@ CKPT_FILE = "state.ckpt"
 def continual_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from atoll.cluster.parallel import even_shard
+    from atoll.cluster.parallel import even_shard, on_cpu
     from atoll.cluster.worker import (
         deterministic_failure,
         newest_checkpoint,
@@ -102,7 +101,7 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
         r.append(row())
         history.extend(rows)
         strategies: list[Any] = [None] * world
-        dist.all_gather_object(strategies, _cpu(c.strategy.state_dict()))
+        dist.all_gather_object(strategies, on_cpu(c.strategy.state_dict()))
         full = layout.full_state()
         seen = sum(r[-1][:task.index + 1]) / (task.index + 1)
         if rank == 0:
@@ -121,17 +120,6 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report({"task": task.index + 1, "acc_seen": seen, "epoch": epochs_done})
     if rank == 0:
         tracker.wait()
-
-
-def _cpu(obj: Any) -> Any:
-    """Strategy state with every tensor on the CPU (gathered and saved by rank 0)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
 
 
 def _log_task(tracker: Any, rows: list[dict[str, float]], r: list[list[float]], i: int) -> None:

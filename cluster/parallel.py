@@ -37,6 +37,18 @@ class Layout:
     pipe: Any = None  # cluster.pipeline.Pipe: the loop runs the schedule instead of model(x)
 
 
+def on_cpu(obj: Any) -> Any:
+    """`obj` (nested dicts/lists/tuples) with every tensor on the CPU: what ranks gather as
+    objects (a pickled CUDA tensor is unpickled onto the receiver's GPU) and rank 0 saves."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Sum across ranks (float64 metric stats stay on CPU for gloo; moved for nccl)."""
     backend = dist.get_backend(group)

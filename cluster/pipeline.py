@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from atoll.cluster.parallel import Layout, all_reduce_sum
+from atoll.cluster.parallel import Layout, all_reduce_sum, on_cpu
 from atoll.models.stages import model_blocks, split_blocks
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,7 +128,8 @@ def pipeline(model: nn.Module, device: torch.device, *, stages: int, schedule: s
 
     def optim_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
         gathered: list[dict[str, Any]] = [{} for _ in range(stages)]
-        dist.all_gather_object(gathered, opt.state_dict(), group=pp_group)
+        # on CPU first: a pickled CUDA tensor would be unpickled onto the receiver's GPU
+        dist.all_gather_object(gathered, on_cpu(opt.state_dict()), group=pp_group)
         return {"pipeline_stages": gathered}
 
     def load_optim(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -142,3 +143,4 @@ def pipeline(model: nn.Module, device: torch.device, *, stages: int, schedule: s
         description={"parallel": "pipeline" if dp == 1 else "hybrid", "dp": dp, "pp": stages,
                      "schedule": schedule, "microbatches": microbatches,
                      "stage_blocks": split})
+

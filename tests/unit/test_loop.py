@@ -292,3 +292,18 @@ def test_a_non_finite_gradient_under_a_finite_loss_never_reaches_the_weights(fus
                     LoopConfig(progress="off"), TrainState())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_gathered_state_goes_through_the_cpu():
+    """What ranks gather as objects (pipeline optimizer state, strategy state) holds CPU
+    tensors only: a pickled CUDA tensor lands on the receiving rank's GPU."""
+    from atoll.cluster.parallel import on_cpu
+
+    state = {"a": [torch.ones(2, dtype=torch.bfloat16), (torch.zeros(1), 3)],
+             "b": {"step": torch.tensor(4.0)}, "lr": 0.1}
+    moved = on_cpu(state)
+    assert moved["a"][0].device.type == "cpu" and moved["a"][0].dtype == torch.bfloat16
+    assert isinstance(moved["a"][1], tuple) and moved["a"][1][1] == 3 and moved["lr"] == 0.1
+    assert torch.equal(moved["b"]["step"], torch.tensor(4.0))
+    if torch.cuda.is_available():  # the case it exists for
+        assert on_cpu({"m": torch.ones(2, device="cuda")})["m"].device.type == "cpu"
