@@ -12,7 +12,13 @@ torchrun's process start, or atoll's Ray worker group, process group, data and M
 run (Ray itself is started before the clock, as a cluster would already be running).
 Runs alternate so machine noise hits both alike. Target: ratio <= 1.05.
 
-    .venv/bin/python benchmarks/ddp_overhead.py [--repeats 3] [--epochs 12]
+Two cases: `large` (MLP 64-512-512-10, 12 epochs: per-step cost where compute dominates)
+and `small` (MLP 64-128-10, 32 samples per rank, 20 epochs: where per-step and per-epoch
+overhead shows). For each, `training s` is the time from the first step to the end of the
+last epoch, everything atoll does per epoch included (validation, checkpoints at
+`train.checkpoint_every`, tracking); target for the small case: ≤ 1.5× the plain script.
+
+    .venv/bin/python benchmarks/ddp_overhead.py [--case small|large|both] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _overrides(epochs: int) -> list[str]:
+CASES = {"large": {"epochs": 12, "sets": ["model.hidden=[512,512]", "data.batch_size=32"]},
+         "small": {"epochs": 20, "sets": ["model.hidden=[128]", "data.batch_size=64"]}}
+
+
+def _overrides(epochs: int, case: str) -> list[str]:
     return ["mode=cluster", "cluster.num_workers=2", "optim.name=sgd", "optim.lr=0.05",
-            "optim.weight_decay=0", "optim.scheduler.name=none", "data.batch_size=32",
-            f"train.epochs={epochs}", "train.progress=off", "train.resume=false",
-            "tracking.log_model=false", "tracking.experiment=bench-ddp", "model.dropout=0",
-            "model.hidden=[512,512]"]
+            "optim.weight_decay=0", "optim.scheduler.name=none", f"train.epochs={epochs}",
+            "train.progress=off", "train.resume=false", "tracking.log_model=false",
+            "tracking.experiment=bench-ddp", "model.dropout=0", *CASES[case]["sets"]]
 
 
 def _per_step(epochs: list[dict[str, float]]) -> float:
@@ -56,7 +65,8 @@ def run_torchrun(config: str, overrides: list[str], workdir: Path) -> dict[str, 
     wall = time.time() - launch
     report = json.loads(out.stdout.strip().splitlines()[-1])
     return {"per_step": _per_step(report["epochs"]), "startup": report["first_step"] - launch,
-            "samples_per_s": _throughput(report["epochs"]), "wall": wall}
+            "samples_per_s": _throughput(report["epochs"]), "wall": wall,
+            "training": report["end"] - report["first_step"]}
 
 
 def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
@@ -89,7 +99,8 @@ def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
     wall = time.time() - launch
     report = json.loads((out / "report.json").read_text())
     return {"per_step": _per_step(report["epochs"]), "startup": report["first_step"] - launch,
-            "samples_per_s": _throughput(report["epochs"]), "wall": wall}
+            "samples_per_s": _throughput(report["epochs"]), "wall": wall,
+            "training": report["end"] - report["first_step"]}
 
 
 def run_atoll(config: str, overrides: list[str], name: str) -> dict[str, float]:
@@ -110,10 +121,11 @@ def run_atoll(config: str, overrides: list[str], name: str) -> dict[str, float]:
     first_epoch_end = min(m.timestamp for m in seconds if m.step == 1) / 1000
     # the first epoch's metrics are logged after its checkpoint: subtract that epoch only
     first_step = first_epoch_end - epochs[0]["seconds"]
+    last_epoch_end = max(m.timestamp for m in seconds) / 1000  # logged at the epoch's end
     samples = client.get_metric_history(result.run_id, "samples_per_s")
     return {"per_step": _per_step(epochs), "startup": first_step - launch,
             "samples_per_s": statistics.median(m.value for m in samples if m.step > 1),
-            "wall": wall}
+            "wall": wall, "training": last_epoch_end - first_step}
 
 
 def _throughput(epochs: list[dict[str, float]]) -> float:
@@ -134,8 +146,9 @@ def _free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=["small", "large", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the case's own")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra spec overrides for both runs")
@@ -146,32 +159,47 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-ddp-"))
     os.chdir(work)
-    overrides = [*_overrides(args.epochs), f"tracking.uri=sqlite:///{work / 'mlruns.db'}",
-                 *args.overrides]
+    cases = ["large", "small"] if args.case == "both" else [args.case]
     ray.init(num_cpus=2, include_dashboard=False,
              _temp_dir=tempfile.mkdtemp(prefix="atoll-rb-", dir="/tmp"))
+    ratios: dict[str, float] = {}
     try:
-        runs: dict[str, list[dict[str, float]]] = {"torchrun": [], "ray-train": [], "atoll": []}
-        for i in range(args.repeats):
-            runs["torchrun"].append(run_torchrun(args.config, overrides, work))
-            runs["ray-train"].append(run_bare_ray(args.config, overrides))
-            runs["atoll"].append(run_atoll(args.config, overrides, f"bench-{i}"))
-            print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1]['per_step'] * 1e3:.2f} ms/step" for k, v in runs.items()),
-                flush=True)
+        for case in cases:
+            epochs = args.epochs or CASES[case]["epochs"]
+            overrides = [*_overrides(epochs, case),
+                         f"tracking.uri=sqlite:///{work / 'mlruns.db'}", *args.overrides]
+            ratios[case] = _case(case, epochs, args, overrides, work)
     finally:
         ray.shutdown()
+    # the last line: the small model's per-step ratio, where atoll's overhead shows most
+    print(f"ratio: {ratios['small' if 'small' in ratios else cases[0]]:.3f}")
+
+
+def _case(case: str, epochs: int, args: argparse.Namespace, overrides: list[str],
+          work: Path) -> float:
+    runs: dict[str, list[dict[str, float]]] = {"torchrun": [], "ray-train": [], "atoll": []}
+    for i in range(args.repeats):
+        runs["torchrun"].append(run_torchrun(args.config, overrides, work))
+        runs["ray-train"].append(run_bare_ray(args.config, overrides))
+        runs["atoll"].append(run_atoll(args.config, overrides, f"bench-{case}-{i}"))
+        print(f"{case} repeat {i + 1}/{args.repeats}: " + ", ".join(
+            f"{k} {v[-1]['per_step'] * 1e3:.2f} ms/step" for k, v in runs.items()), flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    print(f"\n2 gloo workers, {args.epochs} epochs, median of {args.repeats} runs "
-          f"(steady-state epochs 2..{args.epochs})")
-    print(f"{'':10}{'ms/step':>10}{'samples/s':>12}{'start-up s':>12}{'wall s':>9}")
+    print(f"\n{case}: 2 gloo workers, {epochs} epochs, median of {args.repeats} runs "
+          f"(per step: steady-state epochs 2..{epochs})")
+    print(f"{'':10}{'ms/step':>10}{'samples/s':>12}{'start-up s':>12}{'training s':>12}"
+          f"{'wall s':>9}")
     for k in runs:
         m = med[k]
         print(f"{k:10}{m['per_step'] * 1e3:10.2f}{m['samples_per_s']:12.0f}"
-              f"{m['startup']:12.1f}{m['wall']:9.1f}")
-    print(f"atoll / bare Ray Train per step: "
+              f"{m['startup']:12.1f}{m['training']:12.1f}{m['wall']:9.1f}")
+    per_step = med["atoll"]["per_step"] / med["torchrun"]["per_step"]
+    print(f"{case}: atoll / bare Ray Train per step: "
           f"{med['atoll']['per_step'] / med['ray-train']['per_step']:.3f}")
-    print(f"ratio: {med['atoll']['per_step'] / med['torchrun']['per_step']:.3f}")
+    print(f"{case}: atoll / torchrun training time ({epochs} epochs): "
+          f"{med['atoll']['training'] / med['torchrun']['training']:.2f}")
+    print(f"{case}: atoll / torchrun per step: {per_step:.3f}\n", flush=True)
+    return per_step
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Re-validates the spec, builds the data shard and the parallel layout, restores the
 latest Ray Train checkpoint (after a worker died, or when a job name is re-run), trains
-with the one loop, and reports each epoch to Ray Train, with a checkpoint from rank 0 at
-the epoch ends `train.checkpoint_every` names. Only rank 0 logs, into the MLflow run the
-driver created.
+with the one loop, and reports to Ray Train, with a checkpoint from rank 0, at the epoch
+ends `train.checkpoint_every` names (a report waits for Ray Train's controller to poll).
+Only rank 0 logs, into the MLflow run the driver created.
 
 A non-finite loss is deterministic: a retry would meet it again. The ranks agree on it
 (core.loop), rank 0 records it in `atoll-failed.json` and every rank returns normally, so
@@ -141,9 +141,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # a minutes interval is read from each rank's clock: rank 0's decides for all
         due = float(every.due(st.epoch, final)) if rank == 0 else 0.0
         if not all_reduce_sum(torch.tensor([due], dtype=torch.float64))[0]:  # every rank
-            if rank == 0:  # no checkpoint: a crash re-trains (and skips re-logging) these
+            # no checkpoint, and no report: Ray Train v2's report waits for its controller's
+            # next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), which was most of a small
+            # model's epoch. A crash re-trains these epochs (and skips re-logging them).
+            if rank == 0:
                 tracker.log_metrics(shown, step=st.epoch)
-            ray.train.report({**shown, "epoch": st.epoch})
             return
         every.saved()
         full = layout.full_state()  # collective under FSDP: all ranks call it

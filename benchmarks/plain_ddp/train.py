@@ -73,7 +73,7 @@ def train(spec: Any) -> dict[str, Any]:
             n += y.shape[0]
         epochs.append({"seconds": time.perf_counter() - t0, "samples": n * world,
                        "steps": len(loader)})
-    return {"first_step": first_step, "epochs": epochs}
+    return {"first_step": first_step, "epochs": epochs, "end": time.time()}
 
 
 if __name__ == "__main__":
