@@ -69,7 +69,8 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, epoch: int, step: int, value: float, what: str = "loss"):
         self.epoch, self.step, self.value, self.what = epoch, step, value, what
         found = f"non-finite loss {value}" if what == "loss" else \
-            "non-finite gradient (the loss was finite)"
+            "non-finite gradient (this rank's loss was finite; under DDP it may be another " \
+            "rank's loss)"
         super().__init__(
             f"{found} at epoch {epoch}, step {step}; training stopped. "
             "Lower optim.lr, set optim.grad_clip, or check the data for NaNs")
@@ -162,9 +163,10 @@ def train_epoch(
     A non-finite loss or gradient sets the flag and the optimizer skips that step and every
     later one on the device (a fused optimizer's `found_inf`, as GradScaler does), so NaN
     never reaches the weights; the next read raises NonFiniteLoss naming the first bad step.
-    With `reduce` (several ranks) the ranks agree on the flag at the same step, so all of
-    them stop together. An optimizer without a fused kernel (or a pipeline, whose stages
-    agree on every step's loss anyway) is checked on the host before every step instead.
+    Under DDP a bad loss NaNs its rank's gradient, which the all-reduce spreads: every rank
+    flags the same step without a collective of its own, and all of them stop together.
+    An optimizer without a fused kernel, FSDP2 and pipelines are checked on the host at
+    every step instead (the ranks agree on the loss and on the gradients).
     `no_sync` (DDP's `model.no_sync`) skips the gradient all-reduce on accumulation
     micro-steps.
     """
@@ -204,8 +206,7 @@ def train_epoch(
                     loss = loss_fn(logits, y)
                     extra = strategy.penalty(unwrap(model)) if strategy is not None else None
                     objective = loss + extra if extra is not None else loss
-                guard.loss(objective.detach(), state)
-                (objective / group).backward()
+                (guard.loss(objective, state) / group).backward()
         if logits is not None:  # a pipeline's earlier stages count nothing
             with torch.no_grad():
                 n = y.shape[0]
@@ -256,10 +257,10 @@ class _Guard:
     `bad` is a sticky device flag; `first` holds the step, the objective and the kind
     (0 loss, 1 gradient) of the first bad step. A fused optimizer (torch's
     `_step_supports_amp_scaling`) takes the flag as `found_inf` and leaves parameters and
-    state untouched when it is set. With `reduce` the ranks sum their loss flags at every
-    optimizer step (a device collective: no host sync under nccl), so all of them skip
-    from the same step and name it — a loss can overflow on one rank while the averaged
-    gradient stays finite. Gradients agree by themselves after DDP's all-reduce.
+    state untouched when it is set. A non-finite loss also makes its backward NaN (a loss
+    can overflow while its gradient stays finite), so under DDP the all-reduced gradient
+    carries it to every rank: all of them flag the same step with no collective of their
+    own.
     """
 
     LOSS, GRADIENT = 0.0, 1.0
@@ -273,12 +274,12 @@ class _Guard:
         self.first = torch.full((3,), math.nan, dtype=torch.float64, device=device)
         self.steps = torch.zeros((), dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.float32, device=device)
-        # this rank's loss flag and value since the last step (accumulation micro-steps)
-        self.pending = torch.zeros(2, dtype=torch.float64, device=device)
+        self.nan = torch.full((), math.nan, dtype=torch.float32, device=device)
 
-    def loss(self, objective: torch.Tensor, state: TrainState) -> None:
+    def loss(self, objective: torch.Tensor, state: TrainState) -> torch.Tensor:
+        """Check `objective`; returns what to back-propagate (NaN-scaled when it is bad)."""
         if not self.deferred:  # the host check before every backward (see train_epoch)
-            value = float(objective)
+            value = float(objective.detach())
             if self.reduce is not None:  # any rank's NaN/inf makes the sum non-finite
                 agreed = float(self.reduce(torch.tensor([value], dtype=torch.float64))[0])
                 if not math.isfinite(agreed):
@@ -286,13 +287,10 @@ class _Guard:
                     raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
             elif not math.isfinite(value):
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
-            return
-        now = ~torch.isfinite(objective)
-        if self.reduce is None:
-            self._flag(now, objective, self.LOSS)
-            return
-        here = torch.stack([now.double(), objective.double().reshape(())])
-        self.pending.copy_(torch.where(now & (self.pending[0] == 0), here, self.pending))
+            return objective
+        now = ~torch.isfinite(objective.detach())
+        self._flag(now, objective, self.LOSS)
+        return objective * torch.where(now, self.nan, self.one)
 
     def _flag(self, now: torch.Tensor, objective: torch.Tensor, kind: float) -> None:
         new = now & (self.bad == 0)
@@ -321,11 +319,6 @@ class _Guard:
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, math.nan, "gradient")
             self.optimizer.step()
             return
-        if self.reduce is not None:
-            agreed = self.reduce(torch.stack([self.pending[0], torch.where(
-                self.pending[0] > 0, self.pending[1], torch.zeros_like(self.pending[1]))]))
-            self._flag(agreed[0] > 0, agreed[1], self.LOSS)
-            self.pending.zero_()
         # an overflowing gradient (a NaN on any rank, after DDP's all-reduce)
         self._flag(self._grads_bad(model) > 0, torch.full((), math.nan, device=self.bad.device),
                    self.GRADIENT)
@@ -345,9 +338,14 @@ class _Guard:
                             (objective.detach().double().reshape(1) if objective is not None
                              else torch.full((1,), math.nan, dtype=torch.float64,
                                              device=self.bad.device))]).cpu()
-        if self.reduce is not None:  # equal on every rank already; a cheap second opinion
-            packed[0] = self.reduce(packed[:1].clone())[0]
         bad, first_step, first_value, kind, value = packed.tolist()
+        if self.reduce is not None:  # which rank's loss it was: every rank names it
+            lossy = bad > 0 and kind == self.LOSS
+            agreed = self.reduce(torch.tensor([bad, float(lossy), first_value if lossy else 0.0],
+                                              dtype=torch.float64)).tolist()
+            bad = agreed[0]
+            if agreed[1] > 0:
+                kind, first_value = self.LOSS, agreed[2]
         if bad > 0:
             step = self.start + int(first_step) if math.isfinite(first_step) \
                 else state.global_step
