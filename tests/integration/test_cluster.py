@@ -37,7 +37,10 @@ def ray_head(tmp_path_factory):
     tmp = tempfile.mkdtemp(prefix="atoll-rc-")  # short: Ray's socket paths
     port, dash, agent, agent_grpc, env_agent, metrics = (free_port() for _ in range(6))
     log = Path(tmp) / "head.log"
-    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           # the dashboard's modules get 30 s to start, too few on a loaded 2-core machine
+           # (two xdist workers starting heads at once: /api/version never answered)
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
     head = start_ray(["--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={port}",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                       f"--temp-dir={tmp}", "--disable-usage-stats",
@@ -47,7 +50,7 @@ def ray_head(tmp_path_factory):
                       f"--dashboard-agent-grpc-port={agent_grpc}",
                       f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
                      log, lambda p: wait_http(f"http://127.0.0.1:{dash}/api/version", p, log,
-                                              timeout=120), env=env, cwd=Path(tmp))
+                                              timeout=240), env=env, cwd=Path(tmp))
     try:
         yield {"gcs": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{dash}", "tmp": tmp}
     finally:
