@@ -18,6 +18,7 @@ import torch
 
 from atoll.continual.metrics import summary
 from atoll.continual.streams import Task, build_stream
+from atoll.core import interrupts
 from atoll.core.checkpoint import CheckpointDir, rng_state, set_rng_state
 from atoll.core.components import build_components, seed_everything
 from atoll.core.data import Batches, DataBundle, Split, eval_batches, load_data
@@ -155,6 +156,12 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
         raise RunFailed(f"{e}; last good checkpoint kept: {ckpts.latest()}") from e
     except KeyboardInterrupt:
         tracker.finish("KILLED")
+        raise KeyboardInterrupt(how_to_resume(ckpts)) from None
+    except Exception:
+        if not interrupts.requested():
+            tracker.finish("FAILED")
+            raise
+        tracker.finish("KILLED")  # Ctrl-C that a library turned into its own error
         raise KeyboardInterrupt(how_to_resume(ckpts)) from None
     except BaseException:
         tracker.finish("FAILED")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from atoll.core import interrupts
 from atoll.core.cadence import Cadence
 from atoll.core.checkpoint import CheckpointDir, CheckpointError, load, save
 from atoll.core.components import Components, build_components, checkpoint_payload, restore
@@ -335,6 +336,9 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
         tracker.finish("KILLED")
         raise KeyboardInterrupt(how_to_resume(ckpts)) from None
     except Exception:
+        if interrupts.requested():  # Ctrl-C that a library turned into its own error
+            tracker.finish("KILLED")
+            raise KeyboardInterrupt(how_to_resume(ckpts)) from None
         tracker.finish("FAILED")
         raise
     t_train_end = time.perf_counter()

@@ -401,3 +401,35 @@ def test_checkpoint_intervals():
     assert not timed.due(3, final=False) and timed.due(3, final=True)
     with pytest.raises(SpecError, match="train.checkpoint_every: 'weekly' is not valid"):
         load_spec(None, ["train.checkpoint_every=weekly"])
+
+
+class _WrappedInterrupt(NullTracker):
+    """Ctrl-C lands inside a library that turns the KeyboardInterrupt into its own error
+    (pydantic's serializer raised PydanticSerializationError around it in a CI run)."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.status = epoch, None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "train_loss" in metrics and step == self.epoch:
+            from atoll.core import interrupts
+
+            try:
+                interrupts.handle(2, None)
+            except KeyboardInterrupt as e:
+                raise ValueError("Error calling function `ser_path`: KeyboardInterrupt") from e
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+
+def test_an_interrupt_a_library_wrapped_in_its_own_error_still_ends_killed(tiny_spec):
+    from atoll.core import interrupts
+
+    tracker = _WrappedInterrupt(2)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="re-run the same command to resume"):
+            run_local(tiny_spec("train.epochs=3", "data.limit=100"), tracker=tracker)
+    finally:
+        interrupts.reset()
+    assert tracker.status == "KILLED"
