@@ -138,9 +138,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
         shown = {k: v for k, v in metrics.items() if k != "samples"}
         final = st.epoch >= c.cfg.epochs or st.stopped_early
-        # a minutes interval is read from each rank's clock: rank 0's decides for all
-        due = float(every.due(st.epoch, final)) if rank == 0 else 0.0
-        if not all_reduce_sum(torch.tensor([due], dtype=torch.float64))[0]:  # every rank
+        due = every.due(st.epoch, final)  # an epoch count: the same on every rank
+        if every.unit == "minutes":  # each rank's own clock: rank 0's decides for all
+            due = bool(all_reduce_sum(torch.tensor([float(due and rank == 0)],
+                                                   dtype=torch.float64))[0])
+        if not due:
             # no checkpoint, and no report: Ray Train v2's report waits for its controller's
             # next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), which was most of a small
             # model's epoch. A crash re-trains these epochs (and skips re-logging them).
