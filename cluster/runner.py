@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from atoll.cluster import streaming
 from atoll.cluster.worker import FAILED_MARK
 from atoll.continual.streams import check_stream
 from atoll.core.checkpoint import CheckpointError, load
@@ -326,11 +327,30 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     """Train `spec` on Ray Train; returns after the test evaluation and registration.
     `restart` (`atoll run --restart`) discards an unfinished run's checkpoints first."""
     check_job_paths(spec)
+    if not streaming.wanted(spec):
+        return _driver(spec, restart, None)
+    # streamed data is read by Ray Data: connected from the first pass over it to the test
+    # split's evaluation at the end
+    address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
+    if address:
+        _check_auth(address)
+    with _ray_connection(address, _cpus(spec)):
+        return _driver(spec, restart, streaming.prepare(spec))
+
+
+def _cpus(spec: ExperimentSpec) -> int:
+    """CPUs of a local Ray this driver starts: the machine's, or what the workers ask."""
+    return max(os.cpu_count() or 1, spec.cluster.num_workers * spec.cluster.cpus_per_worker)
+
+
+def _driver(spec: ExperimentSpec, restart: bool, data: Any) -> RunResult:
+    """`run_cluster` with the data read (`data` None: loaded whole here)."""
     from atoll.tracking import make_tracker
 
     t0 = time.perf_counter()
     # what the spec alone cannot tell is refused before an MLflow run or Ray exists
-    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    if data is None:
+        data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     comps = build_components(spec, data, 1, device=pick_device(spec))
     _check_layout(spec, comps.model)
     check_stream(data, spec.continual)
@@ -338,8 +358,9 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     run_dir = root / spec.name
     resumed = _prepare(spec, run_dir, restart)
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
-    if address:  # a cluster that refuses us (token authentication) is told before a run
-        _check_auth(address)
+    streamed = isinstance(data.train, streaming.StreamSplit)
+    if address and not streamed:  # a cluster that refuses us (token authentication) is
+        _check_auth(address)  # told before a run (a streamed one was, before it connected)
     tracker = make_tracker(spec.tracking, spec.name, mode="cluster",
                            run_id=resumed.get("run_id") if resumed else None)
     try:
@@ -367,6 +388,7 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
 
     c = spec.cluster
     dp, pp = c.mesh()
+    streamed = isinstance(data.train, streaming.StreamSplit)
     if resumed is None:
         tracker.log_params(spec.flat())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
@@ -375,7 +397,7 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
                             "cluster.dp": dp, "cluster.pp": pp,
                             "cluster.backend": "nccl" if c.use_gpu else "gloo",
                             "model.class": model_class(comps.model),
-                            "data.task": data.task})
+                            "data.task": data.task, "data.streamed": streamed})
     tracker.flush()
     tracker.set_tags({"atoll.run_dir": str(run_dir)})
     (run_dir / FAILED_MARK).unlink(missing_ok=True)
@@ -386,6 +408,11 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
               "run_id": tracker.run_id,
               "tracking_uri": resolve_uri(spec.tracking.uri) if spec.tracking.enabled else None,
               "run_dir": str(run_dir)}
+    datasets = None
+    if streamed:  # Ray Train shards these over the workers (DataConfig: equal splits)
+        config["stream"] = streaming.describe(data)
+        datasets = {s: getattr(data, s).dataset for s in ("train", "val")
+                    if len(getattr(data, s))}
     # Ray keeps the newest checkpoint plus the best `keep_checkpoints` by this score, so
     # the one `select_checkpoint` wants is still on disk at the end
     es = spec.train.early_stopping
@@ -399,7 +426,7 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
     stream = spec.continual.stream != "none"
     trainer = _interruptible(TorchTrainer)(
         continual_loop_per_worker if stream else train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=config, datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu,
@@ -409,8 +436,7 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=keep))
     address = os.environ.get("RAY_ADDRESS") or c.address
-    cpus = max(os.cpu_count() or 1, c.num_workers * c.cpus_per_worker)
-    with _ray_connection(address, cpus), _sigint_restored():
+    with _ray_connection(address, _cpus(spec)), _sigint_restored():
         try:
             result = trainer.fit()
         except Exception as e:

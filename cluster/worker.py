@@ -79,7 +79,14 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     torch.set_num_threads(spec.cluster.cpus_per_worker)
     record_worker(Path(config["run_dir"]), rank)
     seed_everything(spec.seed)
-    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    if "stream" in config:  # shards of the driver's Ray Data splits, and its statistics
+        from atoll.cluster.streaming import on_worker
+
+        info = config["stream"]
+        data = on_worker(info, {s: ray.train.get_dataset_shard(s) for s in ("train", "val")
+                                if info[s]["rows"]})
+    else:
+        data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
     model = build_model(spec.model, data.input_shape, data.num_classes,
                         spec.project_dir, data.embedded).to(device)
@@ -97,22 +104,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from atoll.core.checkpoint import load, save
     from atoll.core.components import build_components, checkpoint_payload
-    from atoll.core.data import Batches, eval_batches
     from atoll.core.loop import TrainState, train_task
 
     w = start_worker(config)
     spec, rank, device, data, layout, per_rank = (w.spec, w.rank, w.device, w.data, w.layout,
                                                   w.per_rank)
-    aug = spec.data.augment if data.is_image else None
-    # a pipeline's activation shapes are fixed by its first step: no short last batch
-    train = Batches(data.train, per_rank, shuffle=True, seed=spec.seed, rank=layout.dp_rank,
-                    world=layout.dp_size, shift=aug.shift if aug else 0,
-                    noise_std=aug.noise_std if aug else 0.0, drop_last=layout.pipe is not None)
-    val_shard = even_shard(data.val, layout.dp_rank, layout.dp_size)
-    val = None
-    if len(data.val):
-        val = Batches(val_shard, per_rank, shuffle=False) if layout.pipe is not None \
-            else eval_batches(val_shard, spec.data)
+    train, val = batches(spec, data, layout, per_rank, device)
     c = build_components(spec, data, len(train), device=device, model=layout.model)
     if rank != 0:  # one epoch line per epoch, not one per rank
         c.cfg.progress = "off"
@@ -179,6 +176,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    on_epoch_end=on_epoch_end, no_sync=layout.no_sync, pipe=layout.pipe)
     if rank == 0:
         tracker.wait()
+
+
+def batches(spec: Any, data: Any, layout: Any, per_rank: int, device: torch.device
+            ) -> tuple[Any, Any]:
+    """This rank's training and validation batches: slices of the in-memory splits, or its
+    Ray Data shards (equal row counts per rank, so every rank runs the same steps)."""
+    from atoll.cluster.streaming import StreamBatches, StreamSplit
+    from atoll.core.data import Batches, eval_batches
+
+    aug = spec.data.augment if data.is_image else None
+    shift, noise = (aug.shift, aug.noise_std) if aug else (0, 0.0)
+    if isinstance(data.train, StreamSplit):
+        world = layout.dp_size
+        train = StreamBatches(data.train.dataset, len(data.train) // world, per_rank,
+                              shuffle=True, seed=spec.seed, pin_memory=device.type == "cuda",
+                              shift=shift, noise_std=noise)
+        val = None
+        if len(data.val) >= world:
+            val = StreamBatches(data.val.dataset, len(data.val) // world,
+                                spec.data.eval_batch_size, shuffle=False, seed=spec.seed,
+                                pin_memory=device.type == "cuda")
+        return train, val
+    # a pipeline's activation shapes are fixed by its first step: no short last batch
+    train = Batches(data.train, per_rank, shuffle=True, seed=spec.seed, rank=layout.dp_rank,
+                    world=layout.dp_size, shift=shift, noise_std=noise,
+                    drop_last=layout.pipe is not None)
+    val_shard = even_shard(data.val, layout.dp_rank, layout.dp_size)
+    val = None
+    if len(data.val):
+        val = Batches(val_shard, per_rank, shuffle=False) if layout.pipe is not None \
+            else eval_batches(val_shard, spec.data)
+    return train, val
 
 
 def saved_spec(config: dict[str, Any]) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def build_components(spec: ExperimentSpec, data: DataBundle, steps_per_epoch: in
     steps = -(-steps_per_epoch // spec.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, spec.train.epochs)
     loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
-                         data.y_mean, data.y_std).to(device)
+                         data.y_mean, data.y_std,
+                         counts=getattr(data.train, "counts", None)).to(device)
     return Components(model, optimizer, scheduler, loss_fn, build_strategy(spec),
                       loop_config(spec, device), device)
 

@@ -8,7 +8,7 @@ permutation rather than a DataLoader: no per-sample Python overhead, exact repro
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,5 +335,8 @@ def train_batches(bundle: DataBundle, spec: DataSpec, seed: int, rank: int = 0,
                    noise_std=aug.noise_std if aug else 0.0)
 
 
-def eval_batches(split: Split, spec: DataSpec) -> Batches:
+def eval_batches(split: Split, spec: DataSpec) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches in order; a split streamed by Ray Data (cluster.streaming) stays so."""
+    if hasattr(split, "batches"):  # cluster.streaming.StreamSplit
+        return split.batches(spec.eval_batch_size)
     return Batches(split, spec.eval_batch_size, shuffle=False)

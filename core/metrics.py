@@ -30,8 +30,10 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
-def class_weights(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
-    """'balanced' is n / (k · count_c) as in scikit-learn; an explicit list is used as given."""
+def class_weights(spec: LossSpec, labels: torch.Tensor, num_classes: int,
+                  counts: torch.Tensor | None = None) -> torch.Tensor | None:
+    """'balanced' is n / (k · count_c) as in scikit-learn; an explicit list is used as given.
+    `counts` (rows per class, from a streaming pass) stands in for `labels`."""
     if spec.class_weights == "none":
         return None
     if isinstance(spec.class_weights, list):
@@ -39,8 +41,10 @@ def class_weights(spec: LossSpec, labels: torch.Tensor, num_classes: int) -> tor
             raise ValueError(f"train.loss.class_weights has {len(spec.class_weights)} entries; "
                              f"allowed: exactly {num_classes} (one per class)")
         return torch.tensor(spec.class_weights, dtype=torch.float32)
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1.0)
-    return len(labels) / (num_classes * counts)
+    if counts is None:
+        counts = torch.bincount(labels, minlength=num_classes)
+    n = float(counts.sum())
+    return n / (num_classes * counts.float().clamp_min(1.0))
 
 
 class RegressionLoss(nn.Module):
@@ -87,12 +91,12 @@ def from_regression_sums(s: torch.Tensor, scale: float = 1.0) -> dict[str, float
 
 
 def build_loss(spec: LossSpec, labels: torch.Tensor, num_classes: int,
-               task: str = "classification", y_mean: float = 0.0, y_std: float = 1.0
-               ) -> nn.Module:
+               task: str = "classification", y_mean: float = 0.0, y_std: float = 1.0,
+               counts: torch.Tensor | None = None) -> nn.Module:
     if task == "regression":
         return RegressionLoss("huber" if spec.name == "huber" else "mse", spec.huber_delta,
                               y_mean, y_std)
-    weight = class_weights(spec, labels, num_classes)
+    weight = class_weights(spec, labels, num_classes, counts)
     if spec.name == "focal":
         return FocalLoss(spec.focal_gamma, weight, spec.label_smoothing)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)

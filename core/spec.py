@@ -82,6 +82,7 @@ class SyntheticSpec(_Section):
 # the fields of a user's data each format reads (the rest must stay unset)
 _TABLE = frozenset({"path", "label", "features", "categorical", "categorical_encoding",
                     "embedding_dim"})
+STREAM_FORMATS = ("csv", "parquet", "imagefolder")  # read by Ray Data (cluster/streaming.py)
 FORMAT_FIELDS = {"csv": _TABLE, "parquet": _TABLE, "npz": frozenset({"path"}),
                  "imagefolder": frozenset({"path", "image_size", "channels"}),
                  "hf-disk": _TABLE | {"image_size", "channels"},
@@ -126,6 +127,10 @@ class DataSpec(_Section):
     eval_batch_size: int = Field(512, ge=1)
     normalize: bool = True
     limit: int | None = Field(None, ge=1, description="cap on training samples (smoke runs)")
+    streaming: bool | Literal["auto"] = Field(
+        "auto", description="cluster mode: read csv/parquet/imagefolder with Ray Data and "
+        "stream it to the workers (the driver never loads it); auto: when the files pass "
+        "1 GiB")
     augment: AugmentSpec = AugmentSpec()
     synthetic: SyntheticSpec = SyntheticSpec()
 
@@ -643,6 +648,7 @@ class ExperimentSpec(_Section):
             raise ValueError("continual.ewc.aggregate: 'server' sends each client's Fisher "
                              f"without the protection of federated.privacy.mode "
                              f"{self.federated.privacy.mode!r}; allowed with privacy: client")
+        self._check_streaming()
         if self.mode == "federated":
             self._check_federated()
         if self.mode == "cluster":
@@ -652,6 +658,28 @@ class ExperimentSpec(_Section):
                                  f"stream (continual.stream {self.continual.stream!r}); "
                                  "allowed with a stream: ddp")
         return self
+
+    def _check_streaming(self) -> None:
+        """`data.streaming: true` is a Ray Data pipeline into Ray Train workers."""
+        if self.data.streaming is not True:
+            return
+        if self.mode != "cluster":
+            raise ValueError(f"data.streaming: true streams data to Ray Train workers; in "
+                             f"{self.mode} mode the data is read whole; allowed: mode "
+                             "cluster, or data.streaming auto/false")
+        if self.data.format not in STREAM_FORMATS:
+            raise ValueError(f"data.streaming: true, but data.format {self.data.format!r} "
+                             f"is read whole; allowed: data.format "
+                             f"{', '.join(STREAM_FORMATS)}, or data.streaming false")
+        if self.cluster.strategy in ("pipeline", "hybrid"):
+            raise ValueError(f"data.streaming: true with cluster.strategy "
+                             f"{self.cluster.strategy!r} (Ray Train shards a stream over every "
+                             "rank, but a pipeline's stages must see the same batches); "
+                             "allowed with streaming: ddp, fsdp")
+        if self.continual.stream != "none":
+            raise ValueError(f"data.streaming: true with continual.stream "
+                             f"{self.continual.stream!r} (a task stream selects and permutes "
+                             "samples in memory); allowed with a stream: data.streaming false")
 
     def _check_federated(self) -> None:
         """Local-mode settings that federated clients cannot honour are refused, never

@@ -66,6 +66,18 @@ BAD = [
       "federated mode: false"]),
     ("mode: cluster\ncluster:\n  strategy: fsdp\ntrain:\n  compile: true\n", (),
      ["train.compile: true with cluster.strategy 'fsdp'", "allowed: cluster.strategy ddp"]),
+    ("data:\n  streaming: true\n", (),
+     ["data.streaming: true streams data to Ray Train workers; in local mode",
+      "allowed: mode cluster"]),
+    ("mode: cluster\ndata:\n  streaming: true\n  format: npz\n  path: a.npz\n", (),
+     ["data.streaming: true, but data.format 'npz' is read whole",
+      "allowed: data.format csv, parquet, imagefolder"]),
+    ("mode: cluster\ndata:\n  streaming: true\n  format: csv\n  path: a.csv\n"
+     "cluster:\n  strategy: pipeline\n  num_workers: 2\n", (),
+     ["data.streaming: true with cluster.strategy 'pipeline'", "allowed with streaming: ddp"]),
+    ("mode: cluster\ndata:\n  streaming: true\n  format: csv\n  path: a.csv\n"
+     "continual:\n  stream: permuted\n  scenario: domain\n", (),
+     ["data.streaming: true with continual.stream 'permuted'", "data.streaming false"]),
     ("train:\n  checkpoint_every: weekly\n", (),
      ["train.checkpoint_every: 'weekly' is not valid", "'N epochs'"]),
 ]
