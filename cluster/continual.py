@@ -119,7 +119,7 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report({"task": task.index + 1, "acc_seen": seen, "epoch": epochs_done})
     if rank == 0:
-        tracker.wait()
+        tracker.close()  # the system-metrics monitor's last samples; the driver ends the run
 
 
 def _log_task(tracker: Any, rows: list[dict[str, float]], r: list[list[float]], i: int) -> None:

@@ -175,7 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    reduce=layout.reduce, on_step=on_step,
                    on_epoch_end=on_epoch_end, no_sync=layout.no_sync, pipe=layout.pipe)
     if rank == 0:
-        tracker.wait()
+        tracker.close()  # the system-metrics monitor's last samples; the driver ends the run
 
 
 def batches(spec: Any, data: Any, layout: Any, per_rank: int, device: torch.device

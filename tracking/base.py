@@ -63,6 +63,7 @@ class Tracker(Protocol):
                   alias: str, tags: dict[str, str], selection: Selection | None = None
                   ) -> RegisteredModel | None: ...
     def flush(self) -> None: ...
+    def close(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -95,6 +96,9 @@ class NullTracker:
         return None
 
     def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -204,6 +204,18 @@ class MlflowTracker:
         return RegisteredModel(registered_name, str(version.version), alias,
                                f"models:/{registered_name}@{alias}")
 
+    def close(self) -> None:
+        """Stop this process's share of a run another process ends (a Ray Train rank 0
+        logging into the driver's run): the system-metrics monitor writes its last samples
+        and every queued metric lands; the run stays open."""
+        try:
+            if self._system is not None:
+                self._system.finish()
+                self._system = None
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
+
     def finish(self, status: str = "FINISHED") -> None:
         try:
             if self._system is not None:

@@ -266,3 +266,30 @@ def test_a_compiled_run_trains_like_an_eager_one_and_registers(tiny_spec, tmp_pa
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5)
     assert compiled.registered is not None and compiled.registered.version == "1"
+
+
+def test_a_tracker_that_joined_a_run_closes_without_ending_it(tmp_path):
+    """A Ray Train rank 0 logs into the driver's run: `close()` stops its system-metrics
+    monitor with the last samples written and every metric landed, and leaves the run's
+    status to the driver."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from atoll.tracking import make_tracker
+
+    spec = load_spec(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                            "tracking.system_metrics_interval=1"]).tracking
+    driver = make_tracker(spec, "joined", mode="cluster")
+    worker = make_tracker(spec, "joined", mode="cluster", run_id=driver.run_id, trains=True)
+    worker.log_metrics({"train_loss": 0.5}, step=1)
+    time.sleep(2.5)
+    worker.close()
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run = client.get_run(driver.run_id)
+    assert run.info.status == "RUNNING"
+    assert "train_loss" in run.data.metrics
+    assert any(k.startswith("system/") for k in run.data.metrics), run.data.metrics
+    driver.finish("FINISHED")
