@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atoll: interrupted; {e}" if str(e) else "atoll: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if interrupts.requested():  # Ctrl-C that a library turned into its own error
+        if interrupts.stopped_by(e):  # Ctrl-C that a library turned into its own error
             print("atoll: interrupted", file=sys.stderr)
             return 130
         known = _known_failure(e)

@@ -154,16 +154,10 @@ def run_continual(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = 
     except NonFiniteLoss as e:
         tracker.finish("FAILED")
         raise RunFailed(f"{e}; last good checkpoint kept: {ckpts.latest()}") from e
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise KeyboardInterrupt(how_to_resume(ckpts)) from None
-    except Exception:
-        if not interrupts.requested():
-            tracker.finish("FAILED")
-            raise
-        tracker.finish("KILLED")  # Ctrl-C that a library turned into its own error
-        raise KeyboardInterrupt(how_to_resume(ckpts)) from None
-    except BaseException:
+    except BaseException as e:
+        if interrupts.stopped_by(e):
+            tracker.finish("KILLED")
+            raise KeyboardInterrupt(how_to_resume(ckpts)) from None
         tracker.finish("FAILED")
         raise
     result = finish_stream(spec, data, c.model, tasks, r, baseline, history, tracker,

@@ -24,6 +24,14 @@ def requested() -> bool:
     return _requested.is_set()
 
 
+def stopped_by(error: BaseException) -> bool:
+    """Whether `error` ends a run as a stop (KILLED, resumable) rather than a failure: a
+    KeyboardInterrupt, or any error raised once a stop was asked for (a library caught the
+    interrupt and raised its own, e.g. pydantic's serializer)."""
+    return isinstance(error, KeyboardInterrupt) or (isinstance(error, Exception)
+                                                     and _requested.is_set())
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if a stop was asked for (and possibly swallowed) earlier."""
     if _requested.is_set():

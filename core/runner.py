@@ -332,11 +332,8 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
         tracker.finish("FAILED")
         where = f"last good checkpoint kept: {kept}" if kept else "no checkpoint was written yet"
         raise RunFailed(f"{e}; {where}") from e
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise KeyboardInterrupt(how_to_resume(ckpts)) from None
-    except Exception:
-        if interrupts.requested():  # Ctrl-C that a library turned into its own error
+    except BaseException as e:
+        if interrupts.stopped_by(e):
             tracker.finish("KILLED")
             raise KeyboardInterrupt(how_to_resume(ckpts)) from None
         tracker.finish("FAILED")
