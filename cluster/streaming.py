@@ -36,8 +36,8 @@ def wanted(spec: ExperimentSpec) -> bool:
     """Whether this cluster run streams its data (`data.streaming`, auto: > AUTO_BYTES)."""
     d = spec.data
     if spec.mode != "cluster" or d.streaming is False or d.format not in STREAM_FORMATS \
-            or spec.continual.stream != "none":
-        return False
+            or spec.continual.stream != "none" or spec.cluster.strategy in ("pipeline", "hybrid"):
+        return False  # (auto: a pipeline's stages must see the same rows; read whole)
     return d.streaming is True or rows.source_bytes(d, spec.project_dir) > rows.AUTO_BYTES
 
 
@@ -54,9 +54,11 @@ class StreamSplit:
     def __len__(self) -> int:
         return self.rows
 
-    def batches(self, batch_size: int) -> StreamBatches:
-        """In order, for evaluation (`core.data.eval_batches` asks a split for these)."""
-        return StreamBatches(self.dataset, self.rows, batch_size, shuffle=False, seed=0)
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                shift: int = 0, noise_std: float = 0.0) -> StreamBatches:
+        """All rows (`core.data.eval_batches` asks a split for these)."""
+        return StreamBatches(self.dataset, self.rows, batch_size, shuffle=shuffle, seed=seed,
+                             shift=shift, noise_std=noise_std)
 
     @property
     def x(self) -> torch.Tensor:
@@ -133,8 +135,9 @@ def task_args(spec: ExperimentSpec) -> dict[str, Any]:
     return {"num_cpus": 1.0} if total - held >= 1 else {"num_cpus": 0.0, "concurrency": 2}
 
 
-def _table_sources(spec: DataSpec, path: Path, cpus: dict[str, Any]
-                   ) -> tuple[dict[str, Any], dict[str, str]]:
+def _table_sources(spec: DataSpec, path: Path, cpus: dict[str, Any],
+                   numeric: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Lazy Ray Data reads of each split file; csv `numeric` columns as float64."""
     import ray.data
 
     suffixes = (".csv", ".tsv") if spec.format == "csv" else (".parquet", ".pq")
@@ -148,9 +151,9 @@ def _table_sources(spec: DataSpec, path: Path, cpus: dict[str, Any]
                 import pyarrow.csv as pacsv
 
                 tab = p.suffix.lower() == ".tsv"
-                out[split] = ray.data.read_csv(str(p), **cpus,
-                                               parse_options=pacsv.ParseOptions(
-                    delimiter="\t" if tab else ","))
+                out[split] = ray.data.read_csv(
+                    str(p), **cpus, convert_options=rows.csv_options(numeric),
+                    parse_options=pacsv.ParseOptions(delimiter="\t" if tab else ","))
             out[split].schema()  # reads a header (and a first block for csv)
         except Exception as e:  # noqa: BLE001 - Ray wraps the reader's error in its own
             raise SpecError([f"data.path: cannot read {p} as {spec.format} "
@@ -168,6 +171,9 @@ def _uniques(sources: dict[str, Any], columns: list[str]) -> dict[str, dict[str,
     out = {}
     for split, ds in sources.items():
         found = ds.aggregate(*(Unique(c, alias_name=c) for c in columns))
+        if found is None:  # no row at all
+            raise SpecError([f"data.path: the {split} split has no rows; allowed: a table "
+                             "with data"])
         out[split] = {c: list(found[c]) for c in columns}
     return out
 
@@ -207,10 +213,11 @@ def on_worker(info: dict[str, Any], shards: dict[str, Any]) -> DataBundle:
         y_mean=info["y_mean"], y_std=info["y_std"])
 
 
-def _totals(ds: Any) -> dict[str, Any]:
-    """Add up `rows.moments` of every block on the driver (one small row per block)."""
+def _totals(ds: Any, fmt: str) -> dict[str, Any]:
+    """Add up `rows.moments` of every batch on the driver (one small row per batch)."""
     out: dict[str, Any] = {}
-    for part in ds.map_batches(rows.moments, batch_format="numpy", batch_size=4096
+    size = rows.MOMENT_ROWS.get(fmt, 4096)
+    for part in ds.map_batches(rows.moments, batch_format="numpy", batch_size=size
                                ).iter_batches(batch_size=1, batch_format="numpy"):
         rows.add_moments(out, {k: v[0] for k, v in part.items()})
     return out
@@ -224,10 +231,10 @@ def _image_sources(spec: DataSpec, path: Path) -> tuple[dict[str, Any], list[str
     split_dirs, classes, files = rows.image_splits(path)
     out = {}
     for split, found in files.items():
-        items = [{"path": p, "label": c} for p, c in found]
-        # a block per 1,000 files: the listing is small, each block's decode is not
+        items = [{"path": p, "label": c, "key": k} for p, c, k in found]
+        # a block per 256 files: the listing is small, each block's decode is not
         out[split] = ray.data.from_items(items,
-                                         override_num_blocks=max(1, -(-len(items) // 1000)))
+                                         override_num_blocks=max(1, -(-len(items) // 256)))
     return out, classes, {s: str(d) for s, d in split_dirs.items()}
 
 
@@ -235,22 +242,35 @@ def _image_layout(spec: DataSpec, sources: dict[str, Any], classes: list[str]) -
     """Channels and size from a pass over the images' headers (no pixels decoded)."""
     sizes: dict[str, str] = {}
     all_grey = True
-    for ds in sources.values():
+    for name, ds in sources.items():
         for part in ds.map_batches(rows.image_header, batch_format="numpy").iter_batches(
                 batch_size=4096, batch_format="numpy"):
             for s, p in zip(part["size"].tolist(), part["path"].tolist(), strict=True):
                 sizes.setdefault(s, p)
-            all_grey = all_grey and bool(part["grey"].all())
+            if name == "train":  # channels: the training images decide
+                all_grey = all_grey and bool(part["grey"].all())
     return rows.image_layout(spec, sizes, all_grey, classes)
 
 
 def _table_layout(spec: DataSpec, task: str | None, sources: dict[str, Any],
-                  where: dict[str, str]) -> rows.Layout:
+                  where: dict[str, str]) -> tuple[rows.Layout, list[str]]:
     numeric, label_types = rows.check_columns(
         spec, {s: ds.schema() for s, ds in sources.items()}, where)
     regression = rows.is_regression(task, label_types)
     uniques = _uniques(sources, [*spec.categorical, *([] if regression else [spec.label])])
-    return rows.table_layout(spec, task, numeric, label_types, uniques, where)
+    return rows.table_layout(spec, task, numeric, label_types, uniques, where), numeric
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    while id(e) not in seen and not isinstance(e, SpecError):
+        seen.add(id(e))
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        e = nxt
+    return e
 
 
 def prepare(spec: ExperimentSpec) -> DataBundle:
@@ -262,15 +282,36 @@ def prepare(spec: ExperimentSpec) -> DataBundle:
     if not path.exists():
         raise SpecError([f"data.path: {path} does not exist; allowed: a {d.format} file or "
                          "folder (relative paths start at project_dir)"])
-    key = None
     cpus = task_args(spec)
+    where = {"train": str(path)}
+    try:
+        return _prepare(spec, path, cpus, where)
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a pass failed in a Ray task: the user's file
+        cause = _cause(e)
+        if isinstance(cause, SpecError):
+            raise cause from None
+        if isinstance(cause, (ValueError, OSError)):  # pyarrow's ArrowInvalid included
+            raise rows.read_error(cause, where["train"], d.format) from None
+        raise
+
+
+def _prepare(spec: ExperimentSpec, path: Path, cpus: dict[str, Any], where: dict[str, str]
+             ) -> DataBundle:
+    d = spec.data
+    key = None
     if d.format == "imagefolder":
-        sources, classes, where = _image_sources(d, path)
+        sources, classes, found = _image_sources(d, path)
+        where.update(found)
         layout = _image_layout(d, sources, classes)
-        key = "path"
+        key = "key"
     else:
-        sources, where = _table_sources(d, path, cpus)
-        layout = _table_layout(d, spec.task, sources, where)
+        sources, found = _table_sources(d, path, cpus)
+        where.update(found)
+        layout, numeric = _table_layout(d, spec.task, sources, where)
+        if d.format == "csv":  # read again, numeric columns as float64 throughout
+            sources, _ = _table_sources(d, path, cpus, numeric)
     cut = rows.ranges(d, set(sources))
     raw = {}
     for split, keep in cut.items():
@@ -280,7 +321,8 @@ def prepare(spec: ExperimentSpec) -> DataBundle:
     if d.limit is not None:
         raw["train"] = raw["train"].limit(d.limit)
     fmt = "numpy" if key else "pandas"
-    stats = {s: _totals(ds.map_batches(layout, batch_format=fmt)) for s, ds in raw.items()}
+    stats = {s: _totals(ds.map_batches(layout, batch_format=fmt), d.format)
+             for s, ds in raw.items()}
     layout = rows.Layout(**{f: getattr(layout, f) for f in layout.__dataclass_fields__})
 
     def make(name: str, final: rows.Layout, n: int, head: Split, counts: Any) -> StreamSplit:

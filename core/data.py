@@ -330,6 +330,10 @@ class Batches:
 def train_batches(bundle: DataBundle, spec: DataSpec, seed: int, rank: int = 0,
                   world: int = 1) -> Batches:
     aug = spec.augment if bundle.is_image else None
+    if hasattr(bundle.train, "batches"):  # read piece by piece (core.loader)
+        return bundle.train.batches(spec.batch_size, shuffle=True, seed=seed,
+                                    shift=aug.shift if aug else 0,
+                                    noise_std=aug.noise_std if aug else 0.0)
     return Batches(bundle.train, spec.batch_size, shuffle=True, seed=seed, rank=rank,
                    world=world, shift=aug.shift if aug else 0,
                    noise_std=aug.noise_std if aug else 0.0)

@@ -99,15 +99,17 @@ class Layout:
         return np.array([index[str(v)] for v in raw.tolist()], dtype=np.int64)
 
     def _images(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        from PIL import Image
 
         from atoll.core.images import _open, _pixels
 
         xs = []
         for p in batch["path"].tolist():
-            with _open(Image.open(p), p) as img:
+            with _open(p, p) as img:  # a file that is no image: one SpecError line
                 xs.append(_pixels(img, p, self.channels, self.image_size))
         return np.stack(xs).astype(np.float32), batch["label"].astype(np.int64)
+
+
+MOMENT_ROWS = {"imagefolder": 64}  # rows per `moments` call (float64 copies of a batch)
 
 
 def moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -169,13 +171,12 @@ def label_values(spec: DataSpec, task: str | None, uniques: dict[str, dict[str, 
 
 
 def image_header(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from PIL import Image
 
     from atoll.core.images import GREY_MODES, _open
 
     sizes, grey = [], []
     for p in batch["path"].tolist():
-        with _open(Image.open(p), p) as img:
+        with _open(p, p) as img:
             sizes.append(f"{img.size[1]}x{img.size[0]}")
             grey.append(img.mode in GREY_MODES)
     return {"path": batch["path"], "size": np.array(sizes), "grey": np.array(grey)}
@@ -307,6 +308,24 @@ def is_regression(task: str | None, label_types: dict[str, Any]) -> bool:
         task is None and all(pa.types.is_floating(t) for t in label_types.values()))
 
 
+def csv_options(numeric: list[str] | None = None) -> Any:
+    """pyarrow csv conversion: numeric features as float64 throughout (a streaming reader
+    guesses a column's type from its first block, and a later 1.5 in an int column would
+    fail the read), and empty text cells as missing, as pandas reads them."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    return pacsv.ConvertOptions(strings_can_be_null=True,
+                                column_types={c: pa.float64() for c in numeric or []})
+
+
+def read_error(e: BaseException, where: str, fmt: str) -> SpecError:
+    """A file that fails while streamed (a value of the wrong type deep in a csv)."""
+    return SpecError([f"data.path: cannot read {where} as {fmt} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
+                      f" allowed: a {fmt} file whose columns keep one type throughout"])
+
+
 def table_layout(spec: DataSpec, task: str | None, numeric: list[str],
                  label_types: dict[str, Any], uniques: dict[str, dict[str, list[Any]]],
                  where: dict[str, str]) -> Layout:
@@ -336,8 +355,10 @@ def image_layout(spec: DataSpec, sizes: dict[str, str], all_grey: bool, classes:
                   image_size=spec.image_size, channels=spec.channels or (1 if all_grey else 3))
 
 
-def image_splits(path: Path) -> tuple[dict[str, Path], list[str], dict[str, list[tuple[str, int]]]]:
-    """An image folder's split folders, classes (train's) and (file, class index) rows."""
+def image_splits(path: Path) -> tuple[dict[str, Path], list[str],
+                                      dict[str, list[tuple[str, int, str]]]]:
+    """An image folder's split folders, classes (train's) and (file, class index, key)
+    rows; the key (class/file name) cuts the splits, so moving the folder keeps them."""
     from atoll.core.images import class_folders
 
     split_dirs = {s: path / n for s, names in formats.SPLIT_NAMES.items() for n in names
@@ -353,7 +374,9 @@ def image_splits(path: Path) -> tuple[dict[str, Path], list[str], dict[str, list
             raise SpecError([f"data.path: class folder {d / unknown[0]} is not a class of the "
                              f"training split ({', '.join(classes)}); allowed: the same class "
                              "folders in every split"])
-        rows[split] = [(str(f), classes.index(c)) for c, fs in found.items() for f in fs]
+        index = {c: i for i, c in enumerate(classes)}
+        rows[split] = [(str(f), index[c], f"{c}/{f.name}") for c, fs in found.items()
+                       for f in fs]
     return split_dirs, classes, rows
 
 

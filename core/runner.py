@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from atoll.core import interrupts
+from atoll.core import interrupts, loader
 from atoll.core.cadence import Cadence
 from atoll.core.checkpoint import CheckpointDir, CheckpointError, load, save
 from atoll.core.components import Components, build_components, checkpoint_payload, restore
@@ -284,7 +284,8 @@ def run_local(spec: ExperimentSpec, tracker: Any = None, *, restart: bool = Fals
     check_writable(ckpts.root, "train.checkpoint_dir")
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
-    data: DataBundle = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    data: DataBundle = loader.prepare(spec) if loader.wanted(spec) else \
+        load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     train = train_batches(data, spec.data, spec.seed)
     val = eval_batches(data.val, spec.data) if len(data.val) else None
     c = build_components(spec, data, len(train))

@@ -128,9 +128,11 @@ class DataSpec(_Section):
     normalize: bool = True
     limit: int | None = Field(None, ge=1, description="cap on training samples (smoke runs)")
     streaming: bool | Literal["auto"] = Field(
-        "auto", description="cluster mode: read csv/parquet/imagefolder with Ray Data and "
-        "stream it to the workers (the driver never loads it); auto: when the files pass "
-        "1 GiB")
+        "auto", description="csv/parquet/imagefolder read piece by piece, never whole: Ray "
+        "Data into Ray Train workers (cluster), DataLoader workers (local); auto: when the "
+        "files pass 1 GiB")
+    workers: int = Field(2, ge=0, description="local streamed data: DataLoader worker "
+                         "processes (0: read in the training process)")
     augment: AugmentSpec = AugmentSpec()
     synthetic: SyntheticSpec = SyntheticSpec()
 
@@ -663,15 +665,14 @@ class ExperimentSpec(_Section):
         """`data.streaming: true` is a Ray Data pipeline into Ray Train workers."""
         if self.data.streaming is not True:
             return
-        if self.mode != "cluster":
-            raise ValueError(f"data.streaming: true streams data to Ray Train workers; in "
-                             f"{self.mode} mode the data is read whole; allowed: mode "
-                             "cluster, or data.streaming auto/false")
+        if self.mode == "federated":
+            raise ValueError("data.streaming: true, but federated clients read their "
+                             "partition whole; allowed in federated mode: auto or false")
         if self.data.format not in STREAM_FORMATS:
             raise ValueError(f"data.streaming: true, but data.format {self.data.format!r} "
                              f"is read whole; allowed: data.format "
                              f"{', '.join(STREAM_FORMATS)}, or data.streaming false")
-        if self.cluster.strategy in ("pipeline", "hybrid"):
+        if self.mode == "cluster" and self.cluster.strategy in ("pipeline", "hybrid"):
             raise ValueError(f"data.streaming: true with cluster.strategy "
                              f"{self.cluster.strategy!r} (Ray Train shards a stream over every "
                              "rank, but a pipeline's stages must see the same batches); "

@@ -23,6 +23,7 @@ FIELDS: dict[str, str] = {
     "data.image_size": HONOURED, "data.channels": HONOURED, "data.target": HONOURED,
     "data.kwargs.": HONOURED,
     "data.streaming": "auto and false: clients read their partition whole; true is refused",
+    "data.workers": "unused: clients read their partition whole",
     "data.val_fraction": "replaced by federated.partition.val_fraction (client-side "
                          "validation; the server evaluates on the test split)",
     "data.batch_size": "the client batch unless federated.batch_size is set",

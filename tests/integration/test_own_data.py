@@ -228,6 +228,47 @@ def test_embedded_categoricals_register_and_predict_raw_rows(project):
 # --------------------------------------------------------------------------- streaming
 
 
+def test_a_local_run_streams_its_table_through_dataloader_workers(project, monkeypatch):
+    """data.streaming in local mode: DataLoader worker processes read parquet row groups
+    and the training process never loads the table whole; statistics equal load_data's on
+    the same rows; an epoch's batches depend only on (seed, epoch)."""
+    from atoll.core import data as data_module
+    from atoll.core import formats, loader
+    from atoll.core.data import load_data, train_batches
+
+    datagen.write_csv(project, split=True)
+    spec = load_spec(None, ["data.streaming=true", "data.val_fraction=0", *FORMATS["csv"][1],
+                            f"project_dir={project}"])
+    streamed, memory = loader.prepare(spec), load_data(spec.data, spec.seed, project)
+    assert (streamed.classes, streamed.features, len(streamed.train), len(streamed.test)) == \
+        (memory.classes, memory.features, len(memory.train), len(memory.test))
+    assert torch.allclose(streamed.mean, memory.mean, atol=1e-5)
+    assert torch.allclose(streamed.std, memory.std, atol=1e-5)
+    rows = torch.cat([x for x, _ in loader.LoaderBatches(streamed.train, 64, shuffle=False,
+                                                          seed=0, workers=2)])
+    assert torch.allclose(rows.sum(0), memory.train.x.sum(0), atol=1e-3)  # the same rows
+
+    datagen.table(900).to_parquet(project / "trees.parquet", row_group_size=60)
+    spec = load_spec(None, ["name=streamed-local", *TRAIN, *FORMATS["parquet"][1],
+                            "train.epochs=5", "data.streaming=true", "data.workers=2",
+                            "tracking.enabled=false"])
+    batches = train_batches(loader.prepare(spec), spec.data, spec.seed)
+    orders = []
+    for epoch in (3, 3, 4):
+        batches.set_epoch(epoch)
+        orders.append([y.tolist() for _, y in batches])
+        assert len(orders[-1]) == len(batches)
+    assert orders[0] == orders[1] != orders[2]
+
+    def whole(*_a, **_k):
+        raise AssertionError("the training process loaded the data whole")
+
+    for module, name in ((formats, "read"), (data_module, "load_data")):
+        monkeypatch.setattr(module, name, whole)
+    result = run_local(spec)
+    assert result.epochs == 5 and result.metrics["test_accuracy"] >= 0.85, result.metrics
+
+
 @pytest.fixture
 def ray_driver(shared_ray):
     """This process as a driver of the module's Ray head (Ray Data runs its passes there)."""
@@ -283,6 +324,13 @@ def test_streamed_statistics_equal_the_in_memory_ones(ray_driver, project):
                             *FORMATS["csv"][1]])
     with pytest.raises(SpecError, match=r"data.features: column 'height' of .*train.csv is "
                                         r"not numeric"):
+        streaming.prepare(spec)
+    # found by a Ray task: the same one line, not Ray's wrapped traceback
+    datagen.write_imagefolder(project / "imgs", n_per_class=5)
+    (project / "imgs" / "cedar" / "broken.png").write_bytes(b"not a png")
+    spec = load_spec(None, ["mode=cluster", "data.streaming=true", f"project_dir={project}",
+                            "data.format=imagefolder", "data.path=imgs"])
+    with pytest.raises(SpecError, match=r"data.path: cannot decode image .*broken.png"):
         streaming.prepare(spec)
 
 

@@ -201,7 +201,31 @@ def _python_shapes(p):
         "np.arange(30) % 2), 'test': (np.ones((8, 2)), np.arange(8) % 2)}\n")
 
 
+def _late_text(p):
+    """A csv whose numeric column turns to text after pyarrow's first 4 MiB block."""
+    f = datagen.table(120_000)
+    f["height"] = f["height"].round(3).astype(object)
+    f.loc[110_000, "height"] = "tall"
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _empty_label(p):
+    f = datagen.table(50)
+    f.loc[7, "tree"] = ""
+    f.to_csv(p / "t.csv", index=False)
+
+
+def _header_only(p):
+    datagen.table(50).iloc[:0].to_csv(p / "t.csv", index=False)
+
+
+def _bad_png(p):
+    datagen.write_imagefolder(p / "imgs", n_per_class=5)
+    (p / "imgs" / "cedar" / "broken.png").write_bytes(b"not a png")
+
+
 TAB = ["data.format=csv", "data.path=t.csv", "data.label=tree"]
+STREAMED = ["data.streaming=true", "data.workers=0"]
 BAD = [  # (writer, --set overrides, what the one line says)
     (None, ["data.format=csv", "data.path=nowhere.csv"], "data.path: {p}/nowhere.csv does not "
      "exist"),
@@ -286,6 +310,23 @@ BAD = [  # (writer, --set overrides, what the one line says)
      "samples of treedata:make (test) have shape (2,)"),
     (lambda p: (p / "a.npz").write_text("not numpy"), ["data.format=npz", "data.path=a.npz"],
      "data.path: {p}/a.npz is not an npz archive"),
+    # streamed (local mode: core.loader; the same checks as cluster mode's core.rows)
+    (_late_text, [*TAB, *STREAMED, "data.categorical=[soil]"], "data.path: cannot read "
+     "{p}/t.csv as csv (ArrowInvalid"),
+    (_empty_label, [*TAB, *STREAMED, "data.categorical=[soil]"], "data.label: column 'tree' "
+     "of {p}/t.csv has missing values"),
+    (_header_only, [*TAB, *STREAMED, "data.categorical=[soil]"], "data.path: {p}/t.csv has no "
+     "rows"),
+    (_text_feature, [*TAB, *STREAMED], "data.features: column 'soil' of {p}/t.csv is not "
+     "numeric"),
+    (_cat_nan, [*TAB, *STREAMED, "data.categorical=[soil]"], "data.categorical: column 'soil' "
+     "of {p}/t.csv has missing values"),
+    (_inf_feature, [*TAB, *STREAMED, "data.categorical=[soil]"], "data.features: column "
+     "'bark' of {p}/t.csv has 1 missing or infinite values"),
+    (_bad_png, ["data.format=imagefolder", "data.path=imgs", *STREAMED], "data.path: cannot "
+     "decode image {p}/imgs/cedar/broken.png"),
+    (_text_feature, [*TAB, *STREAMED, "data.categorical=[soil]", "data.limit=10"],
+     "data.limit: 10 with streamed data"),
 ]
 
 

@@ -66,9 +66,9 @@ BAD = [
       "federated mode: false"]),
     ("mode: cluster\ncluster:\n  strategy: fsdp\ntrain:\n  compile: true\n", (),
      ["train.compile: true with cluster.strategy 'fsdp'", "allowed: cluster.strategy ddp"]),
-    ("data:\n  streaming: true\n", (),
-     ["data.streaming: true streams data to Ray Train workers; in local mode",
-      "allowed: mode cluster"]),
+    ("mode: federated\ndata:\n  streaming: true\n  format: csv\n  path: a.csv\n", (),
+     ["data.streaming: true, but federated clients read their partition whole",
+      "allowed in federated mode: auto or false"]),
     ("mode: cluster\ndata:\n  streaming: true\n  format: npz\n  path: a.npz\n", (),
      ["data.streaming: true, but data.format 'npz' is read whole",
       "allowed: data.format csv, parquet, imagefolder"]),
@@ -266,3 +266,11 @@ def test_set_null_clears_an_optional_string_field(raw):
     assert spec.tracking.registered_model is None
     assert load_spec(None, ["tracking.registered_model=nullable"]).tracking.registered_model \
         == "nullable"
+
+
+def test_a_spec_error_survives_pickling():
+    """Raised inside a Ray task or a DataLoader worker, it reaches the driver pickled."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(SpecError(["data.path: x; allowed: y", "b: c"])))
+    assert e.problems == ["data.path: x; allowed: y", "b: c"]
