@@ -119,11 +119,12 @@ def test_stragglers_miss_the_round_timeout(no_leftovers):
 
 
 def _attacked(partition: list[str]) -> dict[str, float]:
-    """Clean FedAvg vs 20 % sign-flip attackers under FedAvg, FedMedian and Krum."""
+    """20 % sign-flip attackers under FedAvg, FedMedian and Krum (clean FedAvg on this
+    Dirichlet α = 0.5 partition: test_fedavg_dirichlet_reaches_90_percent)."""
     base = ["federated.rounds=8", "federated.local_epochs=2", "federated.fraction_evaluate=0",
             "tracking.log_model=false", "federated.byzantine.scale=4", *partition]
     attack = ["federated.byzantine.fraction=0.2", "federated.byzantine.attack=sign_flip"]
-    runs = {"clean": base, "fedavg": base + attack,
+    runs = {"fedavg": base + attack,
             "fedmedian": base + attack + ["federated.strategy=fedmedian"],
             "krum": base + attack + ["federated.strategy=krum"]}
     out = {}
@@ -144,8 +145,7 @@ def test_robust_aggregation_under_sign_flip_on_non_iid_data():
     attacked = _attacked(["federated.partition.method=dirichlet",
                           "federated.partition.alpha=0.5"])
     print(f"\ntest accuracy under 20% sign-flip, Dirichlet 0.5: {attacked}")
-    assert attacked["clean"] >= 0.85
-    assert attacked["fedavg"] < attacked["clean"] - 0.05
+    assert attacked["fedavg"] < 0.6  # the attack works (clean FedAvg: ≥ 0.90 above)
     assert attacked["fedmedian"] > attacked["fedavg"] + 0.05
     assert attacked["krum"] > attacked["fedavg"] + 0.05
 
