@@ -20,6 +20,7 @@ resume; a resumed run restarts at the epoch boundary of its checkpoint.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,10 +263,15 @@ def _table_layout(spec: DataSpec, task: str | None, sources: dict[str, Any],
 
 
 def _cause(e: BaseException) -> BaseException:
-    """The user's error inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    """The user's error inside Ray's wrappers (RayTaskError, UserCodeException). Ray Data
+    passes on a task's exception as text only (UserCodeException keeps no cause), so a
+    SpecError is read back from its one line in that text."""
     seen: set[int] = set()
     while id(e) not in seen and not isinstance(e, SpecError):
         seen.add(id(e))
+        found = re.search(r"atoll\.core\.spec\.SpecError: (.+)", str(e))
+        if found:
+            return SpecError([found.group(1).strip()])
         nxt = getattr(e, "cause", None) or e.__cause__
         if not isinstance(nxt, BaseException):
             break
