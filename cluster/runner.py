@@ -271,6 +271,9 @@ def _ray_connection(address: str | None, cpus: int) -> Iterator[None]:
         _connect(address, level)
     else:
         temp = tempfile.mkdtemp(prefix="atoll-ray-")  # short: Ray's socket paths
+        # the dashboard's modules get 30 s to start by default, which a loaded 2-core
+        # machine can exceed (seen: MetricsHead), and then ray.init fails
+        os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "180")
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _temp_dir=temp, logging_level=level)
     try:

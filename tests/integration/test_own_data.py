@@ -360,7 +360,8 @@ def test_streamed_images_train_on_ray_workers_without_the_driver_reading_them(
     for module, name in ((formats, "read"), (data_module, "load_data"), (runner, "load_data")):
         monkeypatch.setattr(module, name, whole)
     datagen.write_imagefolder(project / "bands", n_per_class=60)
-    overrides = [*FORMATS[fmt][1], "cluster.strategy=fsdp", "train.loss.class_weights=balanced"]
+    overrides = [*FORMATS[fmt][1], "cluster.strategy=fsdp", "train.loss.class_weights=balanced",
+                 "tracking.registered_model=bands"]
     spec = load_spec(None, [f"name=streamed-{fmt}", *TRAIN, *overrides, "mode=cluster",
                             "cluster.num_workers=2", "train.epochs=5", "data.streaming=true",
                             f"project_dir={project}", "tracking.experiment=own-data"])
