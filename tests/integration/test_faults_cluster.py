@@ -215,7 +215,9 @@ def test_ctrl_c_ends_killed_with_a_resume_hint_and_removes_private_ray(tmp_path)
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:
         stop(proc)
-        left = [str(p) for p in short.rglob("*")]
+        # torch's kernel cache (fused CPU optimizers write it to $TMPDIR/torchinductor_$USER)
+        # is shared by every torch process and kept by design; Ray's session folder is not
+        left = [str(p) for p in short.rglob("*") if "torchinductor_" not in str(p)]
         shutil.rmtree(short, ignore_errors=True)
     text = log.read_text()
     assert "atoll: interrupted; re-run the same name (ctrlc) to resume from epoch" in text, \
