@@ -43,7 +43,7 @@ def wanted(spec: ExperimentSpec) -> bool:
 
 
 @dataclass
-class StreamSplit:
+class StreamSplit(rows.HeadRows):
     """A split that stays in Ray Data: its pipeline of normalised {"x", "y"} rows, its row
     count and a few rows on the host (`x`/`y`: shapes, model checks, input examples)."""
 
@@ -52,22 +52,11 @@ class StreamSplit:
     head: Split
     counts: torch.Tensor | None = None  # classification: rows per class (class weights)
 
-    def __len__(self) -> int:
-        return self.rows
-
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 shift: int = 0, noise_std: float = 0.0) -> StreamBatches:
         """All rows (`core.data.eval_batches` asks a split for these)."""
         return StreamBatches(self.dataset, self.rows, batch_size, shuffle=shuffle, seed=seed,
                              shift=shift, noise_std=noise_std)
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.head.x
-
-    @property
-    def y(self) -> torch.Tensor:
-        return self.head.y
 
 
 class StreamBatches:

@@ -229,7 +229,7 @@ class LoaderBatches:
 
 
 @dataclass
-class LoaderSplit:
+class LoaderSplit(rows.HeadRows):
     """A split read from its files on demand: its Source, row counts (in all and per
     piece) and a few rows on the host (`x`/`y`: shapes, model checks, input examples)."""
 
@@ -240,22 +240,11 @@ class LoaderSplit:
     counts: torch.Tensor | None = None
     workers: int = 2
 
-    def __len__(self) -> int:
-        return self.rows
-
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 shift: int = 0, noise_std: float = 0.0) -> LoaderBatches:
         return LoaderBatches(self, batch_size, shuffle=shuffle, seed=seed,
                              workers=self.workers, pin_memory=torch.cuda.is_available(),
                              shift=shift, noise_std=noise_std)
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.head.x
-
-    @property
-    def y(self) -> torch.Tensor:
-        return self.head.y
 
 
 # --------------------------------------------------------------------------- prepare

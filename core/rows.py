@@ -41,6 +41,26 @@ def source_bytes(spec: DataSpec, project_dir: Path | None) -> int:
         else 0
 
 
+class HeadRows:
+    """What a streamed split (cluster.streaming.StreamSplit, core.loader.LoaderSplit) shows
+    the code written for in-memory splits: its row count, and a few rows on the host as
+    `x`/`y` (shapes, model checks, input examples). Subclasses hold `rows` and `head`."""
+
+    rows: int
+    head: Split
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.head.x
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.head.y
+
+
 def hash_unit(frame: Any, seed: int) -> np.ndarray:
     """A number in [0, 1) per row from its content and the seed (pandas' SipHash)."""
     import pandas as pd
