@@ -3,7 +3,6 @@ under $HOME (matplotlib, MLflow telemetry) are pointed at places the test sessio
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import tempfile
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-_SESSION_TMP = Path(tempfile.mkdtemp(prefix="atoll-tests-"))
-atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)  # each xdist worker's own
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="atoll-tests-"))  # each xdist worker's own
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MPLCONFIGDIR"] = str(_SESSION_TMP / "mpl")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -20,6 +18,12 @@ os.environ.pop("RAY_ADDRESS", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's folder. (An atexit hook never ran in xdist workers, which end
+    with os._exit: every run left one /tmp/atoll-tests-* behind.)"""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

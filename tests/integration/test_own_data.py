@@ -60,8 +60,11 @@ def test_each_format_trains_locally(project, fmt):
 
 
 # csv and imagefolder run on workers and clients through the examples (test_cluster,
-# test_federated); these are the other readers, and embedded categoricals
-ELSEWHERE = ("parquet", "npz", "hf-disk", "python", "csv-embedding")
+# test_federated). Workers and client actors read with the same load_data as a local run
+# (each format's reader: test_each_format_trains_locally); what a mode adds is where the
+# files are found (project_dir, the process's working directory, sys.path for a python
+# source), so each of the other formats runs in one of the two modes and the python
+# source, which needs the project on sys.path, in both.
 MODES = {
     "cluster": ["mode=cluster", "cluster.strategy=ddp", "cluster.num_workers=2",
                 "train.epochs=5"],
@@ -69,10 +72,11 @@ MODES = {
                   "federated.local_epochs=4", "federated.partition.method=iid",
                   "federated.fraction_evaluate=0"],
 }
+CASES = [("parquet", "cluster"), ("hf-disk", "cluster"), ("python", "cluster"),
+         ("npz", "federated"), ("csv-embedding", "federated"), ("python", "federated")]
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("fmt", ELSEWHERE)
+@pytest.mark.parametrize(("fmt", "mode"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_each_format_trains_on_ray_workers_and_flower_clients(shared_ray, warm_store,
                                                               project, fmt, mode):
     """Ray Train workers and Flower client actors (on the module's Ray head, in working
