@@ -181,19 +181,25 @@ def train_epoch(
     guard = _Guard(optimizer, device, deferred=pipe is None, start=state.global_step,
                    reduce=reduce)
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss·n, correct
+    sums = [0.0, 0.0]  # the same on the host (guard.host)
     count = 0  # samples: a host number, known without asking the device
     regression = is_regression(loss_fn)
     accum = cfg.grad_accum_steps
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
+    # made once: a small model's step is short enough for per-step Python to show
+    amp = _autocast(device, cfg.autocast_dtype)  # the precision evaluate uses
+    nothing = contextlib.nullcontext()
+    group, last_micro = 1, True
     for i, (x, y) in enumerate(source):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        group_start = (i // accum) * accum
-        group = min(accum, total - group_start) if total else accum
-        last_micro = (i - group_start) == group - 1
-        ctx = no_sync() if (no_sync is not None and not last_micro) else contextlib.nullcontext()
+        if accum > 1:
+            group_start = (i // accum) * accum
+            group = min(accum, total - group_start) if total else accum
+            last_micro = (i - group_start) == group - 1
+        ctx = no_sync() if (no_sync is not None and not last_micro) else nothing
         if pipe is not None:
-            with _autocast(device, cfg.autocast_dtype):  # the precision evaluate uses
+            with amp:
                 logits, loss, value = _pipe_step(pipe, model, x, y, loss_fn, strategy,
                                                  logit_mask)
             if not math.isfinite(value):  # every rank agrees: all stop before the step
@@ -201,16 +207,21 @@ def train_epoch(
             objective = torch.tensor(value)
         else:
             with ctx:
-                with _autocast(device, cfg.autocast_dtype):
+                with amp:
                     logits = _masked(model(x).float(), y, logit_mask)
                     loss = loss_fn(logits, y)
                     extra = strategy.penalty(unwrap(model)) if strategy is not None else None
                     objective = loss + extra if extra is not None else loss
-                (guard.loss(objective, state) / group).backward()
-        if logits is not None:  # a pipeline's earlier stages count nothing
-            with torch.no_grad():
-                n = y.shape[0]
-                count += n
+                objective = guard.loss(objective, state)
+                (objective / group if group > 1 else objective).backward()
+        if logits is not None:  # a pipeline's earlier stages count nothing (no graph: argmax
+            n = y.shape[0]      # and a detached loss)
+            count += n
+            if guard.host:  # the same float64 sums, in host numbers
+                sums[0] += (guard.last if loss is objective else float(loss.detach())) * n
+                if not regression:
+                    sums[1] += int((logits.argmax(1) == y).sum())
+            else:
                 stats[0] += loss.detach().double() * n
                 if not regression:
                     stats[1] += (logits.argmax(1) == y).sum()
@@ -237,7 +248,8 @@ def train_epoch(
         else:
             bar.update(1)
     guard.check(state, None)
-    stats = torch.cat([stats.cpu(), torch.tensor([float(count)], dtype=torch.float64)])
+    stats = torch.cat([stats.cpu() + torch.tensor(sums, dtype=torch.float64),
+                       torch.tensor([float(count)], dtype=torch.float64)])
     if reduce is not None:
         stats = reduce(stats)
     seconds = time.perf_counter() - t0
@@ -261,6 +273,11 @@ class _Guard:
     can overflow while its gradient stays finite), so under DDP the all-reduced gradient
     carries it to every rank: all of them flag the same step with no collective of their
     own.
+
+    On a CPU the same bookkeeping is kept in host numbers (`host`): reading a CPU tensor
+    waits for nothing, and the device flags' dozen small ops per step cost a small model
+    about as much as its own forward and backward (benchmarks/ddp_overhead.py); a bad
+    step is skipped on the host.
     """
 
     LOSS, GRADIENT = 0.0, 1.0
@@ -269,11 +286,17 @@ class _Guard:
                  start: int, reduce: Reducer | None):
         self.optimizer, self.reduce = optimizer, reduce
         self.deferred = deferred and _fused(optimizer)
+        self.host = self.deferred and _reads_are_free(device)
         self.start = start  # the global step this epoch began at
+        # host: the sticky flag, (step, value, kind) of the first bad step, steps, last value
+        self.h_bad, self.h_first, self.h_steps = False, (math.nan,) * 3, 0
+        self.last = math.nan
         self.bad = torch.zeros((), dtype=torch.float32, device=device)
         self.first = torch.full((3,), math.nan, dtype=torch.float64, device=device)
         self.steps = torch.zeros((), dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.found = torch.zeros((), dtype=torch.float32, device=device)
+        self.params: list[torch.Tensor] | None = None
         self.nan = torch.full((), math.nan, dtype=torch.float32, device=device)
 
     def loss(self, objective: torch.Tensor, state: TrainState) -> torch.Tensor:
@@ -288,6 +311,12 @@ class _Guard:
             elif not math.isfinite(value):
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, value)
             return objective
+        if self.host:
+            self.last = value = float(objective.detach())
+            if math.isfinite(value):
+                return objective
+            self._host_flag(value, self.LOSS)
+            return objective * math.nan  # its backward NaNs this rank's gradients
         now = ~torch.isfinite(objective.detach())
         self._flag(now, objective, self.LOSS)
         return objective * torch.where(now, self.nan, self.one)
@@ -299,13 +328,19 @@ class _Guard:
         self.first.copy_(torch.where(new, here, self.first))
         self.bad.copy_(torch.maximum(self.bad, now.float()))
 
+    def _host_flag(self, value: float, kind: float) -> None:
+        if not self.h_bad:
+            self.h_bad, self.h_first = True, (float(self.h_steps), value, kind)
+
     def _grads_bad(self, model: nn.Module) -> torch.Tensor:
         """1.0 where any gradient is NaN/inf (0-dim, on the device), else 0.0."""
+        if self.params is None:  # walking the module tree costs more than the check
+            self.params = [p for p in model.parameters() if p.requires_grad]
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in model.parameters():
+        for p in self.params:
             if p.grad is not None:
                 by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        found = torch.zeros((), dtype=torch.float32, device=self.bad.device)
+        found = self.found.zero_()
         for grads in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
         return found
@@ -318,6 +353,13 @@ class _Guard:
             if float(found[0]) > 0:
                 raise NonFiniteLoss(state.epoch + 1, state.global_step, math.nan, "gradient")
             self.optimizer.step()
+            return
+        if self.host:  # an overflowing gradient (a NaN on any rank, after the all-reduce)
+            if float(self._grads_bad(model)) > 0:
+                self._host_flag(math.nan, self.GRADIENT)
+            if not self.h_bad:
+                self.optimizer.step()
+            self.h_steps += 1
             return
         # an overflowing gradient (a NaN on any rank, after DDP's all-reduce)
         self._flag(self._grads_bad(model) > 0, torch.full((), math.nan, device=self.bad.device),
@@ -334,11 +376,15 @@ class _Guard:
         step. Returns the objective's value (NaN when none is given)."""
         if not self.deferred:
             return float(objective.detach()) if objective is not None else math.nan
-        packed = torch.cat([self.bad.double().reshape(1), self.first,
-                            (objective.detach().double().reshape(1) if objective is not None
-                             else torch.full((1,), math.nan, dtype=torch.float64,
-                                             device=self.bad.device))]).cpu()
-        bad, first_step, first_value, kind, value = packed.tolist()
+        if self.host:
+            bad, (first_step, first_value, kind) = float(self.h_bad), self.h_first
+            value = self.last if objective is not None else math.nan
+        else:
+            packed = torch.cat([self.bad.double().reshape(1), self.first,
+                                (objective.detach().double().reshape(1) if objective is not None
+                                 else torch.full((1,), math.nan, dtype=torch.float64,
+                                                 device=self.bad.device))]).cpu()
+            bad, first_step, first_value, kind, value = packed.tolist()
         if self.reduce is not None:  # which rank's loss it was: every rank names it
             lossy = bad > 0 and kind == self.LOSS
             agreed = self.reduce(torch.tensor([bad, float(lossy), first_value if lossy else 0.0],
@@ -352,6 +398,11 @@ class _Guard:
             raise NonFiniteLoss(state.epoch + 1, step, first_value,
                                 "gradient" if kind == self.GRADIENT else "loss")
         return value
+
+
+def _reads_are_free(device: torch.device) -> bool:
+    """A CPU tensor's value is read without waiting for a queue of kernels."""
+    return device.type == "cpu"
 
 
 def _fused(optimizer: torch.optim.Optimizer) -> bool:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from atoll.continual.base import BaseStrategy
+from atoll.core import loop as loop_module
 from atoll.core.data import Batches, Split
 from atoll.core.loop import LoopConfig, NonFiniteLoss, TrainState, evaluate, train_epoch, train_task
 from atoll.core.metrics import FocalLoss, build_loss, class_weights, confusion, from_confusion
@@ -230,10 +231,21 @@ def _count_host_reads(monkeypatch) -> list[str]:
     return reads
 
 
+@pytest.fixture(params=["device", "host"])
+def guard_path(request, monkeypatch) -> str:
+    """Both ways the loop keeps its sums and non-finite flag: on the device (what a GPU
+    runs; forced here on the CPU) and in host numbers (a CPU's own way, where a read waits
+    for nothing)."""
+    if request.param == "device":
+        monkeypatch.setattr(loop_module, "_reads_are_free", lambda device: False)
+    return request.param
+
+
 @pytest.mark.parametrize("interval", [4, 64])
 def test_train_epoch_reads_the_device_per_logging_interval_not_per_step(monkeypatch, interval):
     """The hot path keeps loss sums, hits and the non-finite flag on the device: host reads
     grow with logging intervals, not with steps (64 steps here)."""
+    monkeypatch.setattr(loop_module, "_reads_are_free", lambda device: False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = build_optimizer(model.parameters(), OptimSpec(name="sgd", lr=0.05, momentum=0.9))
@@ -249,8 +261,29 @@ def test_train_epoch_reads_the_device_per_logging_interval_not_per_step(monkeypa
     assert len(reads) <= 2 * intervals + 4, reads  # one read per interval, a few per epoch
 
 
-def test_a_fused_optimizer_skips_non_finite_steps_on_the_device():
-    """NaN in the 3rd batch: no host check per step, yet no weight or optimizer state sees
+def test_the_host_path_trains_and_reports_exactly_what_the_device_path_does(monkeypatch):
+    """On a CPU the loop reads its numbers per step instead of keeping device flags: the
+    same weights, optimizer state and epoch sums, bit for bit."""
+    out = {}
+    for path in ("device", "host"):
+        monkeypatch.setattr(loop_module, "_reads_are_free", lambda device, p=path: p == "host")
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = build_optimizer(model.parameters(), OptimSpec(name="sgd", lr=0.05, momentum=0.9))
+        metrics = train_epoch(model, Batches(_toy(n=256), 4, seed=1), opt,
+                              nn.CrossEntropyLoss(), LoopConfig(progress="off"), TrainState())
+        out[path] = (metrics, model.state_dict(), opt.state_dict()["state"])
+    (m_dev, w_dev, o_dev), (m_host, w_host, o_host) = out["device"], out["host"]
+    assert {k: v for k, v in m_dev.items() if "seconds" not in k and k != "samples_per_s"} == \
+        {k: v for k, v in m_host.items() if "seconds" not in k and k != "samples_per_s"}
+    for k in w_dev:
+        assert torch.equal(w_dev[k], w_host[k]), k
+    for i in o_dev:
+        assert torch.equal(o_dev[i]["momentum_buffer"], o_host[i]["momentum_buffer"])
+
+
+def test_a_fused_optimizer_skips_non_finite_steps_without_a_per_step_check(guard_path):
+    """NaN in the 3rd batch: no check stops the step, yet no weight or optimizer state sees
     it, and the error names the step where it happened (read at the interval's end)."""
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
@@ -280,7 +313,7 @@ class _FiniteLossNanGradient(nn.Module):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_non_finite_gradient_under_a_finite_loss_never_reaches_the_weights(fused):
+def test_a_non_finite_gradient_under_a_finite_loss_never_reaches_the_weights(fused, guard_path):
     """Fused (skipped on the device, read at the interval) or not (checked on the host at
     every step, e.g. an optimizer restored from a checkpoint written without `fused`):
     either way the weights stay as they were and the error says it was a gradient."""
