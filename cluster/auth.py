@@ -159,6 +159,25 @@ def check_cluster(address: str, sent: Token | None, found: Token | None,
                               sent=sent is not None) from None
 
 
+def alive_nodes(address: str, sent: Token | None, timeout: float = 10.0) -> int | None:
+    """How many nodes of the cluster at `address` are alive, asked of its GCS with what
+    Ray will send; None when it cannot be asked here (`ray://`, `auto`, no answer)."""
+    if "://" in address or ":" not in address:
+        return None
+    import grpc
+    from ray.core.generated import gcs_pb2, gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {sent.value}")] if sent else []
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            reply = stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(),
+                                        metadata=metadata, timeout=timeout)
+        except grpc.RpcError:
+            return None  # ray.init says what is wrong
+    return sum(1 for n in reply.node_info_list if n.state == gcs_pb2.GcsNodeInfo.ALIVE)
+
+
 def new_token(path: Path) -> Path:
     """Write a fresh token (64 hex characters, as Ray's own generator makes) to `path`,
     created 0600 from the first byte; an existing file is replaced (rotation)."""

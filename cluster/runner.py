@@ -311,6 +311,28 @@ def _check_auth(address: str) -> None:
     auth.check_cluster(address, sent, found)
 
 
+def _check_store(spec: ExperimentSpec, address: str) -> None:
+    """Rank 0 writes the epochs into MLflow from wherever Ray placed it. A store that is a
+    file (sqlite, `file:`) lives on this node only: on a cluster of more than one node it
+    is refused (exit 2) before a run begins, naming MLFLOW_TRACKING_URI. (sqlite over a
+    shared filesystem is no way out: two nodes writing one sqlite file over NFS corrupt it.)
+    """
+    from atoll.cluster import auth
+    from atoll.tracking import resolve_uri
+
+    if not spec.tracking.enabled:
+        return
+    uri = resolve_uri(spec.tracking.uri)
+    if uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql")):
+        return
+    nodes = auth.alive_nodes(address, _sent_token()[1])
+    if nodes is not None and nodes > 1:
+        raise SpecError([f"tracking.uri: {uri} is a file on this node, and the Ray cluster at "
+                         f"{address} has {nodes} nodes: rank 0 may train on another one; set "
+                         "MLFLOW_TRACKING_URI (or tracking.uri) to an MLflow server every "
+                         "node reaches (http://HOST:PORT)"])
+
+
 def _connect(address: str, level: int) -> None:
     """`ray.init(address)`; Ray's AuthenticationError becomes the one-line RayAuthError."""
     import ray
@@ -337,6 +359,7 @@ def run_cluster(spec: ExperimentSpec, restart: bool = False) -> RunResult:
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
     if address:
         _check_auth(address)
+        _check_store(spec, address)
     with _ray_connection(address, _cpus(spec)):
         return _driver(spec, restart, streaming.prepare(spec))
 
@@ -364,6 +387,8 @@ def _driver(spec: ExperimentSpec, restart: bool, data: Any) -> RunResult:
     streamed = isinstance(data.train, streaming.StreamSplit)
     if address and not streamed:  # a cluster that refuses us (token authentication) is
         _check_auth(address)  # told before a run (a streamed one was, before it connected)
+    if address and not streamed:
+        _check_store(spec, address)
     tracker = make_tracker(spec.tracking, spec.name, mode="cluster",
                            run_id=resumed.get("run_id") if resumed else None)
     try:

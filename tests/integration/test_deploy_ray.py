@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from atoll.cluster import jobs
-from atoll.core.procs import free_port, stop, wait_http
+from atoll.core.procs import free_port, start, stop, wait_http
 from atoll.core.spec import load_spec
 from tests.conftest import CONFIGS
 from tests.integration.conftest import start_ray
@@ -194,22 +194,59 @@ def _assert_token_hidden(two_nodes, job_id: str, workdir: Path,
     assert _files_holding(two_nodes["tmp"], token, skip=two_nodes["token_file"]) == []
 
 
-def _mlflow_run(workdir: Path, experiment: str):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """An MLflow server on loopback: the store a multi-node cluster's ranks all reach."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    proc = start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                  str(port), "--workers", "1", "--backend-store-uri",
+                  f"sqlite:///{root / 'mlruns.db'}", "--artifacts-destination",
+                  str(root / "artifacts"), "--serve-artifacts"], log, cwd=root,
+                 env={"MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def _mlflow_run(workdir: Path, experiment: str, uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns.db'}")
+    client = MlflowClient(uri or f"sqlite:///{workdir / 'mlruns.db'}")
     run, = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return run
 
 
-def test_ddp_job_spreads_over_both_nodes_with_shared_checkpoints(with_token, tmp_path):
+def test_a_file_store_is_refused_on_a_cluster_of_two_nodes(with_token, tmp_path):
+    """The default sqlite store is a file on the driver's node; rank 0 may train on the
+    other one. Refused in one line naming MLFLOW_TRACKING_URI before a run or a store
+    exists."""
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), *CLUSTER, *SMALL, cwd=tmp_path,
+                 env=_env(tmp_path, RAY_ADDRESS=with_token["gcs"],
+                          RAY_AUTH_TOKEN_PATH=str(with_token["token_file"])))
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    line = _one_line(out)
+    assert line.startswith(f"atoll: tracking.uri: sqlite:///{tmp_path / 'mlruns.db'} is a "
+                           "file on this node, and the Ray cluster at "
+                           f"{with_token['gcs']} has 2 nodes"), line
+    assert "set MLFLOW_TRACKING_URI" in line
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / ".atoll").exists()
+
+
+def test_ddp_job_spreads_over_both_nodes_with_shared_checkpoints(with_token, mlflow_server,
+                                                                 tmp_path):
     """The multi-node DDP job through `jobs.submit` authenticated by RAY_AUTH_TOKEN_PATH
-    alone (this process imported ray without RAY_AUTH_MODE)."""
+    alone (this process imported ray without RAY_AUTH_MODE), tracked on an MLflow server
+    (a file store is refused on two nodes: the test above)."""
     two_nodes = with_token
     shared = tmp_path / "shared"
     spec = load_spec(CONFIGS / "demo.yaml", [
         "mode=cluster", "name=spread", "train.epochs=2", "train.progress=off",
         "cluster.placement=STRICT_SPREAD", f"cluster.storage_path={shared}",
+        f"tracking.uri={mlflow_server}",
         "tracking.experiment=tests-multinode", "tracking.log_model=false"])
     job = jobs.submit(spec, two_nodes["http"], working_dir=tmp_path,
                       entrypoint_cmd=str(BIN / "atoll"))
@@ -221,7 +258,7 @@ def test_ddp_job_spreads_over_both_nodes_with_shared_checkpoints(with_token, tmp
                                                            two_nodes["token"]))
     # both ranks recorded themselves in the one storage path; the checkpoints are there too
     assert len(list((shared / "spread").glob("checkpoint_*/state.ckpt"))) >= 1
-    run = _mlflow_run(tmp_path, "tests-multinode")
+    run = _mlflow_run(tmp_path, "tests-multinode", mlflow_server)
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] > 0.8
     assert run.data.params["cluster.placement"] == "STRICT_SPREAD"
     token = two_nodes["token"]
