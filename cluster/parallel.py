@@ -9,6 +9,7 @@ collectively, so every rank must call `full_state`/`full_optim_state` together.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ import torch.nn as nn
 
 from atoll.core.data import Split
 from atoll.core.loop import PAD_LABEL
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,11 +167,71 @@ def fsdp(model: nn.Module, device: torch.device, precision: torch.dtype | None =
             1 for c in model.children() if any(True for _ in c.parameters())) + 1})
 
 
-def build(strategy: str, model: nn.Module, device: torch.device, compile: bool = False,
-          precision: torch.dtype | None = None, **pipeline: Any) -> Layout:
-    """`pipeline` (stages, schedule, microbatches, batch, block_names) is used by
+def fsdp_on_meta(make: Callable[[], nn.Module], device: torch.device,
+                 precision: torch.dtype | None = None) -> Layout:
+    """FSDP2 over a model that no device holds whole.
+
+    Every rank builds the model on the meta device (no memory), shards it and allocates
+    only its own shard (`to_empty`). The values are those a plain build draws: rank 0
+    builds the model once on the CPU after the same seed and broadcasts it tensor by tensor,
+    each rank keeping its shard (`set_model_state_dict(..., broadcast_from_rank0=True)`);
+    non-persistent buffers, which no state dict holds, are broadcast whole. Rank 0's RNG
+    state after its build goes to every rank, so what is drawn next (dropout, noise) is
+    what it was when every rank built the model itself.
+    """
+    rank = dist.get_rank()
+    full: dict[str, torch.Tensor] = {}
+    loose: dict[str, torch.Tensor] = {}
+    seeded = torch.get_rng_state()  # the same on every rank
+    if rank == 0:
+        reference = make()
+        full = reference.state_dict()
+        loose = dict(_non_persistent_buffers(reference))
+    rng = [torch.get_rng_state() if rank == 0 else None]
+    try:
+        with torch.device("meta"):
+            model = make()
+    except Exception as e:  # noqa: BLE001 - construction that reads values (.item(), ...):
+        # every rank fails alike, and builds the whole model as before
+        log.warning("model: cannot be built on the meta device (%s: %s); every rank "
+                    "builds it whole before sharding", type(e).__name__, e)
+        torch.set_rng_state(seeded)
+        layout = fsdp(make().to(device), device, precision)
+        layout.description["init"] = "full"
+        return layout
+    dist.broadcast_object_list(rng, src=0)
+    torch.set_rng_state(rng[0])
+    layout = fsdp(model, device, precision)
+    model.to_empty(device=device)
+    layout.load_full_state(full)
+    for name, buf in _non_persistent_buffers(model):
+        if rank == 0:
+            buf.copy_(loose[name])
+        dist.broadcast(buf, src=0)
+    layout.description["init"] = "meta"
+    return layout
+
+
+def _non_persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buf = module._buffers.get(name)
+            if buf is not None:
+                yield f"{prefix}.{name}" if prefix else name, buf
+
+
+def build(strategy: str, model: nn.Module | Callable[[], nn.Module], device: torch.device,
+          compile: bool = False, precision: torch.dtype | None = None, **pipeline: Any
+          ) -> Layout:
+    """`model`: the module, or a function that builds it (FSDP2 then builds it on the meta
+    device: `fsdp_on_meta`; the other strategies call it and move the module to `device`).
+    `pipeline` (stages, schedule, microbatches, batch, block_names) is used by
     pipeline/hybrid; `compile` (train.compile) by ddp, the only strategy the spec allows
     it with."""
+    if not isinstance(model, nn.Module):
+        if strategy == "fsdp":
+            return fsdp_on_meta(model, device, precision)
+        model = model().to(device)
     if strategy == "ddp":
         return ddp(model, device, compile=compile)
     if strategy == "fsdp":

@@ -88,14 +88,20 @@ def start_worker(config: dict[str, Any]) -> WorkerStart:
     else:
         data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
     torch.manual_seed(spec.seed)  # every rank starts from the same weights
-    model = build_model(spec.model, data.input_shape, data.num_classes,
-                        spec.project_dir, data.embedded).to(device)
+
+    def make() -> torch.nn.Module:  # FSDP2 calls it on the meta device (parallel.build)
+        return build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
+                           data.embedded)
+
     dp, pp = spec.cluster.mesh()
     per_rank = spec.data.batch_size // dp
+    pipelined = spec.cluster.strategy in ("pipeline", "hybrid")
+    model = make().to(device) if pipelined else make  # stages are cut from the whole model
     layout = build(spec.cluster.strategy, model, device, compile=spec.train.compile,
                    precision=autocast_dtype(spec, device), stages=pp,
                    schedule=spec.cluster.schedule, microbatches=spec.cluster.microbatches,
-                   batch=per_rank, block_names=stage_names(spec.model, model))
+                   batch=per_rank,
+                   block_names=stage_names(spec.model, model) if pipelined else None)
     return WorkerStart(spec, rank, device, data, layout, per_rank)
 
 

@@ -53,7 +53,17 @@ def _worker(rank: int, world: int, init: str, layout: str, out: str, epochs: int
 
     with spawned_rank(rank, world, init):
         strategy, *options = layout.split("+")
-        lay = build(strategy, _model(), torch.device("cpu"), compile="compile" in options)
+        built: list[str] = []  # the device each build of the model allocated on
+
+        def make() -> torch.nn.Module:
+            built.append(torch.empty(()).device.type)
+            return _model()
+
+        lay = build(strategy, make if "meta" in options else _model(), torch.device("cpu"),
+                    compile="compile" in options)
+        if "meta" in options and strategy == "fsdp":  # only rank 0 ever holds it whole
+            assert built == (["cpu", "meta"] if rank == 0 else ["meta"]), built
+            assert lay.description["init"] == "meta"
         assert lay.no_sync is not None or strategy != "fsdp"  # micro-steps skip the sync
         batches = Batches(_data(), BATCH // world, shuffle=True, seed=3, rank=rank, world=world)
         _train(lay.model, batches, lay.reduce, lay.no_sync, epochs,
@@ -100,10 +110,13 @@ def test_ddp_step_on_two_ranks_equals_one_full_batch_step(tmp_path):
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("accum", ["", "+accum"])
+@pytest.mark.parametrize("accum", ["", "+accum+meta"])
 def test_fsdp2_matches_ddp(tmp_path, accum):
     """Also with gradient accumulation: FSDP2's micro-steps skip the reduce-scatter
-    (set_requires_gradient_sync), DDP's the all-reduce (no_sync); the step is the same."""
+    (set_requires_gradient_sync), DDP's the all-reduce (no_sync); the step is the same.
+    `meta`: FSDP2 builds the model on the meta device and materialises only each rank's
+    shard (rank 0 draws the values once on the CPU): the same training, and no rank but 0
+    ever builds the whole model."""
     ddp = _spawn(tmp_path, f"ddp{accum}", epochs=3)
     fsdp = _spawn(tmp_path, f"fsdp{accum}", epochs=3)
     assert set(ddp) == set(fsdp)

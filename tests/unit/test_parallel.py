@@ -1,0 +1,75 @@
+"""FSDP2 built on the meta device, in one gloo process (the 2-rank training equivalence is
+tests/integration/test_parallel_equivalence.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from atoll.cluster.parallel import build
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _WithBuffers(nn.Module):
+    """A parameter, a persistent buffer and a non-persistent one (no state dict holds it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("count", torch.arange(3.0))
+        self.register_buffer("table", torch.randn(5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.table[:3] + self.count
+
+
+class _ReadsAValue(nn.Module):
+    """Construction reads a weight's value: impossible on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = float(self.lin.weight.detach().abs().max())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def _plain(cls: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
+    """What every rank used to do: build after the seed; and the next draw after it."""
+    torch.manual_seed(7)
+    model = cls()
+    return model, torch.rand(4)
+
+
+@pytest.mark.parametrize(("cls", "init"), [(_WithBuffers, "meta"), (_ReadsAValue, "full")])
+def test_fsdp_builds_on_meta_with_the_values_a_plain_build_draws(one_rank, caplog, cls, init):
+    reference, next_draw = _plain(cls)
+    torch.manual_seed(7)
+    with caplog.at_level(logging.WARNING, logger="atoll.cluster.parallel"):
+        layout = build("fsdp", cls, torch.device("cpu"))
+    assert layout.description["init"] == init
+    assert torch.equal(torch.rand(4), next_draw)  # the RNG goes on as before
+    full = layout.full_state()
+    for k, v in reference.state_dict().items():
+        assert torch.equal(full[k], v), k
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layout.model(x), reference(x), rtol=0, atol=0)
+    warned = [r.getMessage() for r in caplog.records]
+    if init == "full":
+        assert any("cannot be built on the meta device" in m for m in warned), warned
+    else:
+        assert not warned, warned
