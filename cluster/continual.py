@@ -57,7 +57,8 @@ def continual_loop_per_worker(config: dict[str, Any]) -> None:
     r: list[list[float]] = []
     history: list[dict[str, float]] = []
     start, epochs_done = 0, 0
-    payload = newest_checkpoint(ray.train.get_checkpoint(), run_dir, load)
+    found = newest_checkpoint(ray.train.get_checkpoint(), run_dir, load)
+    payload = found[0] if found is not None else None  # streams keep whole checkpoints
     if payload is not None:
         layout.load_full_state(payload["model"])
         c.strategy.load_state_dict(payload["strategy_per_rank"][rank])

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from atoll.cluster import streaming
+from atoll.cluster import shards, streaming
 from atoll.cluster.worker import FAILED_MARK
 from atoll.continual.streams import check_stream
 from atoll.core.checkpoint import CheckpointError, load
@@ -67,6 +67,8 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:
     for p in run_dir.glob("checkpoint_*/state.ckpt"):
         try:
             payload = load(p)
+            if payload.get("sharded"):  # every rank's shards there and intact
+                shards.verify(p.parent, payload["sharded"]["world"])
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
             continue
@@ -486,7 +488,8 @@ def _run(spec: ExperimentSpec, root: Path, run_dir: Path, resumed: dict[str, Any
     # a task stream's checkpoints are per task, not per scored epoch: the newest
     (epoch, path, payload), chosen = (found[-1], None) if stream \
         else select_checkpoint(spec, found)
-    comps.model.load_state_dict(payload["model"])
+    comps.model.load_state_dict(shards.consolidate(path.parent, comps.model)
+                                if payload.get("sharded") else payload["model"])
     tracker.set_tags({"atoll.selected_checkpoint": str(path.parent)})
     newest = found[-1][2]
     if stream:

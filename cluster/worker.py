@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from atoll.cluster import shards
 from atoll.cluster.parallel import all_reduce_sum, even_shard
 from atoll.core.cadence import Cadence
 from atoll.core.loop import NonFiniteLoss
@@ -121,10 +123,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         c.cfg.progress = "off"
     state = TrainState()
 
-    payload = newest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]), load)
-    if payload is not None:
-        layout.load_full_state(payload["model"])
+    found = newest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]), load)
+    if found is not None:
+        payload, where = found
+        if payload.get("sharded"):  # every rank reads its shards (cluster/shards.py)
+            shards.load(where, layout.model, c.optimizer)
+        else:
+            layout.load_full_state(payload["model"])
         restore_rest(c, state, payload, layout)
+        if rank == 0:  # the job's log says a restarted group went on, and from where
+            print(f"atoll: the worker group resumed from {where.name} (epoch {state.epoch}"
+                  f"{', sharded' if payload.get('sharded') else ''})", file=sys.stderr,
+                  flush=True)
 
     tracker = rank_tracker(spec, config, rank)
     if rank == 0:
@@ -137,6 +147,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     es = spec.train.early_stopping
     every = Cadence.of(spec.train.checkpoint_every, "cluster", selects_best=bool(
         spec.cluster.checkpoint_metric or (es.patience > 0 and es.restore_best)))
+
+    sharded = spec.cluster.strategy == "fsdp"  # DCP shards, no gather (cluster/shards.py)
+
+    def _save_sharded(st: TrainState, shown: dict[str, float]) -> None:
+        staging = Path(config["run_dir"]) / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging) as d:
+            shards.save(Path(d), layout.model, c.optimizer, rank)
+            if rank == 0:
+                payload = checkpoint_payload(c, st, model_state={}, run_id=config["run_id"],
+                                             spec=saved_spec(config),
+                                             sharded={"world": layout.dp_size})
+                del payload["model"], payload["optimizer"]  # in the shards
+                save(payload, Path(d) / CKPT_FILE)
+            # every rank's folder: Ray Train merges them into the one checkpoint
+            ray.train.report({**shown, "epoch": st.epoch},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
+        if rank == 0:  # after the checkpoint is durable, as below
+            tracker.log_metrics(shown, step=st.epoch)
+            tracker.wait()
 
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
         shown = {k: v for k, v in metrics.items() if k != "samples"}
@@ -153,6 +183,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracker.log_metrics(shown, step=st.epoch)
             return
         every.saved()
+        if sharded:
+            _save_sharded(st, shown)
+            return
         full = layout.full_state()  # collective under FSDP: all ranks call it
         optim = layout.full_optim_state(c.optimizer)
         if rank == 0:
@@ -237,8 +270,11 @@ def deterministic_failure(run_dir: Path, rank: int, tracker: Any) -> Iterator[No
 
 
 
-def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any] | None:
-    """Ray's latest registered checkpoint, or a newer one already on disk.
+def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any
+                      ) -> tuple[dict[str, Any], Path] | None:
+    """Ray's latest registered checkpoint, or a newer one already on disk: its payload and
+    its folder (where a sharded checkpoint's shards are; the storage path is a
+    filesystem path, so the folder outlives `as_directory`).
 
     Ray registers a reported checkpoint asynchronously; a worker killed right after a
     report can be restored from the one before, although the newer file is complete (our
@@ -247,21 +283,25 @@ def newest_checkpoint(ray_ckpt: Any, run_dir: Path, load: Any) -> dict[str, Any]
     """
     from atoll.cluster.runner import _checkpoints
 
-    payload = None
+    found = None
     if ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
             payload = load(Path(d) / CKPT_FILE)
+            if payload.get("sharded"):
+                shards.verify(Path(d), payload["sharded"]["world"])
+            found = payload, Path(d)
     on_disk = _checkpoints(run_dir)
-    if on_disk and (payload is None or on_disk[-1][0] > payload["state"]["epoch"]):
-        payload = on_disk[-1][2]
-    return payload
+    if on_disk and (found is None or on_disk[-1][0] > found[0]["state"]["epoch"]):
+        found = on_disk[-1][2], on_disk[-1][1].parent
+    return found
 
 
 def restore_rest(c: Any, state: Any, payload: dict[str, Any], layout: Any) -> None:
     """Optimizer (through the layout), scheduler, strategy, counters and RNGs."""
     from atoll.core.checkpoint import set_rng_state
 
-    layout.load_full_optim_state(c.optimizer, payload["optimizer"])
+    if "optimizer" in payload:  # a sharded checkpoint's is in its shards
+        layout.load_full_optim_state(c.optimizer, payload["optimizer"])
     c.scheduler.load_state_dict(payload["scheduler"])
     c.strategy.load_state_dict(payload["strategy"])
     state.load_state_dict(payload["state"])

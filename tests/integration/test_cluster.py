@@ -109,9 +109,11 @@ def test_submitted_job_trains_tracks_and_registers(ray_head, tmp_path):
     assert mv.run_id == run.info.run_id and mv.tags["mode"] == "cluster"
 
 
-def _submit_and_kill_rank_1(ray_head, spec, tmp_path: Path, after_checkpoints: int) -> Path:
+def _submit_and_kill_rank_1(ray_head, spec, tmp_path: Path, after_checkpoints: int
+                            ) -> tuple[Path, str]:
     """Submit `spec`, SIGKILL rank 1 once `after_checkpoints` checkpoints exist, and wait:
-    the job must succeed with a new process in rank 1. Returns the run's storage dir."""
+    the job must succeed with a new process in rank 1. Returns the run's storage dir and
+    the job's log."""
     job = jobs.submit(spec, ray_head["http"], working_dir=tmp_path,
                       entrypoint_cmd=str(BIN / "atoll"))
     run_dir = tmp_path / ".atoll" / "ray_results" / spec.name
@@ -127,22 +129,39 @@ def _submit_and_kill_rank_1(ray_head, spec, tmp_path: Path, after_checkpoints: i
     final = jobs.wait(ray_head["http"], job, timeout=600)
     assert final == "SUCCEEDED", jobs.client(ray_head["http"]).get_job_logs(job)[-4000:]
     assert int(pid_file.read_text()) != victim  # a new worker took rank 1
-    return run_dir
+    return run_dir, jobs.client(ray_head["http"]).get_job_logs(job)
 
 
 def test_killed_worker_recovers_from_its_checkpoint(ray_head, tmp_path):
-    """SIGKILL rank 1 mid-training: the worker group restarts from the last checkpoint and
-    the run ends as a clean one would (that a resumed loop equals an uninterrupted one
-    is test_checkpoint's and test_faults_cluster's; a second, clean cluster run here
-    cost ~40 s of suite time and showed nothing more)."""
+    """FSDP2 (built on the meta device, sharded DCP checkpoints): SIGKILL rank 1
+    mid-training; the worker group restarts from the last checkpoint, every rank reading
+    its shards back, and the run ends as a clean one would, the driver consolidating the
+    model once to test it. (That a resumed loop equals an uninterrupted one is
+    test_checkpoint's and test_faults_cluster's; a second, clean cluster run here cost
+    ~40 s of suite time and showed nothing more.)"""
+    from atoll.core.checkpoint import load
+
     overrides = ["mode=cluster", "train.epochs=6", "train.progress=off",
+                 "cluster.strategy=fsdp",
                  "tracking.experiment=tests-cluster", "tracking.log_model=false",
                  "cluster.max_failures=2", "train.checkpoint_every=1 epoch"]
     spec = load_spec(CONFIGS / "demo.yaml", [*overrides, "name=killed"])
-    run_dir = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=2)
+    run_dir, logs = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=2)
     client = _store(tmp_path)
     run = _run_of(client, "killed")
     assert run.info.status == "FINISHED"
+    assert run.data.params["cluster.layout.init"] == "meta"
+    kept = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert kept
+    for d in kept:  # both ranks' shards, merged by Ray Train; no gathered model
+        names = {p.name for p in d.iterdir()}
+        assert {"state.ckpt", ".metadata", "shards-0.json", "shards-1.json"} <= names, names
+        assert sum(n.endswith(".distcp") for n in names) == 2, names
+        payload = load(d / "state.ckpt")
+        assert "model" not in payload and "optimizer" not in payload
+        assert payload["sharded"] == {"world": 2}
+    assert "the worker group resumed from checkpoint_" in logs and "sharded)" in logs, \
+        logs[-3000:]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(1, 7))  # every epoch once, in order: no gaps, no repeats
     assert run.data.metrics["test_accuracy"] >= 0.9  # the demo MLP: ~0.96 after 6 epochs
@@ -200,7 +219,7 @@ def test_continual_stream_on_workers_survives_a_killed_worker(ray_head, tmp_path
     spec = load_spec(CONFIGS / "continual.yaml", [
         "mode=cluster", "name=cl-killed", "continual.n_tasks=3", "train.progress=off",
         "tracking.experiment=tests-cluster", "cluster.max_failures=2"])
-    run_dir = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=1)
+    run_dir, _ = _submit_and_kill_rank_1(ray_head, spec, tmp_path, after_checkpoints=1)
     client = _store(tmp_path)
     run = _run_of(client, "cl-killed")
     history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]

@@ -1,0 +1,86 @@
+"""Sharded checkpoints of FSDP2 runs, written with `torch.distributed.checkpoint` (DCP).
+
+Why: a full checkpoint gathers the whole model and optimizer state onto rank 0 at every
+checkpoint, which a model sharded because it does not fit one device cannot afford. Here
+every rank writes only its own shards (`dcp.save`) into a folder of its own and reports
+it; Ray Train merges the ranks' folders into the run's one checkpoint folder. Rank 0 adds
+`state.ckpt` (everything but the model and optimizer, SHA-256-sealed as always) and
+every rank a `shards-RANK.json` with the SHA-256 of each file it wrote, so a checkpoint
+that lacks a rank's files or holds a damaged shard is skipped like a damaged state.ckpt.
+
+Resume loads the shards back on every rank (DCP reshards if the world size changed); the
+driver consolidates the model once, at the end, to test and register it (`dcp.load` into
+the whole module in one process, no process group).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from atoll.core.checkpoint import CheckpointError
+
+MANIFEST = "shards-{rank}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(directory: Path, model: nn.Module, optimizer: Optimizer, rank: int) -> None:
+    """Every rank, together: this rank's shards of the model and optimizer into
+    `directory` (its own), then its manifest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+    written = {p.name: _sha256(p) for p in sorted(directory.iterdir())
+               if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata")}
+    (directory / MANIFEST.format(rank=rank)).write_text(json.dumps(written, indent=1))
+
+
+def verify(directory: Path, world: int) -> None:
+    """Raise CheckpointError unless every rank's files are there and intact."""
+    for rank in range(world):
+        manifest = directory / MANIFEST.format(rank=rank)
+        try:
+            written = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory}: rank {rank}'s shards are missing or "
+                                  f"unreadable ({manifest.name}: {e})") from None
+        for name, digest in written.items():
+            path = directory / name
+            if not path.is_file() or _sha256(path) != digest:
+                raise CheckpointError(f"{path}: rank {rank}'s shard is missing or damaged "
+                                      "(SHA-256 mismatch)")
+
+
+def load(directory: Path, model: nn.Module, optimizer: Optimizer) -> None:
+    """Every rank, together: the model's and optimizer's shards from `directory`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+
+
+def consolidate(directory: Path, model: nn.Module) -> dict[str, Any]:
+    """The whole model's state from the shards, in this one process (the driver)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=directory)
+    return state["model"]
