@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fl_overhead.py
 	$(BIN)/python benchmarks/ddp_overhead.py
 	$(BIN)/python benchmarks/pipeline_scaling.py
+	$(BIN)/python benchmarks/streaming.py
+	$(BIN)/python benchmarks/gpu_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,35 @@
+"""The benchmarks stay alive: `gpu_throughput.py --smoke` runs atoll's loop and the plain
+PyTorch loop end to end on this machine (CPU in CI) and prints its figures and ratio."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+# side, model, strategy, compile, samples/s, ...: one row of the table per side and case
+ROW = re.compile(r"^(atoll|plain)\s+\w+\s+(?:ddp|fsdp)\s+(?:on|off)\s+(\S+)\s")
+
+
+def test_gpu_throughput_smoke_prints_both_sides_and_the_ratio():
+    done = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    last = re.fullmatch(r"ratio: (\d+\.\d{3})", lines[-1])
+    assert last, lines[-1]
+    ratio = float(last.group(1))
+    assert math.isfinite(ratio) and ratio > 0
+    rows: dict[str, list[float]] = {}
+    for line in lines:
+        if m := ROW.match(line):
+            rows.setdefault(m.group(1), []).append(float(m.group(2)))
+    assert set(rows) == {"atoll", "plain"}, done.stdout
+    assert all(math.isfinite(v) and v > 0 for values in rows.values() for v in values), rows
