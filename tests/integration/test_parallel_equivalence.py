@@ -124,6 +124,66 @@ def test_fsdp2_matches_ddp(tmp_path, accum):
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
 
 
+def _sharded_then_killed(rank: int, world: int, init: str, out: str, resume: bool) -> None:
+    """FSDP2 built on meta, 3 epochs. First attempt: after epoch 1 every rank writes its
+    DCP shards into a folder of its own, rank 0 merges them as Ray Train does, and rank 1
+    is SIGKILLed. Resume (a new process group): read the shards, train epochs 2-3."""
+    import shutil
+
+    from atoll.cluster import shards
+    from atoll.cluster.parallel import build
+
+    with spawned_rank(rank, world, init):
+        lay = build("fsdp", _model, torch.device("cpu"))
+        opt = torch.optim.SGD(lay.model.parameters(), lr=0.1, momentum=0.9)  # as _train
+        merged = Path(out) / "checkpoint"
+        first = 0
+        if resume:
+            shards.verify(merged, world)
+            shards.load(merged, lay.model, opt)
+            first = 1
+        batches = Batches(_data(), BATCH // world, shuffle=True, seed=3, rank=rank, world=world)
+        state = TrainState(epoch=first)
+        for e in range(first, 3):
+            batches.set_epoch(e)
+            train_epoch(lay.model, batches, opt, torch.nn.CrossEntropyLoss(),
+                        LoopConfig(progress="off"), state, reduce=lay.reduce,
+                        no_sync=lay.no_sync)
+            state.epoch += 1
+            if not resume and e == 0:
+                own = Path(out) / f"rank-{rank}"
+                own.mkdir(parents=True)
+                shards.save(own, lay.model, opt, rank)
+                dist.barrier()
+                if rank == 0:
+                    for r in range(world):
+                        shutil.copytree(Path(out) / f"rank-{r}", merged, dirs_exist_ok=True)
+                dist.barrier()
+                if rank == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        full = lay.full_state()
+        if rank == 0:
+            torch.save(full, Path(out) / "final.pt")
+
+
+def test_fsdp2_resumed_from_its_shards_after_a_sigkill_equals_ddp(tmp_path):
+    """FSDP2 with meta init and DCP checkpoints: rank 1 is SIGKILLed after the epoch-1
+    checkpoint; a new group resumes from the merged shards and ends with the weights of
+    3 uninterrupted DDP epochs (within 1e-5)."""
+    out = tmp_path / "fsdp"
+    with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
+        mp.spawn(_sharded_then_killed, args=(2, f"file://{tmp_path / 'rdzv-1'}", str(out),
+                                             False), nprocs=2, join=True)
+    assert not (out / "final.pt").exists()
+    mp.spawn(_sharded_then_killed, args=(2, f"file://{tmp_path / 'rdzv-2'}", str(out), True),
+             nprocs=2, join=True)
+    resumed = torch.load(out / "final.pt", weights_only=True)
+    ddp = _spawn(tmp_path, "ddp", epochs=3)
+    assert set(resumed) == set(ddp)
+    for k in ddp:
+        torch.testing.assert_close(resumed[k], ddp[k], rtol=1e-5, atol=1e-5)
+
+
 def _task_shard(task: int, rank: int, world: int) -> Batches:
     """Task t of a toy stream: the same inputs, labels moved on by t (tasks conflict)."""
     data = _data()
