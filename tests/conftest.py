@@ -10,20 +10,28 @@ from pathlib import Path
 
 import pytest
 
-_SESSION_TMP = Path(tempfile.mkdtemp(prefix="atoll-tests-"))  # each xdist worker's own
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["MPLCONFIGDIR"] = str(_SESSION_TMP / "mpl")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+_session_tmp: list[Path] = []  # this pytest process's folder (each xdist worker has one)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's folder, made here and not at import: spawned ranks and Ray workers
+    import test modules (and this one) without ever running pytest's hooks."""
+    tmp = Path(tempfile.mkdtemp(prefix="atoll-tests-"))
+    _session_tmp.append(tmp)
+    os.environ["MPLCONFIGDIR"] = str(tmp / "mpl")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove the session's folder. (An atexit hook never ran in xdist workers, which end
     with os._exit: every run left one /tmp/atoll-tests-* behind.)"""
-    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+    for tmp in _session_tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
