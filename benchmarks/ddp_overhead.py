@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def run_bare_ray(config: str, overrides: list[str]) -> dict[str, float]:
         if ray.train.get_context().get_world_rank() == 0:  # metrics need a checkpoint: a file
             Path(cfg["out"]).write_text(json.dumps(report))
 
-    out = Path(tempfile.mkdtemp(prefix="atoll-bench-ray-"))
+    out = Path(tempfile.mkdtemp(prefix="atoll-bench-ray-", dir=Path.cwd()))  # in `work`
     launch = time.time()
     TorchTrainer(
         loop, train_loop_config={"spec": spec.model_dump(mode="json"), "root": str(ROOT),
@@ -160,8 +161,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-ddp-"))
     os.chdir(work)
     cases = ["large", "small"] if args.case == "both" else [args.case]
-    ray.init(num_cpus=2, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="atoll-rb-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="atoll-rb-", dir="/tmp")  # short: Ray's socket paths
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp)
     ratios: dict[str, float] = {}
     try:
         for case in cases:
@@ -171,6 +172,9 @@ def main() -> None:
             ratios[case] = _case(case, epochs, args, overrides, work)
     finally:
         ray.shutdown()
+        os.chdir(ROOT)
+        for d in (work, ray_tmp):  # stores, checkpoints, Ray's session: nothing stays
+            shutil.rmtree(d, ignore_errors=True)
     # the last line: the small model's per-step ratio, where atoll's overhead shows most
     print(f"ratio: {ratios['small' if 'small' in ratios else cases[0]]:.3f}")
 

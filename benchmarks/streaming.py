@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -236,8 +237,8 @@ def main() -> None:
     # 2 training workers of 1 CPU each, and one CPU for Ray Data's read tasks: on 2 CPUs
     # the plain script's reads wait forever behind its workers (atoll runs its reads with
     # num_cpus=0 then, cluster/streaming.task_args; here both get the same cluster)
-    ray.init(num_cpus=3, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="atoll-rs-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="atoll-rs-", dir="/tmp")  # short: Ray's socket paths
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=ray_tmp)
     runs: dict[str, list[dict[str, object]]] = {"plain": [], "atoll": []}
     try:
         for i in range(args.repeats):
@@ -248,6 +249,9 @@ def main() -> None:
                 f"{k} {v[-1]['rows_per_s']:,.0f} rows/s" for k, v in runs.items()), flush=True)
     finally:
         ray.shutdown()
+        os.chdir(ROOT)
+        for d in (work, ray_tmp):  # the table is hundreds of MiB: nothing stays behind
+            shutil.rmtree(d, ignore_errors=True)
     print(f"\n{'':8}{'rows/s':>10}{'rows':>11}{'wall s':>9}  per worker, MiB: peak RSS "
           "growth (object-store pages included) | private (RssAnon) growth")
     over = []
