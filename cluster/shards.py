@@ -15,7 +15,6 @@ the whole module in one process, no process group).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,9 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from atoll.core.checkpoint import CheckpointError
+from atoll.core.sources import sha256_file
 
 MANIFEST = "shards-{rank}.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save(directory: Path, model: nn.Module, optimizer: Optimizer, rank: int) -> None:
@@ -44,7 +36,7 @@ def save(directory: Path, model: nn.Module, optimizer: Optimizer, rank: int) -> 
 
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
-    written = {p.name: _sha256(p) for p in sorted(directory.iterdir())
+    written = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
                if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata")}
     (directory / MANIFEST.format(rank=rank)).write_text(json.dumps(written, indent=1))
 
@@ -60,7 +52,7 @@ def verify(directory: Path, world: int) -> None:
                                   f"unreadable ({manifest.name}: {e})") from None
         for name, digest in written.items():
             path = directory / name
-            if not path.is_file() or _sha256(path) != digest:
+            if not path.is_file() or sha256_file(path) != digest:
                 raise CheckpointError(f"{path}: rank {rank}'s shard is missing or damaged "
                                       "(SHA-256 mismatch)")
 

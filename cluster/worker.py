@@ -150,21 +150,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     sharded = spec.cluster.strategy == "fsdp"  # DCP shards, no gather (cluster/shards.py)
 
-    def _save_sharded(st: TrainState, shown: dict[str, float]) -> None:
+    def checkpoint(st: TrainState, shown: dict[str, float]) -> None:
+        """Every rank together. Sharded: each rank writes its shards into a folder of its
+        own and reports it (Ray Train merges them); otherwise the state is gathered (a
+        collective) and rank 0 alone writes and reports the file."""
+        whole = None if sharded else (layout.full_state(), layout.full_optim_state(c.optimizer))
         staging = Path(config["run_dir"]) / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=staging) as d:
-            shards.save(Path(d), layout.model, c.optimizer, rank)
+            if sharded:
+                shards.save(Path(d), layout.model, c.optimizer, rank)
             if rank == 0:
-                payload = checkpoint_payload(c, st, model_state={}, run_id=config["run_id"],
-                                             spec=saved_spec(config),
-                                             sharded={"world": layout.dp_size})
-                del payload["model"], payload["optimizer"]  # in the shards
+                payload = checkpoint_payload(c, st, model_state=whole[0] if whole else {},
+                                             run_id=config["run_id"], spec=saved_spec(config))
+                if whole:
+                    payload["optimizer"] = whole[1]
+                else:  # model and optimizer are in the shards
+                    del payload["model"], payload["optimizer"]
+                    payload["sharded"] = {"world": layout.dp_size}
                 save(payload, Path(d) / CKPT_FILE)
-            # every rank's folder: Ray Train merges them into the one checkpoint
             ray.train.report({**shown, "epoch": st.epoch},
-                             checkpoint=ray.train.Checkpoint.from_directory(d))
-        if rank == 0:  # after the checkpoint is durable, as below
+                             checkpoint=ray.train.Checkpoint.from_directory(d)
+                             if sharded or rank == 0 else None)
+        if rank == 0:
+            # logged after the checkpoint is durable: a crash in between is back-filled
+            # from the checkpoint's history on restart, so no epoch is logged twice
             tracker.log_metrics(shown, step=st.epoch)
             tracker.wait()
 
@@ -183,27 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracker.log_metrics(shown, step=st.epoch)
             return
         every.saved()
-        if sharded:
-            _save_sharded(st, shown)
-            return
-        full = layout.full_state()  # collective under FSDP: all ranks call it
-        optim = layout.full_optim_state(c.optimizer)
-        if rank == 0:
-            staging = Path(config["run_dir"]) / ".staging"
-            staging.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=staging) as d:
-                payload = checkpoint_payload(c, st, model_state=full, run_id=config["run_id"],
-                                             spec=saved_spec(config))
-                payload["optimizer"] = optim
-                save(payload, Path(d) / CKPT_FILE)
-                ray.train.report({**shown, "epoch": st.epoch},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d))
-            # logged after the checkpoint is durable: a crash in between is back-filled
-            # from the checkpoint's history on restart, so no epoch is logged twice
-            tracker.log_metrics(shown, step=st.epoch)
-            tracker.wait()
-        else:
-            ray.train.report({**shown, "epoch": st.epoch})
+        checkpoint(st, shown)
 
     # steps re-trained after a restart are not logged twice: a tracker that joins an
     # existing run skips the (key, step) pairs it already holds
