@@ -28,6 +28,7 @@ RESUME = "resume"  # "" = fresh, "latest" = newest checkpoint in run-dir, or a p
 RESTART = "restart"  # a fresh start may discard an unfinished federation's checkpoints
 CLIENT_STATES = "client-states"  # in the run dir: each client's continual state by round
 STOP_FILE = "STOP"  # in the run dir: `atoll run` asks a running server to stop (Ctrl-C)
+SERVER_STDERR_ENV = "ATOLL_SERVER_STDERR"  # environment: a file for the server's stderr
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     SPEC_PATH: "configs/federated.yaml", SPEC_JSON: "", OVERRIDES: "", NUM_ROUNDS: 0,

@@ -160,6 +160,8 @@ class Federation:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if self.ray_address:
             self.env["RAY_ADDRESS"] = self.ray_address
+        self.server_stderr = self.work / "server.log"
+        self.env[R.SERVER_STDERR_ENV] = str(self.server_stderr)
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Federation:
@@ -205,10 +207,15 @@ class Federation:
         proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log_file, quiet), daemon=True)
+        started: list[int] = []  # the run id, once flwr run prints it
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log_file, quiet, started),
+                                daemon=True)
         pump.start()
         try:
             code = proc.wait()
+            pump.join(timeout=5)
+            if result_file is not None and not result_file.is_file() and started:
+                self._settle(started[0], result_file, log_file)
         except KeyboardInterrupt:
             if stop_file is not None:
                 stop_file.touch()
@@ -218,6 +225,51 @@ class Federation:
         finally:
             pump.join(timeout=5)
         return code
+
+    def _settle(self, run_id: int, result_file: Path, log_file: Path) -> None:
+        """`flwr run` returned but the server wrote no result. Its log stream may have
+        ended while the run goes on (then wait for the run), or the server's process died
+        without a word (Flower fails the run once its heartbeats stop): the log file gets
+        Flower's status and reason, and the server process's stderr and the SuperLink's
+        log are kept beside it, since this federation's folder is removed."""
+        waited = False
+        while not result_file.is_file():
+            status, details = self.run_status(run_id)
+            if status.startswith("finished") or self.proc is None or \
+                    self.proc.poll() is not None:
+                break
+            if not waited:
+                _note(log_file, f"flwr run stopped streaming while run {run_id} is {status}; "
+                                "atoll waits for it to finish")
+                waited = True
+            time.sleep(2)
+        else:
+            return
+        kept = []
+        for src in (self.server_stderr, self.log):
+            with contextlib.suppress(OSError):
+                kept.append(Path(shutil.copyfile(src, log_file.with_name(src.name))))
+        _note(log_file, f"Flower reports run {run_id} {status or 'unknown'}"
+                        f"{': ' + details if details else ''}; the server process's stderr "
+                        f"and the SuperLink's log are kept in {', '.join(map(str, kept))}")
+
+    def run_status(self, run_id: int) -> tuple[str, str]:
+        """Flower's status of `run_id` on this SuperLink and its details, e.g.
+        ("finished:failed", "No heartbeat received from the task"); ("", "") if unknown."""
+        try:
+            out = subprocess.run([_bin("flwr"), "ls", FEDERATION, "--run-id", str(run_id),
+                                  "--format", "json"], env={**os.environ, **self.env},
+                                 capture_output=True, text=True, timeout=60,
+                                 stdin=subprocess.DEVNULL)
+            runs = json.loads(out.stdout).get("runs") or [{}]
+        except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+            return "", ""
+        return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
+
+
+def _note(log_file: Path, text: str) -> None:
+    with open(log_file, "a", encoding="utf-8") as out:
+        out.write(f"atoll: {text}\n")
 
 
 STOP_GRACE_S = 60.0  # how long an interrupted server may take to flush and checkpoint
@@ -250,13 +302,19 @@ def _shown(line: str) -> bool:
     return bool(_OURS.match(line) or _LOUD.match(line))
 
 
-def _pump(stream: Any, log_file: Path, quiet: bool) -> None:
-    """Copy the federation's output to `log_file` (and the console). It must never stop
-    reading: a full pipe would block flwr, and the run would hang."""
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def _pump(stream: Any, log_file: Path, quiet: bool, started: list[int]) -> None:
+    """Copy the federation's output to `log_file` (and the console), noting the run id in
+    `started`. It must never stop reading: a full pipe would block flwr, and the run would
+    hang."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a", encoding="utf-8", errors="replace") as out:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
+            if not started and (m := _STARTED.search(line)):
+                started.append(int(m.group(1)))
             out.write(line)
             out.flush()
             if not quiet and _shown(_plain(line)):

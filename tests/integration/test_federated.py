@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,37 @@ def test_tabular_regression_example_federated(tmp_path, no_leftovers):
     sizes = [int(v) for v in p["federated.partition_sizes"].split(",")]
     assert p["data.task"] == "regression" and len(set(sizes)) == 3  # skewed, not equal
     assert p["model.class"] == "models.tabular.ResidualMLP"
+
+
+def test_a_server_process_that_dies_is_reported_with_flowers_reason(tmp_path, no_leftovers):
+    """The simulation process (ServerApp and clients) is SIGKILLed after round 1: it writes
+    no result, Flower marks the run failed once its heartbeats stop and `flwr run` exits 0.
+    The error names Flower's reason, the server process's stderr (Flower sends it to
+    /dev/null) and the SuperLink's log are kept beside federation.log, and round 1's
+    checkpoint is still there to resume from."""
+    import threading
+
+    import psutil
+
+    spec = fl_spec("federated.rounds=50", "federated.num_clients=2", "tracking.enabled=false",
+                   "tracking.registered_model=null", f"train.checkpoint_dir={tmp_path}")
+    run_dir = tmp_path / spec.name
+    killed: list[int] = []
+
+    def kill_after_round_1() -> None:
+        while not (run_dir / "checkpoints" / "round-000001.ckpt").is_file():
+            time.sleep(0.2)
+        for p in psutil.Process().children(recursive=True):  # this test's own processes
+            if any("flwr-simulation" in part for part in p.cmdline()[:2]):
+                p.kill()
+                killed.append(p.pid)
+
+    threading.Thread(target=kill_after_round_1, daemon=True).start()
+    with pytest.raises(RunFailed) as failed:
+        run_federated(spec)
+    assert killed
+    message = str(failed.value)
+    assert "finished:failed" in message and "heartbeat" in message.lower(), message
+    for kept in ("superlink.log", "server.log"):  # the dead process's stderr, Flower's log
+        assert (run_dir / kept).is_file() and str(run_dir / kept) in message, message
+    assert (run_dir / "checkpoints" / "round-000001.ckpt").is_file()
