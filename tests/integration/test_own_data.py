@@ -347,6 +347,37 @@ def test_streamed_statistics_equal_the_in_memory_ones(ray_driver, project):
         streaming.prepare(spec)
 
 
+def test_what_the_driver_holds_of_a_streamed_table_does_not_grow_with_it(ray_driver,
+                                                                         project):
+    """The driver of a streamed run keeps statistics, a few head rows and Ray Data's lazy
+    plans — never the rows. A table 8x longer leaves the same bytes on the driver: what
+    workers are sent (`describe`), the tensors it holds and the pickled plans differ by
+    the digits of their row counts at most."""
+    import json
+    import pickle
+
+    from atoll.cluster import streaming
+
+    held = {}
+    for n in (600, 4800):
+        datagen.write_parquet(project, n)
+        spec = load_spec(None, ["mode=cluster", "data.streaming=true",
+                                f"project_dir={project}", *FORMATS["parquet"][1]])
+        bundle = streaming.prepare(spec)
+        splits = (bundle.train, bundle.val, bundle.test)
+        assert sum(len(s) for s in splits) == n
+        tensors = [bundle.mean, bundle.std, bundle.train.counts,
+                   *(t for s in splits for t in (s.x, s.y))]
+        held[n] = (len(json.dumps(streaming.describe(bundle))),
+                   sum(t.numel() * t.element_size() for t in tensors),
+                   sum(len(pickle.dumps(s.dataset)) for s in splits))
+    (sent, tensors, plans), (sent8, tensors8, plans8) = held.values()
+    print(f"\ndriver holds (600 rows, 4800 rows): sent to workers {sent}, {sent8} B; "
+          f"tensors {tensors}, {tensors8} B; plans {plans}, {plans8} B")
+    assert tensors8 == tensors
+    assert abs(sent8 - sent) <= 16 and abs(plans8 - plans) <= 64, held
+
+
 def test_streamed_images_train_on_ray_workers_without_the_driver_reading_them(
         shared_ray, warm_store, project, monkeypatch):
     """data.streaming: Ray Data reads and decodes the image folder, Ray Train shards it
