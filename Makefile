@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ddp_overhead.py
 	$(BIN)/python benchmarks/pipeline_scaling.py
 	$(BIN)/python benchmarks/streaming.py
+	$(BIN)/python benchmarks/checkpoint_save.py
 	$(BIN)/python benchmarks/gpu_throughput.py
 
 lint: $(STAMP)

@@ -16,6 +16,7 @@ the whole module in one process, no process group).
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,73 @@ def save(directory: Path, model: nn.Module, optimizer: Optimizer, rank: int) -> 
     """Every rank, together: this rank's shards of the model and optimizer into
     `directory` (its own), then its manifest."""
     import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state(model, optimizer), checkpoint_id=directory)
+    _manifest(directory, rank)
+
+
+def _state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _manifest(directory: Path, rank: int) -> None:
     written = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
                if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata")}
     (directory / MANIFEST.format(rank=rank)).write_text(json.dumps(written, indent=1))
+
+
+class AsyncWriter:
+    """Sharded checkpoints written while training goes on (`dcp.async_save`).
+
+    `start` copies this rank's shards to host memory and returns; a thread writes them.
+    `finish` waits for the files and writes the manifest — only then may the folder be
+    reported to Ray Train, so a checkpoint is durable one check later than with `save`
+    (the worker checks every epoch). The writes' own collectives run on a gloo group of
+    their own: a second thread must not share training's group, and an NCCL-only default
+    group could not carry them.
+    """
+
+    def __init__(self) -> None:
+        self.group: Any = None  # made at the first start: a collective, every rank at once
+        self.pending: tuple[Path, Future] | None = None
+
+    def start(self, directory: Path, model: nn.Module, optimizer: Optimizer) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        if self.pending is not None:
+            raise RuntimeError("finish() the previous checkpoint first")
+        if self.group is None:
+            self.group = dist.new_group(backend="gloo")
+        started = dcp.async_save(_state(model, optimizer), checkpoint_id=directory,
+                                 process_group=self.group)
+        # a stager that stages in the background answers with both futures
+        written = getattr(started, "upload_completion", started)
+        self.pending = (directory, written)
+
+    def done(self) -> bool:
+        """This rank's files are written (or the write failed: `finish` raises)."""
+        return self.pending is None or self.pending[1].done()
+
+    def finish(self, rank: int) -> Path:
+        """Wait for the files, then seal them with the manifest; the folder."""
+        if self.pending is None:
+            raise RuntimeError("no checkpoint is being written")
+        directory, written = self.pending
+        self.pending = None
+        written.result()
+        _manifest(directory, rank)
+        return directory
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 def verify(directory: Path, world: int) -> None:

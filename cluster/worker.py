@@ -2,8 +2,10 @@
 
 Re-validates the spec, builds the data shard and the parallel layout, restores the
 latest Ray Train checkpoint (after a worker died, or when a job name is re-run), trains
-with the one loop, and reports to Ray Train, with a checkpoint from rank 0, at the epoch
-ends `train.checkpoint_every` names (a report waits for Ray Train's controller to poll).
+with the one loop, and reports to Ray Train with a checkpoint at the epoch ends
+`train.checkpoint_every` names (a report waits for Ray Train's controller to poll): rank
+0's file, or under FSDP2 every rank's shards, written in the background and reported at
+the first epoch end after they are on disk.
 Only rank 0 logs, into the MLflow run the driver created.
 
 A non-finite loss is deterministic: a retry would meet it again. The ranks agree on it
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -149,36 +152,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         spec.cluster.checkpoint_metric or (es.patience > 0 and es.restore_best)))
 
     sharded = spec.cluster.strategy == "fsdp"  # DCP shards, no gather (cluster/shards.py)
+    writer = shards.AsyncWriter() if sharded else None
+    staging = Path(config["run_dir"]) / ".staging"
+    pending: dict[str, Any] = {}  # the sharded checkpoint being written: its epoch's report
 
-    def checkpoint(st: TrainState, shown: dict[str, float]) -> None:
-        """Every rank together. Sharded: each rank writes its shards into a folder of its
-        own and reports it (Ray Train merges them); otherwise the state is gathered (a
-        collective) and rank 0 alone writes and reports the file."""
-        whole = None if sharded else (layout.full_state(), layout.full_optim_state(c.optimizer))
-        staging = Path(config["run_dir"]) / ".staging"
-        staging.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging) as d:
-            if sharded:
-                shards.save(Path(d), layout.model, c.optimizer, rank)
-            if rank == 0:
-                payload = checkpoint_payload(c, st, model_state=whole[0] if whole else {},
-                                             run_id=config["run_id"], spec=saved_spec(config))
-                if whole:
-                    payload["optimizer"] = whole[1]
-                else:  # model and optimizer are in the shards
-                    del payload["model"], payload["optimizer"]
-                    payload["sharded"] = {"world": layout.dp_size}
-                save(payload, Path(d) / CKPT_FILE)
-            ray.train.report({**shown, "epoch": st.epoch},
-                             checkpoint=ray.train.Checkpoint.from_directory(d)
-                             if sharded or rank == 0 else None)
+    def report(d: Path | None, shown: dict[str, float], epoch: int) -> None:
+        """Every rank: the epoch's report, with the checkpoint in `d`; rank 0 logs the
+        epoch after the checkpoint is durable — a crash in between is back-filled from
+        the checkpoint's history on restart, so no epoch is logged twice."""
+        ray.train.report({**shown, "epoch": epoch},
+                         checkpoint=ray.train.Checkpoint.from_directory(d) if d else None)
         if rank == 0:
-            # logged after the checkpoint is durable: a crash in between is back-filled
-            # from the checkpoint's history on restart, so no epoch is logged twice
-            tracker.log_metrics(shown, step=st.epoch)
+            tracker.log_metrics(shown, step=epoch)
             tracker.wait()
 
+    def settle(wait: bool) -> None:
+        """The sharded checkpoint being written, once every rank's files are (`wait`:
+        now): sealed, reported, and its staging folder removed."""
+        if not pending:
+            return
+        if not wait:  # ranks finish writing at different times: all of them, or none
+            busy = torch.tensor([float(not writer.done())], dtype=torch.float64)
+            if all_reduce_sum(busy)[0] > 0:
+                return
+        d = writer.finish(rank)
+        report(d, pending["shown"], pending["epoch"])
+        shutil.rmtree(d, ignore_errors=True)
+        pending.clear()
+
+    def checkpoint(st: TrainState, shown: dict[str, float]) -> None:
+        """Every rank together. Sharded: each rank starts writing its shards into a folder
+        of its own (reported once written, see `settle`; Ray Train merges the folders);
+        otherwise the state is gathered (a collective) and rank 0 alone writes and
+        reports the file."""
+        staging.mkdir(parents=True, exist_ok=True)
+        if sharded:
+            settle(wait=True)
+            d = Path(tempfile.mkdtemp(dir=staging))
+            writer.start(d, layout.model, c.optimizer)  # copied to host memory: go on
+            if rank == 0:  # the rest of the state, as of this epoch (small: written now)
+                payload = checkpoint_payload(c, st, model_state={}, run_id=config["run_id"],
+                                             spec=saved_spec(config))
+                del payload["model"], payload["optimizer"]  # they are in the shards
+                payload["sharded"] = {"world": layout.dp_size}
+                save(payload, d / CKPT_FILE)
+            pending.update(shown=shown, epoch=st.epoch)
+            return
+        model_state, optim_state = layout.full_state(), layout.full_optim_state(c.optimizer)
+        with tempfile.TemporaryDirectory(dir=staging) as d:
+            if rank == 0:
+                payload = checkpoint_payload(c, st, model_state=model_state,
+                                             run_id=config["run_id"], spec=saved_spec(config))
+                payload["optimizer"] = optim_state
+                save(payload, Path(d) / CKPT_FILE)
+            report(Path(d) if rank == 0 else None, shown, st.epoch)
+
     def on_epoch_end(st: TrainState, metrics: dict[str, float]) -> None:
+        settle(wait=False)  # the last checkpoint, if its shards are written by now
         shown = {k: v for k, v in metrics.items() if k != "samples"}
         final = st.epoch >= c.cfg.epochs or st.stopped_early
         due = every.due(st.epoch, final)  # an epoch count: the same on every rank
@@ -199,10 +229,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # existing run skips the (key, step) pairs it already holds
     on_step = (lambda step, m: tracker.log_metrics(m, step=step)) if rank == 0 else None
     with deterministic_failure(Path(config["run_dir"]), rank, tracker):
-        train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state,
-                   data.num_classes, scheduler=c.scheduler, strategy=c.strategy,
-                   reduce=layout.reduce, on_step=on_step,
-                   on_epoch_end=on_epoch_end, no_sync=layout.no_sync, pipe=layout.pipe)
+        try:
+            train_task(c.model, train, val, c.optimizer, c.loss_fn, c.cfg, state,
+                       data.num_classes, scheduler=c.scheduler, strategy=c.strategy,
+                       reduce=layout.reduce, on_step=on_step,
+                       on_epoch_end=on_epoch_end, no_sync=layout.no_sync, pipe=layout.pipe)
+        except NonFiniteLoss:  # every rank at the same step: the last good one is kept
+            settle(wait=True)
+            raise
+        settle(wait=True)
+    if writer is not None:
+        writer.close()
     if rank == 0:
         tracker.close()  # the system-metrics monitor's last samples; the driver ends the run
 

@@ -33,3 +33,17 @@ def test_gpu_throughput_smoke_prints_both_sides_and_the_ratio():
             rows.setdefault(m.group(1), []).append(float(m.group(2)))
     assert set(rows) == {"atoll", "plain"}, done.stdout
     assert all(math.isfinite(v) and v > 0 for values in rows.values() for v in values), rows
+
+
+def test_checkpoint_save_benchmark_times_both_writers():
+    """benchmarks/checkpoint_save.py on a small model: both modes timed, a ratio printed."""
+    done = subprocess.run([sys.executable, "benchmarks/checkpoint_save.py", "--width", "64",
+                           "--steps", "2", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    timed = {m.group(1): (float(m.group(2)), float(m.group(3))) for line in lines
+             if (m := re.match(r"\s*(sync|async): blocked s (\S+)\s+round s (\S+)", line))}
+    assert set(timed) == {"sync", "async"}, done.stdout
+    assert all(0 < blocked <= whole for blocked, whole in timed.values()), timed
+    assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]

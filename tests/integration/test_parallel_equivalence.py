@@ -125,9 +125,11 @@ def test_fsdp2_matches_ddp(tmp_path, accum):
 
 
 def _sharded_then_killed(rank: int, world: int, init: str, out: str, resume: bool) -> None:
-    """FSDP2 built on meta, 3 epochs. First attempt: after epoch 1 every rank writes its
-    DCP shards into a folder of its own, rank 0 merges them as Ray Train does, and rank 1
-    is SIGKILLed. Resume (a new process group): read the shards, train epochs 2-3."""
+    """FSDP2 built on meta, 3 epochs. First attempt, as the worker does: after epoch 1
+    every rank starts writing its DCP shards into a folder of its own (`AsyncWriter`),
+    epoch 2 trains while they are written; then the writes are finished, rank 0 merges the
+    folders as Ray Train does, and rank 1 is SIGKILLed. Resume (a new process group):
+    read the epoch-1 shards, train epochs 2-3."""
     import shutil
 
     from atoll.cluster import shards
@@ -136,6 +138,7 @@ def _sharded_then_killed(rank: int, world: int, init: str, out: str, resume: boo
     with spawned_rank(rank, world, init):
         lay = build("fsdp", _model, torch.device("cpu"))
         opt = torch.optim.SGD(lay.model.parameters(), lr=0.1, momentum=0.9)  # as _train
+        writer = shards.AsyncWriter()
         merged = Path(out) / "checkpoint"
         first = 0
         if resume:
@@ -153,7 +156,9 @@ def _sharded_then_killed(rank: int, world: int, init: str, out: str, resume: boo
             if not resume and e == 0:
                 own = Path(out) / f"rank-{rank}"
                 own.mkdir(parents=True)
-                shards.save(own, lay.model, opt, rank)
+                writer.start(own, lay.model, opt)
+            if not resume and e == 1:
+                writer.finish(rank)
                 dist.barrier()
                 if rank == 0:
                     for r in range(world):
@@ -167,8 +172,9 @@ def _sharded_then_killed(rank: int, world: int, init: str, out: str, resume: boo
 
 
 def test_fsdp2_resumed_from_its_shards_after_a_sigkill_equals_ddp(tmp_path):
-    """FSDP2 with meta init and DCP checkpoints: rank 1 is SIGKILLed after the epoch-1
-    checkpoint; a new group resumes from the merged shards and ends with the weights of
+    """FSDP2 with meta init and DCP checkpoints written in the background: rank 1 is
+    SIGKILLed after the epoch-1 checkpoint (written while epoch 2 trained); a new group
+    resumes from the merged shards and ends with the weights of
     3 uninterrupted DDP epochs (within 1e-5)."""
     out = tmp_path / "fsdp"
     with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):

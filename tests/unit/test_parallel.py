@@ -113,3 +113,33 @@ def test_sharded_checkpoints_round_trip_and_refuse_damage(one_rank, tmp_path):
     shard.write_bytes(bytes(raw))  # intact again: now only rank 1's files are missing
     with pytest.raises(CheckpointError, match="rank 1's shards are missing"):
         shards.verify(d, world=2)
+
+
+def test_an_async_save_holds_the_state_of_its_call_while_training_goes_on(one_rank, tmp_path):
+    """`shards.AsyncWriter`: the state is copied when the save starts, so steps taken while
+    the shards are written do not leak into them; the manifest is written on `finish`, and
+    the checkpoint loads back and verifies like a synchronous one."""
+    from atoll.cluster import shards
+
+    torch.manual_seed(0)
+    layout = build("fsdp", _WithBuffers, torch.device("cpu"))
+    opt = torch.optim.AdamW(layout.model.parameters(), lr=0.1)
+    layout.model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    saved_model = {k: v.clone() for k, v in layout.full_state().items()}  # not views
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    writer = shards.AsyncWriter()
+    writer.start(d, layout.model, opt)
+    for _ in range(3):  # training goes on while the shards are written
+        layout.model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    moved = layout.full_state()
+    assert not torch.equal(moved["lin.weight"], saved_model["lin.weight"])
+    writer.finish(rank=0)
+    assert writer.pending is None
+    shards.verify(d, world=1)
+    shards.load(d, layout.model, opt)
+    for k, v in layout.full_state().items():
+        assert torch.equal(v, saved_model[k]), k
+    writer.close()
