@@ -479,6 +479,14 @@ class PrivacySpec(_Section):
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="for the reported epsilon")
 
 
+class VectorizedSpec(_Section):
+    """`federated.engine: vectorized`: how the round's clients are batched."""
+
+    chunk_size: int | None = Field(
+        None, ge=1, description="clients trained together; default: all sampled ones, "
+                                "halved on out-of-memory")
+
+
 class FederatedSpec(_Section):
     num_clients: int = Field(10, ge=1, description="simulated SuperNodes (one partition each)")
     rounds: int = Field(5, ge=1)
@@ -511,6 +519,11 @@ class FederatedSpec(_Section):
         3, ge=1, description="consecutive rounds that aggregate nothing before the run FAILS")
     rounds_per_task: int | None = Field(
         None, ge=1, description="continual stream: rounds per task; default rounds // n_tasks")
+    engine: Literal["flower", "vectorized"] = Field(
+        "flower", description="flower: a SuperLink and a ClientApp per client on Ray; "
+                              "vectorized: every sampled client of a round in one batched "
+                              "computation in this process (same global model)")
+    vectorized: VectorizedSpec = VectorizedSpec()
 
     @field_validator("strategy")
     @classmethod
@@ -699,6 +712,24 @@ class ExperimentSpec(_Section):
             raise ValueError("train.compile: true — a client builds its model anew every "
                              "round and would compile it every round; allowed in federated "
                              "mode: false")
+        if self.federated.engine == "vectorized":
+            self._check_vectorized()
+
+    def _check_vectorized(self) -> None:
+        """What the vectorized engine does not do (yet) is refused, naming the way out."""
+        way_out = "or federated.engine: flower"
+        if self.continual.stream != "none":
+            raise ValueError(f"continual.stream: {self.continual.stream!r} with "
+                             f"federated.engine: vectorized; allowed: none, {way_out}")
+        if self.train.grad_accum_steps != 1:
+            raise ValueError(f"train.grad_accum_steps: {self.train.grad_accum_steps} with "
+                             f"federated.engine: vectorized; allowed: 1, {way_out}")
+        if self.train.precision == "bf16":  # auto: the engine computes in fp32
+            raise ValueError(f"train.precision: 'bf16' with federated.engine: vectorized; "
+                             f"allowed: fp32, auto (fp32), {way_out}")
+        if self.train.loss.name == "focal":
+            raise ValueError("train.loss.name: 'focal' with federated.engine: vectorized; "
+                             f"allowed: auto, cross_entropy, mse, huber, {way_out}")
 
     def _check_cluster_batch(self) -> None:
         c, batch = self.cluster, self.data.batch_size

@@ -103,15 +103,20 @@ def train(msg: Message, context: Context) -> Message:
             except OSError as e:  # a SuperNode that cannot reach the server's run dir
                 log.warning("client %d: continual state not saved for resume (%s)",
                             partition, e)
+    return train_reply(msg, spec, partition, weights, metrics, attack, len(data.train), cl)
+
+
+def train_reply(msg: Message, spec, partition: int, weights: dict, metrics: dict[str, float],
+                attack: str, samples: int, cl: task.ContinualState | None = None) -> Message:
+    """What a client that trained sends back (also the vectorized engine's replies)."""
     # DP accounting needs equal client weights (DP-FedAvg averages updates uniformly)
-    weight = 1 if spec.federated.privacy.mode != "none" else len(data.train)
+    weight = 1 if spec.federated.privacy.mode != "none" else samples
     who = {R.PARTITION_ID: partition, R.BYZANTINE: attack}
     if cl is not None:
         who[R.TASK] = cl.current  # the stream task it trained (client orders may differ)
     content = {
         R.ARRAYS: R.state_to_arrays(weights),
-        R.METRICS: MetricRecord({R.NUM_EXAMPLES: weight, "samples": len(data.train),
-                                 **metrics}),
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: weight, "samples": samples, **metrics}),
     }
     if cl is not None and cl.closed is not None and spec.continual.ewc.aggregate == "server":
         task_index, fisher, n = cl.closed  # FedEWC: the server averages these
@@ -155,6 +160,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     current = task.client_task(spec, partition, rnd) if task.streaming(spec) else None
     data = task.client_data(spec, partition, num_clients, current)
     metrics, n = task.local_evaluate(spec, data, R.arrays_to_state(msg.content[R.ARRAYS]))
+    return evaluate_reply(msg, partition, metrics, n)
+
+
+def evaluate_reply(msg: Message, partition: int, metrics: dict[str, float], n: int
+                   ) -> Message:
     return Message(RecordDict({
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: n, **metrics}),
         R.CLIENT: ConfigRecord({R.PARTITION_ID: partition}),
@@ -165,6 +175,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Who is this node? The server maps node ids to partitions once per run."""
     partition, _ = _who(context)
+    return query_reply(msg, partition)
+
+
+def query_reply(msg: Message, partition: int) -> Message:
     return Message(RecordDict({R.CLIENT: ConfigRecord({R.PARTITION_ID: partition})}),
                    reply_to=msg)
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -350,19 +351,8 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
                                   resume=mode, restart=not mode)
     log_file = run_dir / "federation.log"
     run_dir.mkdir(parents=True, exist_ok=True)  # every refusal is behind us: now it may exist
-    with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency,
-                    ray_address=os.environ.get("RAY_ADDRESS") or spec.cluster.address) as fed:
-        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d, Ray %s%s); "
-                 "Flower and Ray output in %s", f.num_clients, f.rounds, f.strategy, fed.port,
-                 fed.ray_address or "started for this run",
-                 f", resuming {mode}" if mode else "", log_file)
-        try:
-            code = fed.run(stage_app(fed.work / "app"), run_config, log_file,
-                           quiet=spec.train.progress == "off",
-                           stop_file=run_dir / R.STOP_FILE, result_file=run_dir / RESULT_FILE)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_resume_hint(run_dir, spec)) from None
-        result = _read_result(run_dir, code, log_file)
+    run = _run_in_process if f.engine == "vectorized" else _run_on_flower
+    result = run(spec, run_config, run_dir, log_file, mode)
     registered = None
     if result.get("registered"):
         from atoll.tracking.base import RegisteredModel
@@ -375,6 +365,63 @@ def run_federated(spec: ExperimentSpec, resume: str | None = None, restart: bool
     if result.get("matrix"):
         out.details = {"matrix": result["matrix"], "baseline": result.get("baseline", [])}
     return out
+
+
+def _run_on_flower(spec: ExperimentSpec, run_config: dict, run_dir: Path, log_file: Path,
+                   mode: str) -> dict:
+    """A private SuperLink, `flwr run`, the clients on Ray; the result file's contents."""
+    f = spec.federated
+    with Federation(f.num_clients, f.client_cpus, f.client_gpus, f.concurrency,
+                    ray_address=os.environ.get("RAY_ADDRESS") or spec.cluster.address) as fed:
+        log.info("federation: %d clients, %d rounds, %s (SuperLink 127.0.0.1:%d, Ray %s%s); "
+                 "Flower and Ray output in %s", f.num_clients, f.rounds, f.strategy, fed.port,
+                 fed.ray_address or "started for this run",
+                 f", resuming {mode}" if mode else "", log_file)
+        try:
+            code = fed.run(stage_app(fed.work / "app"), run_config, log_file,
+                           quiet=spec.train.progress == "off",
+                           stop_file=run_dir / R.STOP_FILE, result_file=run_dir / RESULT_FILE)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_resume_hint(run_dir, spec)) from None
+        return _read_result(run_dir, code, log_file)
+
+
+def _run_in_process(spec: ExperimentSpec, run_config: dict, run_dir: Path, log_file: Path,
+                    mode: str) -> dict:
+    """The same server in this process, its clients answered by the vectorized engine
+    (federated/vectorized_grid.py): no SuperLink, no Ray. Flower's own log lines go to
+    `log_file`, as with `flwr run`; the result file says how the run ended."""
+    from atoll.federated.server import serve
+    from atoll.federated.vectorized_grid import VectorizedGrid
+
+    f = spec.federated
+    log.info("federation: %d clients, %d rounds, %s, vectorized engine (this process)%s; "
+             "Flower's output in %s", f.num_clients, f.rounds, f.strategy,
+             f", resuming {mode}" if mode else "", log_file)
+    with _flower_logs_to(log_file):
+        try:
+            serve(VectorizedGrid(spec, run_config), run_config)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_resume_hint(run_dir, spec)) from None
+        except Exception:  # noqa: BLE001 - serve wrote FAILED and the cause in the result
+            log.debug("the in-process federation ended with an error", exc_info=True)
+    return _read_result(run_dir, 0, log_file)
+
+
+@contextlib.contextmanager
+def _flower_logs_to(log_file: Path) -> Iterator[None]:
+    """Flower's logger writes to the console; during an in-process run its lines go to
+    `log_file` instead (a quiet console, as on the Flower path)."""
+    flwr_log = logging.getLogger("flwr")
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = flwr_log.handlers[:], flwr_log.propagate
+    flwr_log.handlers, flwr_log.propagate = [handler], False
+    try:
+        yield
+    finally:
+        flwr_log.handlers, flwr_log.propagate = saved
+        handler.close()
 
 
 def _preflight(spec: ExperimentSpec) -> None:

@@ -1,0 +1,229 @@
+"""`federated.engine: vectorized`: Flower's Grid, answered in this process.
+
+The server (`federated/server.py`) runs unchanged — Flower's strategy objects, atoll's
+sampler, faults, Byzantine attacks, DP wrappers, checkpoints and MLflow logging — and
+talks to this Grid as it would to a SuperLink. Instead of delivering each train message to
+a ClientApp on a Ray actor, the Grid trains every sampled client of the round at once
+(`federated/vectorized.py`) and answers with the replies the ClientApp would send
+(`client_app.train_reply`): same records, same metrics, the same faults and attacks
+applied, Flower's own client-side clipping mods run on them. Evaluation and node
+discovery are answered per client, in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from atoll.core.components import pick_device
+from atoll.core.data import Split
+from atoll.core.spec import ExperimentSpec
+from atoll.federated import client_app, task
+from atoll.federated import records as R
+from atoll.federated.driver import failed_reply
+from atoll.federated.faults import byzantine_clients, flip_labels, poison_update, round_fault
+from atoll.federated.vectorized import ClientResult, rule_of, train_clients
+
+log = logging.getLogger("atoll.federated")
+
+
+NODE_BASE = 1 << 20  # node id of partition 0 (the server is Flower's SUPERLINK_NODE_ID, 1)
+
+
+class VectorizedGrid(Grid):
+    """Node NODE_BASE + p is partition p; replies wait in memory until pulled (a
+    straggler's until its delay has passed, so the round's timeout applies as before)."""
+
+    def __init__(self, spec: ExperimentSpec, run_config: dict[str, Any]):
+        # Flower's Message reads who sends it from the process's task identity, which a
+        # SuperLink's runtime sets; here this process is the server's task
+        TaskIdentity.run_id, TaskIdentity.task_id = 0, 0
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.spec, self.run_config = spec, dict(run_config)
+        self.num_clients = spec.federated.num_clients
+        self.replies: dict[str, tuple[float, Message]] = {}
+        self.contexts: dict[int, Context] = {}
+        self.device = pick_device(spec)
+        self.chunk = spec.federated.vectorized.chunk_size
+        self._model: torch.nn.Module | None = None
+        self._run: Any = None
+
+    # --- Flower's Grid interface -----------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [NODE_BASE + p for p in range(self.num_clients)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids, train = [], []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            ids.append(msg.metadata.message_id)
+            kind = msg.metadata.message_type
+            if kind == MessageType.TRAIN:
+                train.append(msg)
+            elif kind == MessageType.EVALUATE:
+                self._answer(msg, self._evaluate(msg))
+            else:
+                self._answer(msg, client_app.query_reply(msg, self._partition(msg)))
+        if train:
+            self._train(train)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        now = time.monotonic()
+        out = []
+        for key in message_ids:
+            held = self.replies.get(key)
+            if held is not None and held[0] <= now:
+                out.append(self.replies.pop(key)[1])
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        got: list[Message] = []
+        while pending and time.monotonic() < end:
+            replies = list(self.pull_messages(pending))
+            got += replies
+            pending -= {r.metadata.reply_to_message_id for r in replies}
+            if pending:
+                time.sleep(0.05)
+        return got
+
+    # --- what the clients would have done --------------------------------------------
+    def _answer(self, msg: Message, reply: Message, delay: float = 0.0) -> None:
+        self.replies[msg.metadata.message_id] = (time.monotonic() + delay, reply)
+
+    def _partition(self, msg: Message) -> int:
+        return int(msg.metadata.dst_node_id) - NODE_BASE
+
+    def _context(self, partition: int) -> Context:
+        """The node's Context, kept across rounds as a SuperNode keeps it."""
+        if partition not in self.contexts:
+            self.contexts[partition] = Context(
+                run_id=0, node_id=NODE_BASE + partition,
+                node_config={R.NODE_PARTITION_ID: partition,
+                             R.NODE_NUM_PARTITIONS: self.num_clients},
+                state=RecordDict(), run_config=self.run_config)
+        return self.contexts[partition]
+
+    def _fault(self, rnd: int, partition: int) -> str:
+        return round_fault(self.spec.federated.faults, self.spec.seed, rnd, partition)
+
+    def _evaluate(self, msg: Message) -> Message:
+        spec, p = self.spec, self._partition(msg)
+        rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
+        fault = self._fault(rnd, p)
+        if fault in ("crash", "dropout"):
+            return failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, round {rnd}, "
+                                     "evaluation)")
+        data = task.client_data(spec, p, self.num_clients)
+        try:
+            metrics, n = task.local_evaluate(spec, data,
+                                             R.arrays_to_state(msg.content[R.ARRAYS]))
+        except ValueError as e:
+            return failed_reply(msg, str(e))
+        return client_app.evaluate_reply(msg, p, metrics, n)
+
+    def _model_for(self, data: task.ClientData) -> torch.nn.Module:
+        if self._model is None:
+            from atoll.models import build_model
+
+            b = data.bundle
+            self._model = build_model(self.spec.model, b.input_shape, b.num_classes,
+                                      self.spec.project_dir, b.embedded).to(self.device)
+        return self._model
+
+    def _train(self, messages: list[Message]) -> None:
+        """Every train message of a round: faults first, then one batched computation for
+        the clients that train, then each reply as its ClientApp would have built it."""
+        spec, f = self.spec, self.spec.federated
+        cfg = messages[0].content[R.CONFIG]
+        rnd = int(cfg[R.ROUND])
+        rule = rule_of(spec, float(cfg[R.LR]), int(cfg[R.LOCAL_EPOCHS]),
+                       int(cfg[R.BATCH_SIZE]), float(cfg.get(R.PROXIMAL_MU, 0.0)))
+        bad = byzantine_clients(f.byzantine, self.num_clients, spec.seed)
+        work: list[tuple[Message, int, task.ClientData, str, float]] = []
+        for msg in messages:
+            p = self._partition(msg)
+            fault = self._fault(rnd, p)
+            if fault in ("crash", "dropout"):  # a crash fails before any update is sent
+                self._answer(msg, failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, "
+                                                    f"round {rnd})"))
+                continue
+            delay = f.faults.straggler_delay if fault == "straggler" else 0.0
+            attack = f.byzantine.attack if p in bad else ""
+            work.append((msg, p, task.client_data(spec, p, self.num_clients), attack, delay))
+        if not work:
+            return
+        global_state = R.arrays_to_state(messages[0].content[R.ARRAYS])
+        splits = []
+        for _, _, data, attack, _ in work:
+            train = data.train
+            if attack == "label_flip":
+                train = Split(train.x, flip_labels(train.y, data.bundle.num_classes))
+            splits.append(train)
+        seeds = [task._seed(spec, rnd, p) for _, p, _, _, _ in work]
+        first = work[0][2]
+        aug = spec.data.augment if first.bundle.is_image else None
+        results = self._train_chunked(self._model_for(first), global_state, splits, seeds,
+                                      rule, aug.shift if aug else 0,
+                                      aug.noise_std if aug else 0.0)
+        for (msg, p, data, attack, delay), result in zip(work, results, strict=True):
+            if result.error:
+                reply = failed_reply(msg, f"{R.FAILURE_PREFIX}nonfinite (client {p}, round "
+                                          f"{rnd}): {result.error}")
+            else:
+                weights = result.state
+                if attack in ("sign_flip", "scaling", "gaussian"):
+                    weights = poison_update(f.byzantine, global_state, weights, spec.seed,
+                                            rnd, p)
+                built = client_app.train_reply(msg, spec, p, weights, result.metrics, attack,
+                                               len(data.train))
+                # Flower's client-side clipping mods, exactly as on a SuperNode
+                reply = client_app.privacy_mod(msg, self._context(p),
+                                               lambda _m, _c, r=built: r)
+            self._answer(msg, reply, delay)
+
+    def _train_chunked(self, model: torch.nn.Module, global_state: dict[str, torch.Tensor],
+                       splits: list[Split], seeds: list[int], rule: Any, shift: int,
+                       noise_std: float) -> list[ClientResult]:
+        """`federated.vectorized.chunk_size` clients at a time (all by default); out of
+        memory halves the chunk, with a warning, and tries again."""
+        loss_fn = task.federation_loss(self.spec, self.device)
+        size = self.chunk or len(splits)
+        while True:
+            try:
+                out: list[ClientResult] = []
+                for start in range(0, len(splits), size):
+                    out += train_clients(model, global_state, splits[start:start + size],
+                                         seeds[start:start + size], loss_fn, rule,
+                                         shift=shift, noise_std=noise_std, device=self.device)
+                return out
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                self.chunk = size
+                log.warning("vectorized engine: out of memory; training %d clients at a "
+                            "time from now on (federated.vectorized.chunk_size)", size)
