@@ -1,0 +1,102 @@
+"""VectorizedGrid answers a round's train messages with the replies atoll's ClientApp
+gives the same messages (`client_app.app`, mods included: what a SuperNode runs), client
+by client: the same arrays (to float rounding), metrics and records, and the same failures
+for injected faults. The server and its strategies are shared code, so equal replies mean
+an equal global model (the end-to-end runs: tests/integration/test_federated.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from atoll.core.spec import load_spec
+from atoll.federated import client_app
+from atoll.federated import records as R
+from atoll.federated.vectorized_grid import NODE_BASE, VectorizedGrid
+from atoll.models import build_model
+from tests.conftest import CONFIGS
+
+CLIENTS = 6
+
+
+def _setup(*sets: str):
+    spec = load_spec(CONFIGS / "federated.yaml", [
+        "train.progress=off", "tracking.enabled=false", f"federated.num_clients={CLIENTS}",
+        "federated.partition.alpha=0.3", "federated.local_epochs=2", "model.hidden=[32]",
+        "model.dropout=0", "federated.engine=vectorized", *sets])
+    run_config = R.run_config_for(spec, run_dir="", tracking_uri=None, mlflow_run_id=None,
+                                  resume="", restart=False)
+    return spec, run_config
+
+
+def _messages(spec, rnd: int, extra: dict | None = None) -> list[Message]:
+    from atoll.federated.task import client_data
+
+    bundle = client_data(spec, 0, CLIENTS).bundle
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, bundle.input_shape, bundle.num_classes, spec.project_dir)
+    arrays = R.state_to_arrays(model.state_dict())
+    cfg = {R.ROUND: rnd, R.LR: spec.optim.lr, R.LOCAL_EPOCHS: 2,
+           R.BATCH_SIZE: spec.data.batch_size, R.PROXIMAL_MU: 0.0, **(extra or {})}
+    return [Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)}),
+                    dst_node_id=NODE_BASE + p, message_type=MessageType.TRAIN)
+            for p in range(CLIENTS)]
+
+
+def _flower_reply(msg: Message, run_config: dict) -> Message:
+    p = msg.metadata.dst_node_id - NODE_BASE
+    ctx = Context(run_id=0, node_id=msg.metadata.dst_node_id,
+                  node_config={R.NODE_PARTITION_ID: p, R.NODE_NUM_PARTITIONS: CLIENTS},
+                  state=RecordDict(), run_config=run_config)
+    try:
+        return client_app.app(msg, ctx)
+    except Exception as e:  # noqa: BLE001 - Flower turns a ClientApp's exception into this
+        return Message(__import__("flwr.app", fromlist=["Error"]).Error(code=0,
+                                                                        reason=str(e)),
+                       reply_to=msg)
+
+
+@pytest.mark.parametrize("sets", [
+    pytest.param([], id="fedavg"),
+    pytest.param(["federated.byzantine.fraction=0.34", "federated.byzantine.attack=sign_flip"],
+                 id="sign-flip"),
+    pytest.param(["federated.byzantine.fraction=0.34", "federated.byzantine.attack=label_flip"],
+                 id="label-flip"),
+    pytest.param(["federated.privacy.mode=client-fixed", "federated.privacy.clipping_norm=0.5"],
+                 id="client-dp-clipping"),
+    pytest.param(["federated.faults.crash=0.3", "optim.name=adamw", "optim.lr=0.01"],
+                 id="crashes-adamw"),
+])
+def test_each_reply_is_the_client_apps_reply(sets):
+    spec, run_config = _setup(*sets)
+    extra = {"clipping_norm": 0.5} if spec.federated.privacy.mode == "client-fixed" else None
+    grid = VectorizedGrid(spec, run_config)
+    sent = _messages(spec, rnd=2, extra=extra)
+    ids = list(grid.push_messages(sent))
+    got = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(ids)}
+    assert set(got) == set(ids)
+    failures = 0
+    for msg in sent:
+        ours, theirs = got[msg.metadata.message_id], _flower_reply(msg, run_config)
+        assert ours.has_error() == theirs.has_error(), (ours, theirs)
+        if theirs.has_error():
+            failures += 1
+            assert str(theirs.error.reason).split(" (")[0].endswith(
+                str(ours.error.reason).split(" (")[0]), (ours.error, theirs.error)
+            continue
+        assert set(ours.content.keys()) == set(theirs.content.keys())
+        assert dict(ours.content[R.CLIENT]) == dict(theirs.content[R.CLIENT])
+        a, b = R.arrays_to_state(ours.content[R.ARRAYS]), R.arrays_to_state(
+            theirs.content[R.ARRAYS])
+        assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-5
+        if extra:  # Flower's clipping mod ran on our reply: the update's norm is clipped
+            start = R.arrays_to_state(msg.content[R.ARRAYS])
+            norm = sum(float(((a[k] - start[k]) ** 2).sum()) for k in a) ** 0.5
+            assert norm <= 0.5 + 1e-4, norm
+        mine, flower = ours.content[R.METRICS], theirs.content[R.METRICS]
+        assert set(mine.keys()) == set(flower.keys())
+        for key in flower:
+            assert mine[key] == pytest.approx(flower[key], abs=1e-5), key
+    if spec.federated.faults.crash:
+        assert failures > 0
