@@ -727,9 +727,6 @@ class ExperimentSpec(_Section):
         if self.train.precision == "bf16":  # auto: the engine computes in fp32
             raise ValueError(f"train.precision: 'bf16' with federated.engine: vectorized; "
                              f"allowed: fp32, auto (fp32), {way_out}")
-        if self.train.loss.name == "focal":
-            raise ValueError("train.loss.name: 'focal' with federated.engine: vectorized; "
-                             f"allowed: auto, cross_entropy, mse, huber, {way_out}")
 
     def _check_cluster_batch(self) -> None:
         c, batch = self.cluster, self.data.batch_size

@@ -13,8 +13,10 @@ order (`core.data.Batches`' seeded permutation per client, round and epoch), the
 loss (`federation_loss`: class weights and label smoothing included) and the same update
 rules, so the result equals training the clients one by one (to float rounding).
 Clients with fewer samples have fewer steps: a client without a batch at a step is
-masked out of that step (its parameters, moments and step count stay), and the last,
-short batch of a client is padded with samples of weight zero.
+masked out of that step (its parameters, moments and step count stay). Nothing is
+padded: at each step the clients are grouped by the size of their batch (full, or a
+client's short last one) and each group is one vmap call, so the loss is the client's
+own loss function and batch norm sees exactly the client's batch.
 """
 
 from __future__ import annotations
@@ -57,53 +59,44 @@ class ClientResult:
     error: str = ""
 
 
-def _per_sample(loss_fn: nn.Module) -> tuple[object, bool]:
-    """(f(logits, y) -> (terms, weights), regression?): per-sample terms whose sum over a
-    batch divided by the sum of the weights is `loss_fn`'s mean (a weighted cross-entropy
-    divides by the weights of the targets, torch's `reduction="mean"`)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        w, smooth = loss_fn.weight, loss_fn.label_smoothing
-
-        def ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            values = F.cross_entropy(logits, y, weight=w, label_smoothing=smooth,
-                                     reduction="none")
-            return values, (w[y] if w is not None else torch.ones_like(values))
-        return ce, False
-    if getattr(loss_fn, "regression", False):
-        kind, delta = loss_fn.kind, loss_fn.delta
-
-        def reg(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = out.reshape(y.shape)
-            values = F.huber_loss(out, y, delta=delta, reduction="none") if kind == "huber" \
-                else F.mse_loss(out, y, reduction="none")
-            return values, torch.ones_like(values)
-        return reg, True
-    raise NotImplementedError(f"train.loss: {type(loss_fn).__name__} has no vectorized form; "
-                              "allowed with federated.engine: vectorized: cross_entropy, mse, "
-                              "huber (or federated.engine: flower)")
-
-
-def _batches(splits: Sequence[Split], seeds: Sequence[int], batch_size: int, epoch: int,
-             shift: int, noise_std: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every client's batches of one epoch, in `Batches`' order, padded to the longest
-    client: x (S, K, B, ...), y (S, K, B) and the sample mask (S, K, B)."""
-    per_client = []
+def _epoch_batches(splits: Sequence[Split], seeds: Sequence[int], batch_size: int,
+                   epoch: int, shift: int, noise_std: float
+                   ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every client's batches of one epoch, exactly as `Batches` gives them to the client
+    (its seeded order, its augmentation draws)."""
+    out = []
     for split, seed in zip(splits, seeds, strict=True):
         b = Batches(split, batch_size, shuffle=True, seed=seed, shift=shift,
                     noise_std=noise_std)
         b.set_epoch(epoch)
-        per_client.append(list(b))
-    steps = max(len(c) for c in per_client)
-    first = splits[0]
-    k = len(splits)
-    x = torch.zeros((steps, k, batch_size, *first.x.shape[1:]), dtype=first.x.dtype)
-    y = torch.zeros((steps, k, batch_size), dtype=first.y.dtype)
-    mask = torch.zeros((steps, k, batch_size), dtype=torch.bool)
-    for c, batches in enumerate(per_client):
-        for s, (bx, by) in enumerate(batches):
-            n = by.shape[0]
-            x[s, c, :n], y[s, c, :n], mask[s, c, :n] = bx, by, True
-    return x, y, mask
+        out.append(list(b))
+    return out
+
+
+def _vmappable(loss_fn: nn.Module):
+    """`loss_fn` as a function vmap can batch: torch's weighted, label-smoothed
+    cross-entropy selects with a mask inside its mean (no batching rule), so that one case
+    is written as its own definition — the weighted terms over the targets' weights."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is not None and \
+            loss_fn.label_smoothing > 0:
+        w, smooth = loss_fn.weight, loss_fn.label_smoothing
+
+        def weighted(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            terms = F.cross_entropy(out, y, weight=w, label_smoothing=smooth,
+                                    reduction="none")
+            return terms.sum() / w[y].sum()
+        return weighted
+    return loss_fn
+
+
+def _groups(sizes: list[int], live: list[bool]) -> dict[int, list[int]]:
+    """Clients that take a step, by the size of their batch at this step: each group is
+    one vmap call, so no batch is padded — batch norm sees exactly the client's batch."""
+    out: dict[int, list[int]] = {}
+    for c, (n, ok) in enumerate(zip(sizes, live, strict=True)):
+        if n and ok:
+            out.setdefault(n, []).append(c)
+    return out
 
 
 def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
@@ -113,48 +106,68 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
     """Train one client per split from `global_state`, all at once; `seeds[k]` is the seed
     `task.local_train` would give client k's `Batches` in this round."""
     device = torch.device(device)
-    per_sample, regression = _per_sample(loss_fn)
+    regression = bool(getattr(loss_fn, "regression", False))
     k = len(splits)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: global_state[n].to(device).unsqueeze(0).repeat(k, *[1] * global_state[n].dim())
-              .requires_grad_(True) for n in names}
-    buffers = {n: global_state[n].to(device).unsqueeze(0).repeat(
-        k, *[1] * global_state[n].dim()) for n, _ in model.named_buffers()}
+
+    def stacked(n: str) -> torch.Tensor:
+        t = global_state[n].to(device)
+        return t.unsqueeze(0).repeat(k, *[1] * t.dim())
+
+    params = {n: stacked(n).requires_grad_(True) for n in names}
+    buffers = {n: stacked(n) for n, _ in model.named_buffers()}
     anchor = {n: global_state[n].to(device) for n in names} if rule.proximal_mu > 0 else None
     opt = _Stacked(list(params.values()), rule, k, device)
     model = model.to(device)
+    loss_fn = loss_fn.to(device)
+    criterion = _vmappable(loss_fn)
 
     def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
-            y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = functional_call(model, (p, b), (x,)).float()
-        terms, weights = per_sample(out, y)
-        loss = (terms * m).sum() / (weights * m).sum().clamp_min(1e-12)
-        hits = ((out.argmax(1) == y) & m).sum() if not regression else torch.zeros(())
-        return loss, hits
+        hits = (out.argmax(-1) == y).sum() if not regression else torch.zeros((), device=x.device)
+        return criterion(out, y), hits
 
-    forward = vmap(one, in_dims=(0, 0, 0, 0, 0), randomness="different")
-    bad = torch.zeros(k, dtype=torch.bool, device=device)
+    forward = vmap(one, randomness="different")
+    bad = [False] * k
     first_bad = [""] * k
-    sums = torch.zeros(k, dtype=torch.float64)
-    hits_sum = torch.zeros(k, dtype=torch.float64)
-    counts = torch.zeros(k, dtype=torch.float64)
+    sums, hits_sum, counts = [0.0] * k, [0.0] * k, [0] * k
     for epoch in range(rule.epochs):
-        x, y, mask = _batches(splits, seeds, rule.batch_size, epoch, shift, noise_std)
-        sums.zero_(), hits_sum.zero_(), counts.zero_()
-        for s in range(x.shape[0]):
-            xs, ys, ms = x[s].to(device), y[s].to(device), mask[s].to(device)
-            active = ms.any(1) & ~bad
-            loss, hits = forward(params, buffers, xs, ys, ms)
-            objective = loss
+        batches = _epoch_batches(splits, seeds, rule.batch_size, epoch, shift, noise_std)
+        sums, hits_sum, counts = [0.0] * k, [0.0] * k, [0] * k  # the last epoch's metrics
+        for s in range(max(len(b) for b in batches)):
+            sizes = [len(b[s][1]) if s < len(b) else 0 for b in batches]
+            groups = _groups(sizes, [not x for x in bad])
+            if not groups:
+                continue
+            losses = torch.zeros(k, device=device)
+            objective = torch.zeros(k, device=device)
+            hits = torch.zeros(k, device=device)
+            for idx in groups.values():
+                whole = len(idx) == k
+                at = torch.tensor(idx, device=device)
+                p = params if whole else {n: t[at] for n, t in params.items()}
+                b = buffers if whole else {n: t[at] for n, t in buffers.items()}
+                x = torch.stack([batches[c][s][0] for c in idx]).to(device, non_blocking=True)
+                y = torch.stack([batches[c][s][1] for c in idx]).to(device, non_blocking=True)
+                loss, hit = forward(p, b, x, y)
+                if not whole:  # running statistics the forward updated, back in place
+                    for n, t in b.items():
+                        buffers[n][at] = t
+                losses = losses.index_put((at,), loss)
+                hits = hits.index_put((at,), hit.float())
+            objective = losses
             if anchor is not None:
                 objective = objective + 0.5 * rule.proximal_mu * sum(
                     ((params[n] - anchor[n]) ** 2).flatten(1).sum(1) for n in names)
+            active = torch.zeros(k, dtype=torch.bool, device=device)
+            active[[c for idx in groups.values() for c in idx]] = True
             value = objective.detach()
             finite = torch.isfinite(value)
             for c in torch.nonzero(active & ~finite).flatten().tolist():
                 first_bad[c] = f"non-finite loss {float(value[c])} at epoch {epoch + 1}, " \
                                f"step {s}"
-            bad |= active & ~finite
+                bad[c] = True
             active &= finite
             torch.where(active, objective, torch.zeros_like(objective)).sum().backward()
             grads = [p.grad for p in params.values()]
@@ -162,18 +175,18 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                                        ).all(0)
             for c in torch.nonzero(active & ~finite_grads).flatten().tolist():
                 first_bad[c] = f"non-finite gradient at epoch {epoch + 1}, step {s}"
-            bad |= active & ~finite_grads
+                bad[c] = True
             active &= finite_grads
             if rule.grad_clip is not None:
                 _clip(grads, rule.grad_clip)
             opt.step(active)
-            for p in params.values():
-                p.grad = None
-            n = ms.sum(1).double().cpu()
-            live = active.cpu()
-            sums += torch.where(live, loss.detach().double().cpu() * n, 0.0)
-            hits_sum += torch.where(live, hits.detach().double().cpu(), 0.0)
-            counts += torch.where(live, n, 0.0)
+            for t in params.values():
+                t.grad = None
+            step_losses, step_hits = losses.detach().tolist(), hits.tolist()
+            for c in torch.nonzero(active).flatten().tolist():
+                sums[c] += step_losses[c] * sizes[c]
+                hits_sum[c] += step_hits[c]
+                counts[c] += sizes[c]
     out = []
     for c in range(k):
         if bad[c]:
@@ -181,9 +194,9 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
             continue
         state = {n: t[c].detach().cpu().clone() for n, t in {**params, **buffers}.items()}
         total = max(float(counts[c]), 1.0)
-        metrics = {"train_loss": float(sums[c]) / total}
+        metrics = {"train_loss": sums[c] / total}
         if not regression:
-            metrics["train_accuracy"] = float(hits_sum[c]) / total
+            metrics["train_accuracy"] = hits_sum[c] / total
         out.append(ClientResult({n: state[n] for n in global_state}, metrics))
     return out
 

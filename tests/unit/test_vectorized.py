@@ -31,6 +31,8 @@ def _spec(*sets: str):
     pytest.param(["train.loss.class_weights=balanced", "train.loss.label_smoothing=0.1"],
                  id="weighted-smoothed"),
     pytest.param(["federated.strategy=fedprox", "federated.proximal_mu=0.1"], id="fedprox"),
+    pytest.param(["model.batch_norm=true"], id="batch-norm"),  # no padded batches
+    pytest.param(["train.loss.name=focal", "train.loss.class_weights=balanced"], id="focal"),
 ])
 def test_every_client_ends_where_training_it_alone_ends(sets):
     spec = _spec(*sets)
