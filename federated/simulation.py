@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from atoll.core.procs import free_port, start, stop, wait_http
 from atoll.core.runner import RunFailed, RunResult, check_writable
 from atoll.core.spec import ExperimentSpec, SpecError
@@ -427,8 +429,11 @@ def _flower_logs_to(log_file: Path) -> Iterator[None]:
 def _preflight(spec: ExperimentSpec) -> None:
     """A user's data and model are read and built (the model on the meta device) before any
     client starts: a missing file, a bad column, target or output shape is exit 2 here, not
-    a failed round in every client."""
+    a failed round in every client. The vectorized engine tries one step on the model."""
     from atoll.core.model_spec import UserModelSpec
+
+    if spec.federated.engine == "vectorized":
+        _probe_vectorized(spec)
 
     if spec.data.format != "builtin" or isinstance(spec.model, UserModelSpec) or spec.task:
         from atoll.continual.streams import check_stream
@@ -442,6 +447,33 @@ def _preflight(spec: ExperimentSpec) -> None:
         check_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
                     export=spec.tracking.enabled and spec.tracking.log_model,
                     embedded=data.embedded)
+
+
+def _probe_vectorized(spec: ExperimentSpec) -> None:
+    """Exit 2 naming the fix if the model cannot be trained under vmap (client 0's data,
+    read through the same per-process cache the in-process clients use)."""
+    from atoll.core.components import pick_device
+    from atoll.federated import task
+    from atoll.federated.vectorized import probe, rule_of
+    from atoll.models import build_model, check_model
+
+    data = task.client_data(spec, 0, spec.federated.num_clients)
+    b = data.bundle
+    check_model(spec.model, b.input_shape, b.num_classes, spec.project_dir, export=False,
+                embedded=b.embedded)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, b.input_shape, b.num_classes, spec.project_dir,
+                        b.embedded)
+    device = pick_device(spec)
+    batch = spec.federated.batch_size or spec.data.batch_size
+    why = probe(model, model.state_dict(), data.train, task.federation_loss(spec, device),
+                rule_of(spec, spec.optim.lr, 1, batch), device)
+    if why is not None:
+        raise SpecError([f"federated.engine: 'vectorized' cannot train model "
+                         f"{type(model).__name__} under torch.func.vmap ({why}); allowed: a "
+                         "model without value reads (.item(), data-dependent if) or in-place "
+                         "updates of unbatched tensors in its forward, or federated.engine: "
+                         "flower"])
 
 
 def _resume_hint(run_dir: Path, spec: ExperimentSpec) -> str:

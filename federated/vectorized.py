@@ -22,7 +22,7 @@ own loss function and batch norm sees exactly the client's batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -199,6 +199,25 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
             metrics["train_accuracy"] = hits_sum[c] / total
         out.append(ClientResult({n: state[n] for n in global_state}, metrics))
     return out
+
+
+def probe(model: nn.Module, global_state: dict[str, torch.Tensor], split: Split,
+          loss_fn: nn.Module, rule: LocalRule, device: torch.device | str = "cpu"
+          ) -> str | None:
+    """Why `model` cannot be trained by this engine, or None: one step of two clients on
+    one batch, at start-up (a model that reads values in its forward — `.item()`,
+    data-dependent `if` — or updates a buffer vmap cannot batch fails here, not in round
+    1)."""
+    n = min(len(split), rule.batch_size)
+    sample = Split(split.x[:n], split.y[:n])
+    try:
+        out = train_clients(model, global_state, [sample, sample], [0, 1], loss_fn,
+                            replace(rule, epochs=1), device=device)
+    except Exception as e:  # noqa: BLE001 - whatever vmap refuses, in the user's words
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    del out  # a non-finite first step is the data's business, not the engine's
+    return None
 
 
 def _clip(grads: list[torch.Tensor], max_norm: float) -> None:

@@ -47,6 +47,46 @@ def test_federated_spec_errors_exit_2_before_anything_starts(tmp_path):
     assert "did you mean 'fedmedian'?" in out.stderr
 
 
+BRANCHY = """
+import math
+
+import torch.nn as nn
+
+
+class Branchy(nn.Module):
+    \"\"\"Picks a head by the batch's values: data-dependent control flow.\"\"\"
+
+    def __init__(self, input_shape, num_outputs):
+        super().__init__()
+        self.a = nn.Linear(math.prod(input_shape), num_outputs)
+        self.b = nn.Linear(math.prod(input_shape), num_outputs)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.a(x) if x.sum() > 0 else self.b(x)
+"""
+
+
+def test_the_vectorized_engine_refuses_a_model_vmap_cannot_run(tmp_path):
+    """One step of two clients at start-up: exit 2, one line naming the engine and the way
+    out, before any round (nothing trained, no federation folder written)."""
+    import yaml
+
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    spec = yaml.safe_load((CONFIGS / "federated.yaml").read_text())
+    spec["model"] = {"target": "branchy:Branchy"}
+    (tmp_path / "branchy.yaml").write_text(yaml.safe_dump(spec))
+    out = _atoll("run", "branchy.yaml", "--set", "federated.engine=vectorized",
+                 "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("atoll: federated.engine: 'vectorized' cannot train model Branchy"), \
+        line
+    assert "allowed:" in line and "federated.engine: flower" in line
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / ".atoll").exists()
+
+
 def test_resume_flag_is_for_federated_runs(tmp_path):
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--resume", "latest", cwd=tmp_path)
     assert out.returncode == 2 and "--resume: applies to federated runs" in out.stderr
