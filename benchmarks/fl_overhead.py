@@ -23,35 +23,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atoll.core.spec import load_spec  # noqa: E402
+from atoll.federated.server import RESULT_FILE, run_dir_for  # noqa: E402
 from atoll.federated.simulation import Federation, run_federated  # noqa: E402
 
 PLAIN = ROOT / "benchmarks" / "plain_flower"
 
 
-def atoll_once(clients: int, rounds: int, work: Path, i: int) -> dict:
+def atoll_once(clients: int, rounds: int, work: Path, i: int, local_epochs: int = 3,
+               extra: tuple[str, ...] = ()) -> dict:
+    """One atoll federation; its clients evaluate on their validation split each round,
+    as the plain app's evaluate on theirs (federated evaluation on both sides)."""
     spec = load_spec(None, [
         f"name=bench-{i}", "mode=federated", "data.name=digits", "data.batch_size=32",
         "data.val_fraction=0", "data.test_fraction=0.2", "model.name=mlp",
         "model.hidden=[128, 64]", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9",
         f"federated.num_clients={clients}", f"federated.rounds={rounds}",
-        "federated.local_epochs=3", "federated.partition.method=iid",
-        "federated.partition.val_fraction=0", "federated.min_fit_clients=2",
-        "train.progress=off", f"train.checkpoint_dir={work / 'ckpt'}",
-        f"tracking.uri=sqlite:///{work / 'mlruns.db'}", "tracking.log_model=false"])
+        f"federated.local_epochs={local_epochs}", "federated.partition.method=iid",
+        "federated.min_fit_clients=2", "train.progress=off",
+        f"train.checkpoint_dir={work / 'ckpt'}",
+        f"tracking.uri=sqlite:///{work / 'mlruns.db'}", "tracking.log_model=false", *extra])
     t0 = time.perf_counter()
     result = run_federated(spec)
     wall = time.perf_counter() - t0
     per_round = [h["round_seconds"] for h in result.history]
+    timing = json.loads((run_dir_for(spec, {}) / RESULT_FILE).read_text()).get("timing", {})
     return {"wall": wall, "first_round": per_round[0], "rounds": per_round[1:],
-            "accuracy": result.metrics["test_accuracy"],
+            "accuracy": result.metrics["test_accuracy"], "history": result.history,
+            "timing": timing,
             "peak_rss_mb": result.history[-1].get("server_peak_rss_mb", float("nan"))}
 
 
-def plain_once(clients: int, rounds: int, work: Path, i: int) -> dict:
+def plain_once(clients: int, rounds: int, work: Path, i: int, local_epochs: int = 3) -> dict:
     out = work / f"plain-{i}.json"
     t0 = time.perf_counter()
     with Federation(num_clients=clients, client_cpus=1) as fed:
-        fed.run(PLAIN, {"num-server-rounds": rounds, "local-epochs": 3, "result-file": str(out)},
+        fed.run(PLAIN, {"num-server-rounds": rounds, "local-epochs": local_epochs,
+                        "result-file": str(out)},
                 work / f"plain-{i}.log", quiet=True)
     wall = time.perf_counter() - t0
     r = json.loads(out.read_text())

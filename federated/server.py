@@ -64,6 +64,8 @@ class ServerState:
     baseline: list[float] = field(default_factory=list)  # continual: random-init accuracy
     failed_streak: int = 0  # consecutive rounds that aggregated nothing
     logged: int = 0  # rows of history already sent to MLflow
+    timing: dict[str, float] = field(default_factory=lambda: {"checkpoint_s": 0.0,
+                                                              "tracking_s": 0.0})
 
 
 def run_dir_for(spec: ExperimentSpec, run_config: dict[str, Any]) -> Path:
@@ -245,7 +247,9 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 "spec": spec.model_dump(mode="json")}
 
     def checkpoint(saved: dict[str, Any]) -> Path:
+        t0 = time.perf_counter()
         path = ckpts.save(saved, int(saved["round"]))
+        t1 = time.perf_counter()
         # a round reaches MLflow once its checkpoint is durable: a resumed run starts
         # after the checkpoint and logs every round exactly once
         done = len(saved["history"])
@@ -254,6 +258,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                                 step=int(row["round"]))
         st.logged = done
         tracker.flush()
+        st.timing["checkpoint_s"] += t1 - t0
+        st.timing["tracking_s"] += time.perf_counter() - t1
         return path
 
     bound = robust_bound(spec)
@@ -283,6 +289,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                                                                  len(present)))
             short = f.privacy.mode != "none" and len(chosen) != per_round
             view = SampledGrid(grid, [] if short else [partitions[p] for p in chosen])
+            t_phase = time.perf_counter()
             messages = list(strategy.configure_train(rnd, arrays, train_cfg, view)) \
                 if chosen and not short else []
             if fisher is not None and (flat := fisher.encode()):
@@ -292,13 +299,16 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop,
                            max_examples=max_examples, silent=dropouts(spec, rnd, chosen))
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
+            seconds = {"seconds_train": time.perf_counter() - t_phase}
             norms = update_norms(arrays, fit.ok)
             clip = getattr(strategy, "clipping_norm", None)  # DP: the norm used this round
             refused = refusal(spec, fit, bound) or (
                 f"differential privacy: {len(present)} clients present, a DP round samples "
                 f"exactly {per_round}" if short else None)
+            t_phase = time.perf_counter()
             new_arrays, fit_metrics = (None, None) if refused else \
                 strategy.aggregate_train(rnd, fit.replies)
+            seconds["seconds_aggregate"] = time.perf_counter() - t_phase
             if new_arrays is not None and not _finite(new_arrays):
                 refused = f"the {f.strategy} aggregate of {len(fit.ok)} replies is not finite"
                 new_arrays, fit_metrics = None, None
@@ -345,6 +355,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 row.update({"clients_update_norm_mean": float(sum(norms) / len(norms)),
                             "clients_update_norm_max": float(max(norms))})
             sent, received = fit.bytes_sent, fit.bytes_received
+            t_phase = time.perf_counter()
             if f.fraction_evaluate > 0 and present:
                 chosen_e = sampler.sample(present, f.fraction_evaluate, 1)
                 view_e = SampledGrid(grid, [partitions[p] for p in chosen_e])
@@ -358,9 +369,13 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 row.update(spread(ev.ok, "val_r2"))
                 row["evaluate_failures"] = float(len(ev.sampled) - len(ev.ok))
                 sent, received = sent + ev.bytes_sent, received + ev.bytes_received
+            seconds["seconds_evaluate"] = time.perf_counter() - t_phase
+            t_phase = time.perf_counter()
             model.load_state_dict(R.arrays_to_state(arrays))
             central = evaluate(model, test, loss_fn, data.num_classes, prefix="central")
             row.update(central)
+            seconds["seconds_central"] = time.perf_counter() - t_phase
+            row.update(seconds)  # where the round's time went (train: the clients' exchange)
             if cl is not None:
                 accs = cl.row(model)
                 row.update({f"acc_task_{j}": a for j, a in enumerate(accs)})
@@ -662,4 +677,5 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
             "registered": None if registered is None else {
                 "name": registered.name, "version": registered.version,
                 "alias": registered.alias, "uri": registered.uri},
-            "history": st.history, "matrix": st.matrix, "baseline": st.baseline}
+            "history": st.history, "matrix": st.matrix, "baseline": st.baseline,
+            "timing": st.timing}

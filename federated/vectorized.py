@@ -242,20 +242,45 @@ class _Stacked:
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
+        """One step of the clients in `active`. When every client steps (most steps of a
+        round) the update is in place, with no masking: the same arithmetic, less memory
+        traffic."""
         r = self.rule
+        every = bool(active.all())
         self.steps += active.double()
+        started = bool(self.started.all())
         for i, p in enumerate(self.params):
             shape = (-1, *[1] * (p.dim() - 1))
             on = active.reshape(shape)
             g = p.grad
             if r.optimizer == "sgd":
-                d = g + r.weight_decay * p if r.weight_decay else g
+                d = g.add(p, alpha=r.weight_decay) if r.weight_decay else g
                 if r.momentum:
-                    first = (~self.started).reshape(shape)
-                    buf = torch.where(first, d, r.momentum * self.m[i] + d)
-                    self.m[i] = torch.where(on, buf, self.m[i])
-                    d = d + r.momentum * buf if r.nesterov else buf
-                p.copy_(torch.where(on, p - r.lr * d, p))
+                    if every and started:
+                        buf = self.m[i].mul_(r.momentum).add_(d)
+                    else:
+                        first = (~self.started).reshape(shape)
+                        buf = torch.where(first, d, r.momentum * self.m[i] + d)
+                        self.m[i] = torch.where(on, buf, self.m[i])
+                    d = d.add(buf, alpha=r.momentum) if r.nesterov else buf
+                if every:
+                    p.add_(d, alpha=-r.lr)
+                else:
+                    p.copy_(torch.where(on, p - r.lr * d, p))
+                continue
+            b1, b2 = r.betas
+            t = self.steps.clamp_min(1).to(p.dtype).reshape(shape)
+            step_size = r.lr / (1 - b1 ** t)
+            bc2 = (1 - b2 ** t).sqrt()
+            if every:
+                if r.optimizer == "adamw" and r.weight_decay:
+                    p.mul_(1 - r.lr * r.weight_decay)
+                elif r.weight_decay:
+                    g = g.add(p, alpha=r.weight_decay)
+                self.m[i].lerp_(g, 1 - b1)
+                self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (self.v[i].sqrt() / bc2).add_(r.eps)
+                p.sub_(step_size * self.m[i] / denom)
                 continue
             if r.optimizer == "adamw" and r.weight_decay:
                 decayed = p * (1 - r.lr * r.weight_decay)
@@ -263,16 +288,11 @@ class _Stacked:
                 decayed = p
                 if r.weight_decay:
                     g = g + r.weight_decay * p
-            b1, b2 = r.betas
             m = torch.where(on, self.m[i] * b1 + g * (1 - b1), self.m[i])
             v = torch.where(on, self.v[i] * b2 + g * g * (1 - b2), self.v[i])
             self.m[i], self.v[i] = m, v
-            t = self.steps.clamp_min(1).to(p.dtype).reshape(shape)
-            bc1 = 1 - b1 ** t
-            bc2 = (1 - b2 ** t).sqrt()
             denom = v.sqrt() / bc2 + r.eps
-            new = decayed - (r.lr / bc1) * m / denom
-            p.copy_(torch.where(on, new.to(p.dtype), p))
+            p.copy_(torch.where(on, (decayed - step_size * m / denom).to(p.dtype), p))
         if r.optimizer == "sgd" and r.momentum:
             self.started |= active
 

