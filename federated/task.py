@@ -199,25 +199,28 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
 
 
 def local_evaluate(spec: ExperimentSpec, data: ClientData,
-                   global_state: dict[str, torch.Tensor] | None,
-                   model: torch.nn.Module | None = None) -> tuple[dict[str, float], int]:
-    """The global model on this client's validation split (`model`: already holding the
-    global state, e.g. one model the vectorized engine evaluates every client with)."""
+                   global_state: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
+    """The global model on this client's validation split."""
     from atoll.models import build_model
 
     split = data.val
     if not len(split):
-        raise ValueError("this client has no validation samples; raise "
-                         "federated.partition.val_fraction")
-    if model is None:
-        model = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes,
-                            spec.project_dir, data.bundle.embedded)
-        model.load_state_dict(global_state)
+        raise ValueError(NO_VALIDATION)
+    model = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes,
+                        spec.project_dir, data.bundle.embedded)
+    model.load_state_dict(global_state)
     m = evaluate(model, eval_batches(split, spec.data), federation_loss(spec),
                  data.bundle.num_classes)
-    keys = ("val_loss", "val_r2") if data.bundle.task == "regression" else \
-        ("val_loss", "val_accuracy")
-    return {k: m[k] for k in keys}, len(split)
+    return client_metrics(m, data.bundle.task), len(split)
+
+
+NO_VALIDATION = "this client has no validation samples; raise federated.partition.val_fraction"
+
+
+def client_metrics(m: dict[str, float], task: str) -> dict[str, float]:
+    """What a client reports of `core.loop.evaluate`'s figures."""
+    keys = ("val_loss", "val_r2") if task == "regression" else ("val_loss", "val_accuracy")
+    return {k: m[k] for k in keys}
 
 
 @dataclasses.dataclass

@@ -201,6 +201,38 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
     return out
 
 
+@torch.no_grad()
+def evaluate_clients(model: nn.Module, splits: Sequence[Split], loss_fn: nn.Module,
+                     num_classes: int, eval_batch_size: int,
+                     device: torch.device | str = "cpu") -> list[dict[str, float]]:
+    """`core.loop.evaluate` of one model on every client's split, from one forward over
+    all of them: each client's rows are then cut into its evaluation batches (the loss is
+    averaged per batch, as `evaluate` does) and its confusion matrix or regression sums
+    are those `evaluate` builds."""
+    from atoll.core.loop import evaluate
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sizes = [len(sp) for sp in splits]
+    logits = model(torch.cat([sp.x for sp in splits]).to(device)).float()
+    model.train(was_training)
+    out = []
+    for sp, part in zip(splits, torch.split(logits, sizes), strict=True):
+        chunks = [(x, y) for x, y in zip(torch.split(part, eval_batch_size),
+                                         torch.split(sp.y.to(device), eval_batch_size),
+                                         strict=True)]
+        out.append(evaluate(_Given(), chunks, loss_fn, num_classes))
+    return out
+
+
+class _Given(nn.Module):
+    """A "model" whose output is its input: `evaluate` on logits already computed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def probe(model: nn.Module, global_state: dict[str, torch.Tensor], split: Split,
           loss_fn: nn.Module, rule: LocalRule, device: torch.device | str = "cpu"
           ) -> str | None:

@@ -31,7 +31,7 @@ from atoll.federated import client_app, task
 from atoll.federated import records as R
 from atoll.federated.driver import failed_reply
 from atoll.federated.faults import byzantine_clients, flip_labels, poison_update, round_fault
-from atoll.federated.vectorized import ClientResult, rule_of, train_clients
+from atoll.federated.vectorized import ClientResult, evaluate_clients, rule_of, train_clients
 
 log = logging.getLogger("atoll.federated")
 
@@ -74,7 +74,7 @@ class VectorizedGrid(Grid):
         return [NODE_BASE + p for p in range(self.num_clients)]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids, train = [], []
+        ids, train, evaluate = [], [], []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             ids.append(msg.metadata.message_id)
@@ -82,11 +82,13 @@ class VectorizedGrid(Grid):
             if kind == MessageType.TRAIN:
                 train.append(msg)
             elif kind == MessageType.EVALUATE:
-                self._answer(msg, self._evaluate(msg))
+                evaluate.append(msg)
             else:
                 self._answer(msg, client_app.query_reply(msg, self._partition(msg)))
         if train:
             self._train(train)
+        if evaluate:
+            self._evaluate(evaluate)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -131,19 +133,34 @@ class VectorizedGrid(Grid):
     def _fault(self, rnd: int, partition: int) -> str:
         return round_fault(self.spec.federated.faults, self.spec.seed, rnd, partition)
 
-    def _evaluate(self, msg: Message) -> Message:
-        spec, p = self.spec, self._partition(msg)
-        rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
-        fault = self._fault(rnd, p)
-        if fault in ("crash", "dropout"):
-            return failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, round {rnd}, "
-                                     "evaluation)")
-        data = task.client_data(spec, p, self.num_clients)
-        try:
-            metrics, n = task.local_evaluate(spec, data, None, self._global(msg, data))
-        except ValueError as e:
-            return failed_reply(msg, str(e))
-        return client_app.evaluate_reply(msg, p, metrics, n)
+    def _evaluate(self, messages: list[Message]) -> None:
+        """Every evaluate message of a round: the global model on each client's validation
+        split, all of them in one forward (`vectorized.evaluate_clients`)."""
+        spec = self.spec
+        work: list[tuple[Message, int, task.ClientData]] = []
+        for msg in messages:
+            p = self._partition(msg)
+            rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
+            fault = self._fault(rnd, p)
+            if fault in ("crash", "dropout"):
+                self._answer(msg, failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, "
+                                                    f"round {rnd}, evaluation)"))
+                continue
+            data = task.client_data(spec, p, self.num_clients)
+            if not len(data.val):
+                self._answer(msg, failed_reply(msg, task.NO_VALIDATION))
+                continue
+            delay = spec.federated.faults.straggler_delay if fault == "straggler" else 0.0
+            work.append((msg, p, data, delay))
+        if not work:
+            return
+        first = work[0][2]
+        found = evaluate_clients(self._global(work[0][0], first), [d.val for _, _, d, _ in work],
+                                 task.federation_loss(spec), first.bundle.num_classes,
+                                 spec.data.eval_batch_size)
+        for (msg, p, data, delay), metrics in zip(work, found, strict=True):
+            kept = task.client_metrics(metrics, data.bundle.task)
+            self._answer(msg, client_app.evaluate_reply(msg, p, kept, len(data.val)), delay)
 
     def _global(self, msg: Message, data: task.ClientData) -> torch.nn.Module:
         """One model holding the round's global state, for every client's evaluation (the

@@ -47,3 +47,18 @@ def test_checkpoint_save_benchmark_times_both_writers():
     assert set(timed) == {"sync", "async"}, done.stdout
     assert all(0 < blocked <= whole for blocked, whole in timed.values()), timed
     assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]
+
+
+def test_fl_vectorized_benchmark_prints_its_table():
+    """benchmarks/fl_vectorized.py, vectorized engine only (the Flower paths need a
+    SuperNode per client): a row per size, and the ratio line (nan without plain Flower)."""
+    done = subprocess.run([sys.executable, "benchmarks/fl_vectorized.py", "--clients", "10",
+                           "--rounds", "2", "--repeats", "1", "--flower-max-clients", "0",
+                           "--long-rounds", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    row = next(line for line in lines if line.split()[:1] == ["10"])
+    cells = row.split()
+    assert cells[1:3] == ["skipped", "skipped"] and float(cells[3]) > 0, row
+    assert lines[-1] == "ratio: nan"
