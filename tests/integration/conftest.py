@@ -97,7 +97,10 @@ def start_ray(args: list[str], log: Path, ready: Callable[[subprocess.Popen], No
     2-core machine can exceed: `ray start` then exits, and it is tried again. `args` is
     called anew per attempt when it is a callable (fresh ports)."""
     for attempt in range(1, attempts + 1):
+        # workers' and drivers' ports from the OS: two nodes on this machine handing out
+        # ports from the same default range (10002-19999) can give one port twice
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block",
+               "--min-worker-port=0", "--max-worker-port=0",
                *(args() if callable(args) else args)]
         proc = start(cmd, log, **kw)
         try:

@@ -7,6 +7,7 @@ left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -322,3 +323,27 @@ def test_a_server_process_that_dies_is_reported_with_flowers_reason(tmp_path, no
     for kept in ("superlink.log", "server.log"):  # the dead process's stderr, Flower's log
         assert (run_dir / kept).is_file() and str(run_dir / kept) in message, message
     assert (run_dir / "checkpoints" / "round-000001.ckpt").is_file()
+
+
+def test_the_suites_ray_heads_hand_out_ports_the_os_picks(shared_ray):
+    """A Ray node hands its workers and drivers ports from 10002 up, after checking they
+    are free: two nodes on one machine (the other xdist worker's head) can hand out the
+    same port at once, and the process that binds second aborts in C++ ("Failed to start
+    the grpc server" — seen in CI as a federation whose simulation died without a word).
+    The suite's nodes ask the OS instead (conftest.start_ray). A driver and a task on the
+    module's head; every listening socket of this process and its children is checked."""
+    import psutil
+    import ray
+
+    ray.init(address=shared_ray.address, log_to_driver=False)
+    try:
+        assert ray.get(ray.remote(lambda: 1).remote()) == 1
+        ports = set()
+        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                ports.update(c.laddr.port for c in proc.net_connections("tcp")
+                             if c.status == psutil.CONN_LISTEN)
+    finally:
+        ray.shutdown()
+    assert ports
+    assert not {p for p in ports if 10002 <= p <= 19999}, sorted(ports)
