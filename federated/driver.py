@@ -124,6 +124,9 @@ class Outcome:
     timed_out: list[int] = field(default_factory=list)
     replies: list[Any] = field(default_factory=list)
     capped: list[int] = field(default_factory=list)  # claimed more examples than allowed
+    # the arrays of each good reply, as vetting decoded them (in `ok`'s order): the server
+    # reuses them instead of decoding every reply again
+    decoded: list[dict[str, np.ndarray]] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -202,12 +205,14 @@ def _decoded(name: str, arr: Any, want: Any) -> tuple[np.ndarray | None, str | N
     return t, None
 
 
-def malformed(reply: Any, sent: Any) -> str | None:
+def malformed(reply: Any, sent: Any, keep: dict[str, np.ndarray] | None = None
+              ) -> str | None:
     """Why a training reply cannot be aggregated, or None: it may carry only the records
     atoll's client sends; its model arrays must decode to the names, shapes and dtypes of
     the global model it was sent; a Fisher must match the model too and be finite and
     non-negative; and it must claim a positive, finite number of examples. A bad reply is
-    a failure of that client, never an exception inside the strategy's aggregation."""
+    a failure of that client, never an exception inside the strategy's aggregation.
+    `keep` receives the model arrays as decoded here."""
     from flwr.app import MessageType
 
     if sent.metadata.message_type != MessageType.TRAIN or R.ARRAYS not in sent.content:
@@ -229,6 +234,8 @@ def malformed(reply: Any, sent: Any) -> str | None:
             return why
         if t.dtype.kind in "fc" and not np.isfinite(t).all():
             return f"{R.FAILURE_PREFIX}nonfinite (array {name!r} holds NaN/inf)"
+        if keep is not None:
+            keep[name] = t
     if R.FISHER in records and (why := _bad_fisher(reply, want)) is not None:
         return why
     metrics = reply.content.metric_records.get(R.METRICS)
@@ -321,7 +328,7 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
             r = failed_reply(m, out.errors[p])
         elif r.has_error():
             out.errors[p] = str(r.error.reason)
-        elif (why := malformed(r, m)) is not None:
+        elif (why := malformed(r, m, keep := {})) is not None:
             out.errors[p] = why if why.startswith(R.FAILURE_PREFIX) else \
                 f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"
             r = failed_reply(m, out.errors[p])
@@ -333,14 +340,15 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
                 metrics[R.NUM_EXAMPLES] = max_examples
                 out.capped.append(p)
             out.bytes_received += sum(R.nbytes(a) for a in r.content.array_records.values())
-            out.ok.append((p, r))
+            out.ok.append((p, r, keep))
         by_partition.append((p, r))
     for m in delivered:  # never pushed (malformed): a failure of that client
         if not any(m is s for s in sent.values()):
             p = node_to_partition[m.metadata.dst_node_id]
             out.errors[p] = "the SuperLink did not accept the message"
             by_partition.append((p, failed_reply(m, out.errors[p])))
-    out.ok = [r for _, r in sorted(out.ok, key=lambda t: t[0])]
+    good = sorted(out.ok, key=lambda t: t[0])
+    out.ok, out.decoded = [r for _, r, _ in good], [k for _, _, k in good]
     out.replies = [r for _, r in sorted(by_partition, key=lambda t: t[0])]
     out.timed_out.sort()
     return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from atoll.core.checkpoint import CheckpointDir, rng_state, set_rng_state
@@ -300,7 +301,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                            max_examples=max_examples, silent=dropouts(spec, rnd, chosen))
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             seconds = {"seconds_train": time.perf_counter() - t_phase}
-            norms = update_norms(arrays, fit.ok)
+            norms = update_norms(arrays, fit.decoded)
             clip = getattr(strategy, "clipping_norm", None)  # DP: the norm used this round
             refused = refusal(spec, fit, bound) or (
                 f"differential privacy: {len(present)} clients present, a DP round samples "
@@ -479,15 +480,16 @@ def refusal(spec: ExperimentSpec, fit: Any, bound: tuple[str, int] | None) -> st
     return None
 
 
-def update_norms(arrays: Any, replies: list[Any]) -> list[float]:
-    """L2 norm of each reply's update (reply − global) over its floating-point arrays."""
-    glob = R.arrays_to_state(arrays)
+def update_norms(arrays: Any, decoded: list[dict[str, np.ndarray]]) -> list[float]:
+    """L2 norm of each reply's update (reply − global) over its floating-point arrays
+    (`decoded`: the replies' arrays as `driver.exchange` vetted them)."""
+    glob = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
     out = []
-    for r in replies:
+    for d in decoded:
         sq = 0.0
-        for k, v in R.arrays_to_state(r.content[R.ARRAYS]).items():
-            if torch.is_floating_point(v) and k in glob:
-                sq += float((v.double() - glob[k].double()).pow(2).sum())
+        for k, v in d.items():
+            if v.dtype.kind == "f" and k in glob:
+                sq += float(np.square(v.astype(np.float64) - glob[k]).sum())
         out.append(sq ** 0.5)
     return out
 

@@ -73,8 +73,10 @@ def test_fedavg_dirichlet_reaches_90_percent(shared_ray, no_leftovers):
     assert _max_diff(_final_model(fast), _final_model(result)) < 1e-4
     assert fast.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"],
                                                           abs=1e-3)
-    assert set(client.get_run(fast.run_id).data.metrics) == \
-        set(client.get_run(result.run_id).data.metrics)
+    def keys(run_id: str) -> set[str]:  # system/* are sampled every few seconds of a run
+        return {k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")}
+
+    assert keys(fast.run_id) == keys(result.run_id)
 
 
 def _final_model(result) -> dict:

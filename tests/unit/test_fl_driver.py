@@ -254,7 +254,8 @@ def test_robust_bounds_are_checked_at_spec_time(overrides, needs):
 def test_update_norms_measure_reply_minus_global():
     grid = FakeGrid({0: "ok", 1: "ok"})
     out = exchange(grid, _train_messages(grid, [0, 1]), {100: 0, 101: 1}, timeout=1, poll=0.01)
-    norms = update_norms(ArrayRecord({"w": torch.zeros(2)}), out.ok)
+    assert len(out.decoded) == len(out.ok) == 2  # vetting's decoding, kept for the server
+    norms = update_norms(ArrayRecord({"w": torch.zeros(2)}), out.decoded)
     np.testing.assert_allclose(norms, [0.0, np.sqrt(2.0)])
 
 
