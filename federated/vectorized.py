@@ -205,10 +205,9 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
 def evaluate_clients(model: nn.Module, splits: Sequence[Split], loss_fn: nn.Module,
                      num_classes: int, eval_batch_size: int,
                      device: torch.device | str = "cpu") -> list[dict[str, float]]:
-    """`core.loop.evaluate` of one model on every client's split, from one forward over
-    all of them: each client's rows are then cut into its evaluation batches (the loss is
-    averaged per batch, as `evaluate` does) and its confusion matrix or regression sums
-    are those `evaluate` builds."""
+    """The loss and accuracy (regression: `core.loop.evaluate`'s figures) of one model on
+    every client's split, from one forward over all of them: each client's rows are then
+    cut into its evaluation batches, the loss averaged per batch as `evaluate` does."""
     from atoll.core.loop import evaluate
 
     device = torch.device(device)
@@ -217,12 +216,22 @@ def evaluate_clients(model: nn.Module, splits: Sequence[Split], loss_fn: nn.Modu
     sizes = [len(sp) for sp in splits]
     logits = model(torch.cat([sp.x for sp in splits]).to(device)).float()
     model.train(was_training)
+    regression = bool(getattr(loss_fn, "regression", False))
     out = []
     for sp, part in zip(splits, torch.split(logits, sizes), strict=True):
-        chunks = [(x, y) for x, y in zip(torch.split(part, eval_batch_size),
-                                         torch.split(sp.y.to(device), eval_batch_size),
-                                         strict=True)]
-        out.append(evaluate(_Given(), chunks, loss_fn, num_classes))
+        chunks = list(zip(torch.split(part, eval_batch_size),
+                          torch.split(sp.y.to(device), eval_batch_size), strict=True))
+        if regression:  # R² and friends: evaluate's own sums
+            out.append(evaluate(_Given(), chunks, loss_fn, num_classes))
+            continue
+        # what evaluate reports a client's loss and accuracy as, without its confusion
+        # matrix and macro averages (a client reports loss and accuracy only)
+        loss_sum, correct = 0.0, 0
+        for x, y in chunks:
+            loss_sum += float(loss_fn(x, y).double()) * y.shape[0]
+            correct += int((x.argmax(1) == y).sum())
+        n = max(len(sp), 1)
+        out.append({"val_loss": loss_sum / n, "val_accuracy": correct / n})
     return out
 
 

@@ -56,6 +56,7 @@ class VectorizedGrid(Grid):
         self.chunk = spec.federated.vectorized.chunk_size
         self._model: torch.nn.Module | None = None
         self._evaluating: tuple[Any, torch.nn.Module] | None = None
+        self.datas: dict[int, task.ClientData] = {}
         self._run: Any = None
 
     # --- Flower's Grid interface -----------------------------------------------------
@@ -130,6 +131,12 @@ class VectorizedGrid(Grid):
                 state=RecordDict(), run_config=self.run_config)
         return self.contexts[partition]
 
+    def _data(self, partition: int) -> task.ClientData:
+        """A client's splits, made once per run (they depend on the spec alone)."""
+        if partition not in self.datas:
+            self.datas[partition] = task.client_data(self.spec, partition, self.num_clients)
+        return self.datas[partition]
+
     def _fault(self, rnd: int, partition: int) -> str:
         return round_fault(self.spec.federated.faults, self.spec.seed, rnd, partition)
 
@@ -146,7 +153,7 @@ class VectorizedGrid(Grid):
                 self._answer(msg, failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, "
                                                     f"round {rnd}, evaluation)"))
                 continue
-            data = task.client_data(spec, p, self.num_clients)
+            data = self._data(p)
             if not len(data.val):
                 self._answer(msg, failed_reply(msg, task.NO_VALIDATION))
                 continue
@@ -204,10 +211,19 @@ class VectorizedGrid(Grid):
                 continue
             delay = f.faults.straggler_delay if fault == "straggler" else 0.0
             attack = f.byzantine.attack if p in bad else ""
-            work.append((msg, p, task.client_data(spec, p, self.num_clients), attack, delay))
-        if not work:
-            return
-        global_state = R.arrays_to_state(messages[0].content[R.ARRAYS])
+            work.append((msg, p, self._data(p), attack, delay))
+        # a strategy sends every client the same model; one sending several is served
+        # group by group
+        groups: dict[int, list[tuple[Message, int, task.ClientData, str, float]]] = {}
+        for item in work:
+            groups.setdefault(id(item[0].content[R.ARRAYS]), []).append(item)
+        for group in groups.values():
+            self._train_group(group, rnd, rule)
+
+    def _train_group(self, work: list[tuple[Message, int, task.ClientData, str, float]],
+                     rnd: int, rule: Any) -> None:
+        spec, f = self.spec, self.spec.federated
+        global_state = R.arrays_to_state(work[0][0].content[R.ARRAYS])
         splits = []
         for _, _, data, attack, _ in work:
             train = data.train
