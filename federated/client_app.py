@@ -24,9 +24,7 @@ from atoll.federated.faults import InjectedFault, round_fault
 
 @functools.lru_cache(maxsize=4)
 def _cached_spec(items: tuple):
-    spec = R.spec_from_run_config(dict(items))
-    task.cpu_threads(spec)
-    return spec
+    return R.spec_from_run_config(dict(items))
 
 
 def _spec(context: Context):
@@ -69,6 +67,7 @@ def _fault(spec, rnd: int, partition: int) -> str:
 @app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     spec = _spec(context)
+    task.cpu_threads(spec)  # this process is a client's (never the vectorized server's)
     partition, num_clients = _who(context)
     cfg = msg.content[R.CONFIG]
     rnd = int(cfg[R.ROUND])
@@ -152,6 +151,7 @@ def _continual_state(spec, context: Context, rnd: int, cfg: ConfigRecord
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     spec = _spec(context)
+    task.cpu_threads(spec)
     partition, num_clients = _who(context)
     rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
     if _fault(spec, rnd, partition) == "crash":

@@ -124,9 +124,9 @@ class Outcome:
     timed_out: list[int] = field(default_factory=list)
     replies: list[Any] = field(default_factory=list)
     capped: list[int] = field(default_factory=list)  # claimed more examples than allowed
-    # the arrays of each good reply, as vetting decoded them (in `ok`'s order): the server
-    # reuses them instead of decoding every reply again
-    decoded: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # L2 norm of each good train reply's update (reply − the model it was sent), in `ok`'s
+    # order: measured while vetting decodes the reply, one reply in memory at a time
+    norms: list[float] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -297,6 +297,18 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
                 sent[str(msg_id)] = m
     pending = set(sent)
     got: dict[str, Any] = {}
+    sent_models: dict[int, dict[str, np.ndarray]] = {}  # each distinct model sent, decoded
+
+    def update_norm(reply_arrays: dict[str, np.ndarray], msg: Any) -> float:
+        if not reply_arrays:
+            return 0.0
+        ref = msg.content[R.ARRAYS]
+        if id(ref) not in sent_models:
+            sent_models[id(ref)] = {k: a.numpy().astype(np.float64) for k, a in ref.items()}
+        base = sent_models[id(ref)]
+        return math.sqrt(sum(float(np.square(v.astype(np.float64) - base[k]).sum())
+                             for k, v in reply_arrays.items()
+                             if v.dtype.kind == "f" and k in base))
     deadline = time.monotonic() + timeout
     delay = poll
     # with a lost client the round can only end at the deadline, as in a real federation
@@ -340,7 +352,7 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
                 metrics[R.NUM_EXAMPLES] = max_examples
                 out.capped.append(p)
             out.bytes_received += sum(R.nbytes(a) for a in r.content.array_records.values())
-            out.ok.append((p, r, keep))
+            out.ok.append((p, r, update_norm(keep, m)))
         by_partition.append((p, r))
     for m in delivered:  # never pushed (malformed): a failure of that client
         if not any(m is s for s in sent.values()):
@@ -348,7 +360,7 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
             out.errors[p] = "the SuperLink did not accept the message"
             by_partition.append((p, failed_reply(m, out.errors[p])))
     good = sorted(out.ok, key=lambda t: t[0])
-    out.ok, out.decoded = [r for _, r, _ in good], [k for _, _, k in good]
+    out.ok, out.norms = [r for _, r, _ in good], [n for _, _, n in good]
     out.replies = [r for _, r in sorted(by_partition, key=lambda t: t[0])]
     out.timed_out.sort()
     return out

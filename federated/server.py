@@ -301,7 +301,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                            max_examples=max_examples, silent=dropouts(spec, rnd, chosen))
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             seconds = {"seconds_train": time.perf_counter() - t_phase}
-            norms = update_norms(arrays, fit.decoded)
+            norms = fit.norms
             clip = getattr(strategy, "clipping_norm", None)  # DP: the norm used this round
             refused = refusal(spec, fit, bound) or (
                 f"differential privacy: {len(present)} clients present, a DP round samples "
@@ -310,6 +310,8 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
             new_arrays, fit_metrics = (None, None) if refused else \
                 strategy.aggregate_train(rnd, fit.replies)
             seconds["seconds_aggregate"] = time.perf_counter() - t_phase
+            if new_arrays is not None:
+                new_arrays = integers_kept(new_arrays, arrays)
             if new_arrays is not None and not _finite(new_arrays):
                 refused = f"the {f.strategy} aggregate of {len(fit.ok)} replies is not finite"
                 new_arrays, fit_metrics = None, None
@@ -480,18 +482,20 @@ def refusal(spec: ExperimentSpec, fit: Any, bound: tuple[str, int] | None) -> st
     return None
 
 
-def update_norms(arrays: Any, decoded: list[dict[str, np.ndarray]]) -> list[float]:
-    """L2 norm of each reply's update (reply − global) over its floating-point arrays
-    (`decoded`: the replies' arrays as `driver.exchange` vetted them)."""
-    glob = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
-    out = []
-    for d in decoded:
-        sq = 0.0
-        for k, v in d.items():
-            if v.dtype.kind == "f" and k in glob:
-                sq += float(np.square(v.astype(np.float64) - glob[k]).sum())
-        out.append(sq ** 0.5)
-    return out
+def integers_kept(new: Any, old: Any) -> Any:
+    """`new` with every array that `old` held as integers cast back to that dtype. Flower's
+    averaging multiplies by float weights, so batch norm's `num_batches_tracked` (int64)
+    came back as float64 — and every client's int64 reply of the next round then failed
+    vetting against it. Truncated, as a client's `load_state_dict` would cast it."""
+    from flwr.app import Array, ArrayRecord
+
+    cast = {k: np.dtype(str(old[k].dtype)) for k in new
+            if k in old and np.dtype(str(old[k].dtype)).kind in "iub"
+            and np.dtype(str(new[k].dtype)).kind == "f"}
+    if not cast:
+        return new
+    return ArrayRecord({k: Array(a.numpy().astype(cast[k])) if k in cast else a
+                        for k, a in new.items()})
 
 
 def _backfill(tracker: Any, history: list[dict[str, float]]) -> None:

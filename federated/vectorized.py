@@ -57,6 +57,7 @@ class ClientResult:
     state: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    kind: str = ""  # nonfinite | error
 
 
 def _epoch_batches(splits: Sequence[Split], seeds: Sequence[int], batch_size: int,
@@ -108,14 +109,17 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
     device = torch.device(device)
     regression = bool(getattr(loss_fn, "regression", False))
     k = len(splits)
+    own = model.state_dict(keep_vars=True)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def stacked(n: str) -> torch.Tensor:
-        t = global_state[n].to(device)
+        # in the model's dtype, as load_state_dict casts it (FedAdam sends float64)
+        t = global_state.get(n, own[n]).to(device, own[n].dtype)
         return t.unsqueeze(0).repeat(k, *[1] * t.dim())
 
     params = {n: stacked(n).requires_grad_(True) for n in names}
-    buffers = {n: stacked(n) for n, _ in model.named_buffers()}
+    # buffers and frozen parameters: stacked, never stepped
+    buffers = {n: stacked(n) for n in own if n not in params}
     anchor = {n: global_state[n].to(device) for n in names} if rule.proximal_mu > 0 else None
     opt = _Stacked(list(params.values()), rule, k, device)
     model = model.to(device)
@@ -130,7 +134,8 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
 
     forward = vmap(one, randomness="different")
     bad = [False] * k
-    first_bad = [""] * k
+    first_bad = [""] * k  # a non-finite loss or gradient
+    errors = [""] * k  # anything else the client's training raised
     sums, hits_sum, counts = [0.0] * k, [0.0] * k, [0] * k
     for epoch in range(rule.epochs):
         batches = _epoch_batches(splits, seeds, rule.batch_size, epoch, shift, noise_std)
@@ -150,7 +155,14 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                 b = buffers if whole else {n: t[at] for n, t in buffers.items()}
                 x = torch.stack([batches[c][s][0] for c in idx]).to(device, non_blocking=True)
                 y = torch.stack([batches[c][s][1] for c in idx]).to(device, non_blocking=True)
-                loss, hit = forward(p, b, x, y)
+                try:
+                    loss, hit = forward(p, b, x, y)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - what the ClientApp would fail with
+                    for c in idx:  # (e.g. batch norm on a batch of one): these clients fail
+                        bad[c], errors[c] = True, f"{type(e).__name__}: {e}"
+                    continue
                 if not whole:  # running statistics the forward updated, back in place
                     for n, t in b.items():
                         buffers[n][at] = t
@@ -159,9 +171,9 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
             objective = losses
             if anchor is not None:
                 objective = objective + 0.5 * rule.proximal_mu * sum(
-                    ((params[n] - anchor[n]) ** 2).flatten(1).sum(1) for n in names)
+                    ((params[n] - anchor[n]) ** 2).reshape(k, -1).sum(1) for n in names)
             active = torch.zeros(k, dtype=torch.bool, device=device)
-            active[[c for idx in groups.values() for c in idx]] = True
+            active[[c for idx in groups.values() for c in idx if not bad[c]]] = True
             value = objective.detach()
             finite = torch.isfinite(value)
             for c in torch.nonzero(active & ~finite).flatten().tolist():
@@ -169,10 +181,13 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                                f"step {s}"
                 bad[c] = True
             active &= finite
+            if not bool(active.any()):  # every client of this step failed
+                continue
             torch.where(active, objective, torch.zeros_like(objective)).sum().backward()
-            grads = [p.grad for p in params.values()]
-            finite_grads = torch.stack([torch.isfinite(g).flatten(1).all(1) for g in grads]
-                                       ).all(0)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                     for p in params.values()]
+            finite_grads = torch.stack([torch.isfinite(g).reshape(k, -1).all(1)
+                                        for g in grads]).all(0)
             for c in torch.nonzero(active & ~finite_grads).flatten().tolist():
                 first_bad[c] = f"non-finite gradient at epoch {epoch + 1}, step {s}"
                 bad[c] = True
@@ -190,7 +205,8 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
     out = []
     for c in range(k):
         if bad[c]:
-            out.append(ClientResult(None, error=first_bad[c]))
+            out.append(ClientResult(None, error=first_bad[c] or errors[c],
+                                    kind="nonfinite" if first_bad[c] else "error"))
             continue
         state = {n: t[c].detach().cpu().clone() for n, t in {**params, **buffers}.items()}
         total = max(float(counts[c]), 1.0)
@@ -206,15 +222,19 @@ def evaluate_clients(model: nn.Module, splits: Sequence[Split], loss_fn: nn.Modu
                      num_classes: int, eval_batch_size: int,
                      device: torch.device | str = "cpu") -> list[dict[str, float]]:
     """The loss and accuracy (regression: `core.loop.evaluate`'s figures) of one model on
-    every client's split, from one forward over all of them: each client's rows are then
-    cut into its evaluation batches, the loss averaged per batch as `evaluate` does."""
+    every client's split, from one pass over all of their rows (in slices of
+    `eval_batch_size`): each client's logits are then cut into its evaluation batches, the
+    loss averaged per batch as `evaluate` does."""
     from atoll.core.loop import evaluate
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
     sizes = [len(sp) for sp in splits]
-    logits = model(torch.cat([sp.x for sp in splits]).to(device)).float()
+    rows = torch.cat([sp.x for sp in splits])
+    # in evaluation-sized slices: activations never hold the whole federation's rows
+    logits = torch.cat([model(part.to(device)).float()
+                        for part in torch.split(rows, max(eval_batch_size, 1))])
     model.train(was_training)
     regression = bool(getattr(loss_fn, "regression", False))
     out = []
@@ -263,7 +283,8 @@ def probe(model: nn.Module, global_state: dict[str, torch.Tensor], split: Split,
 
 def _clip(grads: list[torch.Tensor], max_norm: float) -> None:
     """Each client's gradient clipped by its own global norm (`clip_grad_norm_`'s rule)."""
-    total = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    k = grads[0].shape[0]
+    total = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.reshape(-1, *[1] * (g.dim() - 1)))
@@ -294,6 +315,8 @@ class _Stacked:
             shape = (-1, *[1] * (p.dim() - 1))
             on = active.reshape(shape)
             g = p.grad
+            if g is None:  # unused by the forward: torch's optimizers skip it
+                continue
             if r.optimizer == "sgd":
                 d = g.add(p, alpha=r.weight_decay) if r.weight_decay else g
                 if r.momentum:

@@ -237,9 +237,11 @@ class VectorizedGrid(Grid):
                                       rule, aug.shift if aug else 0,
                                       aug.noise_std if aug else 0.0)
         for (msg, p, data, attack, delay), result in zip(work, results, strict=True):
-            if result.error:
+            if result.error and result.kind == "nonfinite":
                 reply = failed_reply(msg, f"{R.FAILURE_PREFIX}nonfinite (client {p}, round "
                                           f"{rnd}): {result.error}")
+            elif result.error:  # what Flower replies for a ClientApp that raised
+                reply = failed_reply(msg, f"client {p}, round {rnd}: {result.error}")
             else:
                 weights = result.state
                 if attack in ("sign_flip", "scaling", "gaussian"):

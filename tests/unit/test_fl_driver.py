@@ -24,7 +24,7 @@ from atoll.core.spec import SpecError, load_spec
 from atoll.federated import records as R
 from atoll.federated.client_state import ClientStateError, ClientStateStore, prune_client_states
 from atoll.federated.driver import SampledGrid, StopRequested, discover, exchange, rediscover
-from atoll.federated.server import refusal, robust_bound, update_norms
+from atoll.federated.server import refusal, robust_bound
 
 
 @pytest.fixture(autouse=True)
@@ -254,9 +254,7 @@ def test_robust_bounds_are_checked_at_spec_time(overrides, needs):
 def test_update_norms_measure_reply_minus_global():
     grid = FakeGrid({0: "ok", 1: "ok"})
     out = exchange(grid, _train_messages(grid, [0, 1]), {100: 0, 101: 1}, timeout=1, poll=0.01)
-    assert len(out.decoded) == len(out.ok) == 2  # vetting's decoding, kept for the server
-    norms = update_norms(ArrayRecord({"w": torch.zeros(2)}), out.decoded)
-    np.testing.assert_allclose(norms, [0.0, np.sqrt(2.0)])
+    np.testing.assert_allclose(out.norms, [0.0, np.sqrt(2.0)])  # measured while vetting
 
 
 def test_client_states_by_round(tmp_path):

@@ -86,3 +86,47 @@ def test_a_client_with_a_non_finite_loss_fails_alone():
         for k, v in clean[c].state.items():
             # (masked and in-place updates round alike to within a few ulps)
             assert torch.allclose(got[c].state[k], v, rtol=0, atol=1e-6), (c, k)
+
+
+class _WithScalar(torch.nn.Module):
+    """A scalar parameter (a temperature), a frozen one and one the forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 10)
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+        self.frozen = torch.nn.Parameter(torch.ones(10), requires_grad=False)
+        self.unused = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)) * self.temperature + self.frozen
+
+
+def test_scalar_frozen_and_unused_parameters_train_as_torch_does():
+    """torch's optimizers skip a parameter without a gradient and never touch a frozen one;
+    a scalar parameter is stacked like any other."""
+    from atoll.core.data import Batches
+    from atoll.federated.vectorized import LocalRule
+
+    spec = _spec()
+    data = [task.client_data(spec, c, CLIENTS) for c in range(3)]
+    torch.manual_seed(0)
+    model = _WithScalar()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rule = LocalRule("adamw", 0.01, 2, 32, weight_decay=0.1)
+    got = train_clients(model, state, [d.train for d in data], [5, 6, 7],
+                        torch.nn.CrossEntropyLoss(), rule)
+    for c, d in enumerate(data):
+        alone = _WithScalar()
+        alone.load_state_dict(state)
+        opt = torch.optim.AdamW(alone.parameters(), lr=0.01, weight_decay=0.1)
+        batches = Batches(d.train, 32, seed=[5, 6, 7][c])
+        for epoch in range(2):
+            batches.set_epoch(epoch)
+            for x, y in batches:
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(alone(x), y).backward()
+                opt.step()
+        assert not got[c].error, got[c].error
+        for k, v in alone.state_dict().items():
+            assert torch.allclose(got[c].state[k], v, atol=1e-5), (c, k)

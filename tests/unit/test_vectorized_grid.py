@@ -126,3 +126,80 @@ def test_evaluate_and_query_replies_are_the_client_apps():
             assert set(mine.keys()) == set(flower.keys()) and len(mine.keys()) >= 3
             for key in flower:
                 assert mine[key] == pytest.approx(flower[key], abs=1e-6), key
+
+
+def test_answering_a_round_leaves_the_server_processes_threads_alone():
+    """The ClientApp sets its process to `client_cpus` threads; the vectorized engine runs
+    in the server's process, whose threads are its own (train.threads)."""
+    spec, run_config = _setup()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grid = VectorizedGrid(spec, run_config)
+        sent = _messages(spec, rnd=1)
+        list(grid.pull_messages(grid.push_messages(sent)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_float64_globals_train_as_the_client_apps_float32_model_does():
+    """Server optimisers (FedAdam) send float64 arrays from round 2; a ClientApp loads them
+    into its float32 model, and so does the engine."""
+    from flwr.app import ArrayRecord
+
+    spec, run_config = _setup("federated.strategy=fedadam")
+    grid = VectorizedGrid(spec, run_config)
+    sent = _messages(spec, rnd=2)
+    wide = ArrayRecord({k: v.double() for k, v in R.arrays_to_state(
+        sent[0].content[R.ARRAYS]).items()})
+    for m in sent:
+        m.content[R.ARRAYS] = wide
+    got = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(
+        grid.push_messages(sent))}
+    for msg in sent:
+        ours, theirs = got[msg.metadata.message_id], _flower_reply(msg, run_config)
+        assert not ours.has_error(), ours.error
+        a, b = R.arrays_to_state(ours.content[R.ARRAYS]), R.arrays_to_state(
+            theirs.content[R.ARRAYS])
+        assert all(a[k].dtype == b[k].dtype for k in b)
+        assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-5
+
+
+def test_a_client_whose_training_raises_fails_alone_as_on_flower():
+    """Batch norm on a last batch of one sample raises in the ClientApp (an error reply
+    for that client); here the same client fails and the round goes on."""
+    spec, run_config = _setup("model.batch_norm=true", "federated.partition.method=iid",
+                              "data.batch_size=16")
+    from atoll.federated.task import client_data
+
+    sizes = [len(client_data(spec, p, CLIENTS).train) for p in range(CLIENTS)]
+    ones = [p for p, n in enumerate(sizes) if n % 16 == 1]
+    if not ones:  # make one: the batch size that leaves client 0 a last batch of one
+        batch = next(b for b in range(8, 64) if sizes[0] % b == 1)
+        spec, run_config = _setup("model.batch_norm=true", "federated.partition.method=iid",
+                                  f"data.batch_size={batch}")
+        ones = [p for p, n in enumerate(sizes) if n % batch == 1]
+    grid = VectorizedGrid(spec, run_config)
+    sent = _messages(spec, rnd=1)
+    got = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(
+        grid.push_messages(sent))}
+    for msg in sent:
+        p = msg.metadata.dst_node_id - NODE_BASE
+        ours, theirs = got[msg.metadata.message_id], _flower_reply(msg, run_config)
+        assert ours.has_error() == theirs.has_error() == (p in ones), (p, ours, theirs)
+
+
+def test_a_batch_norm_model_aggregates_every_round(tmp_path):
+    """Flower's averaging turns the integer `num_batches_tracked` into float64; the server
+    keeps the global model in the model's own dtypes, so round 2's replies (int64 again)
+    still match it and are aggregated (they were refused as malformed: every round after
+    the first failed, on either engine)."""
+    from atoll.federated.simulation import run_federated
+
+    spec, _ = _setup("model.batch_norm=true", "federated.rounds=3",
+                     f"train.checkpoint_dir={tmp_path}", "data.batch_size=16",
+                     "federated.partition.method=iid")
+    result = run_federated(spec)
+    assert [r["aggregated"] for r in result.history] == [1.0, 1.0, 1.0]
+    assert [r["failures"] for r in result.history] == [0.0, 0.0, 0.0]
