@@ -277,8 +277,10 @@ def probe(model: nn.Module, global_state: dict[str, torch.Tensor], split: Split,
     except Exception as e:  # noqa: BLE001 - whatever vmap refuses, in the user's words
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-    del out  # a non-finite first step is the data's business, not the engine's
-    return None
+    # a client's training that raised (vmap's refusals land here); a non-finite first step
+    # is the data's business, not the engine's
+    failed = [r.error for r in out if r.kind == "error"]
+    return failed[0][:300] if failed else None
 
 
 def _clip(grads: list[torch.Tensor], max_norm: float) -> None:
