@@ -137,8 +137,23 @@ class VectorizedGrid(Grid):
             self.datas[partition] = task.client_data(self.spec, partition, self.num_clients)
         return self.datas[partition]
 
-    def _fault(self, rnd: int, partition: int) -> str:
-        return round_fault(self.spec.federated.faults, self.spec.seed, rnd, partition)
+    def _delay(self, msg: Message, partition: int, rnd: int, phase: str = "") -> float | None:
+        """This round's injected fault for the client: a crash or dropout is answered here
+        with its failure (None); otherwise the seconds its reply is held back (stragglers)."""
+        f = self.spec.federated
+        fault = round_fault(f.faults, self.spec.seed, rnd, partition)
+        if fault in ("crash", "dropout"):  # a crash fails before any update is sent
+            self._answer(msg, failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client "
+                                                f"{partition}, round {rnd}{phase})"))
+            return None
+        return f.faults.straggler_delay if fault == "straggler" else 0.0
+
+    def _build(self, data: task.ClientData) -> torch.nn.Module:
+        from atoll.models import build_model
+
+        b = data.bundle
+        return build_model(self.spec.model, b.input_shape, b.num_classes,
+                           self.spec.project_dir, b.embedded)
 
     def _evaluate(self, messages: list[Message]) -> None:
         """Every evaluate message of a round: the global model on each client's validation
@@ -148,16 +163,13 @@ class VectorizedGrid(Grid):
         for msg in messages:
             p = self._partition(msg)
             rnd = int(msg.content[R.CONFIG].get(R.ROUND, 1))
-            fault = self._fault(rnd, p)
-            if fault in ("crash", "dropout"):
-                self._answer(msg, failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, "
-                                                    f"round {rnd}, evaluation)"))
+            delay = self._delay(msg, p, rnd, ", evaluation")
+            if delay is None:
                 continue
             data = self._data(p)
             if not len(data.val):
                 self._answer(msg, failed_reply(msg, task.NO_VALIDATION))
                 continue
-            delay = spec.federated.faults.straggler_delay if fault == "straggler" else 0.0
             work.append((msg, p, data, delay))
         if not work:
             return
@@ -174,22 +186,14 @@ class VectorizedGrid(Grid):
         strategy sends all of them the same record: it is decoded once)."""
         arrays = msg.content[R.ARRAYS]
         if self._evaluating is None or self._evaluating[0] is not arrays:
-            from atoll.models import build_model
-
-            b = data.bundle
-            model = build_model(self.spec.model, b.input_shape, b.num_classes,
-                                self.spec.project_dir, b.embedded)
+            model = self._build(data)
             model.load_state_dict(R.arrays_to_state(arrays))
             self._evaluating = (arrays, model)
         return self._evaluating[1]
 
     def _model_for(self, data: task.ClientData) -> torch.nn.Module:
         if self._model is None:
-            from atoll.models import build_model
-
-            b = data.bundle
-            self._model = build_model(self.spec.model, b.input_shape, b.num_classes,
-                                      self.spec.project_dir, b.embedded).to(self.device)
+            self._model = self._build(data).to(self.device)
         return self._model
 
     def _train(self, messages: list[Message]) -> None:
@@ -204,12 +208,9 @@ class VectorizedGrid(Grid):
         work: list[tuple[Message, int, task.ClientData, str, float]] = []
         for msg in messages:
             p = self._partition(msg)
-            fault = self._fault(rnd, p)
-            if fault in ("crash", "dropout"):  # a crash fails before any update is sent
-                self._answer(msg, failed_reply(msg, f"{R.FAILURE_PREFIX}{fault} (client {p}, "
-                                                    f"round {rnd})"))
+            delay = self._delay(msg, p, rnd)
+            if delay is None:
                 continue
-            delay = f.faults.straggler_delay if fault == "straggler" else 0.0
             attack = f.byzantine.attack if p in bad else ""
             work.append((msg, p, self._data(p), attack, delay))
         # a strategy sends every client the same model; one sending several is served
