@@ -35,6 +35,7 @@ class Strategy(Protocol):
     def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
     def after_backward(self, model: nn.Module) -> None: ...
     def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None: ...
+    def pause(self, model: nn.Module) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -61,6 +62,11 @@ class BaseStrategy:
         return None
 
     def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None:
+        return None
+
+    def pause(self, model: nn.Module) -> None:
+        """Training of this task stops for now and resumes from another model (a federated
+        round ends; the server's aggregate comes next)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,6 +110,10 @@ class Composite(BaseStrategy):
     def after_task(self, model: nn.Module, task: Any, loader: Iterable[Batch]) -> None:
         for s in self.parts:
             s.after_task(model, task, loader)
+
+    def pause(self, model: nn.Module) -> None:
+        for s in self.parts:
+            s.pause(model)
 
     def state_dict(self) -> dict[str, Any]:
         return {str(i): s.state_dict() for i, s in enumerate(self.parts)}

@@ -4,6 +4,12 @@ During a task each parameter accumulates its contribution to the loss decrease,
 ω += −g·Δθ, summed over optimizer steps (g: the gradient that produced the step). At the
 task's end its importance grows by Ω += ω / ((θ_end − θ_start)² + ξ) and θ_end becomes the
 anchor. The penalty is c·Σ Ω (θ − θ*)² (no ½, as in the paper).
+
+The running task (ω, θ_start and the step not yet closed) is part of the state: a
+checkpoint between two epochs of a task, or a federated client that trains a task over
+several rounds, continues the path integral instead of losing it. A federated round ends
+with `pause`, which closes its last step: the next round starts from the server's model,
+and that jump is not a gradient step.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ class SI(BaseStrategy):
             if n in self._grad:
                 self._w[n] -= self._grad[n] * (p.detach() - self._prev[n])
 
+    def pause(self, model: nn.Module) -> None:
+        """Training stops here for now (a federated round ends): close the last step."""
+        self._accumulate(model)
+        self._prev, self._grad = {}, {}
+
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         if not self.omega or self.cfg.c == 0:
             return None
@@ -76,11 +87,14 @@ class SI(BaseStrategy):
         self.omega, self.anchor = placed(self.omega, device), placed(self.anchor, device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"omega": self.omega, "anchor": self.anchor}
+        return {"omega": self.omega, "anchor": self.anchor, "w": self._w,
+                "start": self._start, "prev": self._prev, "grad": self._grad}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.omega = dict(state.get("omega", {}))
         self.anchor = dict(state.get("anchor", {}))
+        self._w, self._start = dict(state.get("w", {})), dict(state.get("start", {}))
+        self._prev, self._grad = dict(state.get("prev", {})), dict(state.get("grad", {}))
 
 
 def _snapshot(model: nn.Module) -> Params:

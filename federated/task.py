@@ -189,6 +189,8 @@ def local_train(spec: ExperimentSpec, data: ClientData, global_state: dict[str, 
     state = train_task(c.model, batches, None, c.optimizer, c.loss_fn, c.cfg, TrainState(),
                        data.bundle.num_classes, strategy=strategy, task=task,
                        logit_mask=mask, task_boundaries=continual is None, on_step=on_step)
+    if continual is not None:  # the round ends; the next starts from the server's model
+        strategy.pause(unwrap(c.model))
     last = state.history[-1]
     metrics = {k: last[k] for k in ("train_loss", "train_accuracy") if k in last}
     weights = {k: v.detach().cpu().clone() for k, v in unwrap(c.model).state_dict().items()}

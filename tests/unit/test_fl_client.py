@@ -85,3 +85,42 @@ def test_federated_evaluation_needs_a_client_validation_split():
     with pytest.raises(SpecError, match="federated.partition.val_fraction"):
         _spec("federated.partition.val_fraction=0")
     _spec("federated.partition.val_fraction=0", "federated.fraction_evaluate=0")
+
+
+def test_an_si_client_trains_a_task_over_several_rounds():
+    """SI in a federated stream: the second round of a task crashed with a KeyError (the
+    running path integral was not in the state a client keeps between rounds)."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from atoll.continual.si import SI
+    from atoll.federated import client_app
+    from atoll.federated import records as R
+    from atoll.models import build_model
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, 1
+    spec = _spec("continual.stream=permuted", "continual.strategy=[si]", "continual.n_tasks=2",
+                 "continual.scenario=domain",
+                 "federated.rounds=4", "federated.rounds_per_task=2", "tracking.enabled=false")
+    run_config = R.run_config_for(spec, run_dir="", tracking_uri=None, mlflow_run_id=None,
+                                  resume="", restart=False)
+    ctx = Context(run_id=0, node_id=5, node_config={R.NODE_PARTITION_ID: 0,
+                                                    R.NODE_NUM_PARTITIONS: 4},
+                  state=RecordDict(), run_config=run_config)
+    data = task.client_data(spec, 0, 4)
+    state = build_model(spec.model, data.bundle.input_shape, data.bundle.num_classes
+                        ).state_dict()
+    for rnd in (1, 2, 3):  # task 0 twice, then task 1 closes task 0
+        cfg = {R.ROUND: rnd, R.LR: 0.05, R.LOCAL_EPOCHS: 1, R.BATCH_SIZE: 32}
+        reply = client_app.app(Message(RecordDict({R.ARRAYS: R.state_to_arrays(state),
+                                                   R.CONFIG: ConfigRecord(cfg)}),
+                                       dst_node_id=5, message_type=MessageType.TRAIN), ctx)
+        assert not reply.has_error(), reply.error.reason
+        state = R.arrays_to_state(reply.content[R.ARRAYS])
+    saved = ctx.state[R.CL_STATE]
+    si = SI(spec.continual.si)
+    si.load_state_dict(torch.load(__import__("io").BytesIO(bytes(saved[R.CL_BLOB])),
+                                  weights_only=True))
+    assert si.omega and all(torch.isfinite(o).all() and (o >= 0).all()
+                            for o in si.omega.values())
+    assert any(o.sum() > 0 for o in si.omega.values())

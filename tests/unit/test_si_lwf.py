@@ -142,3 +142,53 @@ def test_joint_epoch_covers_every_stored_sample_once():
     other = Joint(seed=0)
     other.load_state_dict(j.state_dict())
     assert torch.equal(other.x, j.x)
+
+
+def _saved(si: SI) -> SI:
+    """`si` as a checkpoint or a federated client's Context.state brings it back."""
+    buf = io.BytesIO()
+    torch.save(si.state_dict(), buf)
+    buf.seek(0)
+    out = SI(si.cfg)
+    out.load_state_dict(torch.load(buf, weights_only=True))
+    return out
+
+
+def test_si_resumed_mid_task_ends_the_task_as_an_uninterrupted_one():
+    """A checkpoint between two epochs of a task (or a federated round boundary) keeps the
+    task's running path integral: the KeyError of a strategy restored without it is gone,
+    and Ω at the task's end is the uninterrupted one."""
+    model, si = _net(), SI(SiSpec(c=0.5))
+    si.before_task(model, None)
+    _steps(model, si, n=10, seed=1)
+    _steps(model, si, n=10, seed=2)
+    si.after_task(model, None, [])
+
+    model2, first = _net(), SI(SiSpec(c=0.5))
+    first.before_task(model2, None)
+    _steps(model2, first, n=10, seed=1)
+    resumed = _saved(first)
+    _steps(model2, resumed, n=10, seed=2)
+    resumed.after_task(model2, None, [])
+    for n, o in si.omega.items():
+        torch.testing.assert_close(resumed.omega[n], o)
+
+
+def test_si_across_federated_rounds_counts_local_steps_not_the_servers_jump():
+    """A federated client trains one task over several rounds, each from a new global
+    model: `pause` closes a round's last step, so what the server's averaging moved is
+    never taken for a gradient step's contribution."""
+    model, si = _net(), SI(SiSpec(c=0.5))
+    si.before_task(model, None)
+    _steps(model, si, n=5, seed=1)
+    si.pause(model)
+    after_round = {n: w.clone() for n, w in si._w.items()}
+    si = _saved(si)
+    with torch.no_grad():  # the server's aggregate replaces the client's weights
+        for p in model.parameters():
+            p.add_(1.0)
+    _steps(model, si, n=1, seed=2)  # one step: nothing closed until the next one or a pause
+    for n, w in after_round.items():
+        torch.testing.assert_close(si._w[n], w)
+    si.pause(model)
+    assert any((si._w[n] != w).any() for n, w in after_round.items())
