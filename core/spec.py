@@ -718,9 +718,11 @@ class ExperimentSpec(_Section):
     def _check_vectorized(self) -> None:
         """What the vectorized engine does not do (yet) is refused, naming the way out."""
         way_out = "or federated.engine: flower"
-        if self.continual.stream != "none":
-            raise ValueError(f"continual.stream: {self.continual.stream!r} with "
-                             f"federated.engine: vectorized; allowed: none, {way_out}")
+        unbatched = [s for s in self.continual.strategy if s in ("lwf", "agem")]
+        if self.continual.stream != "none" and unbatched:
+            # a second model's outputs (LwF), a per-client gradient projection (A-GEM)
+            raise ValueError(f"continual.strategy: {unbatched[0]} with federated.engine: "
+                             f"vectorized; allowed: naive, joint, ewc, si, replay, {way_out}")
         if self.train.grad_accum_steps != 1:
             raise ValueError(f"train.grad_accum_steps: {self.train.grad_accum_steps} with "
                              f"federated.engine: vectorized; allowed: 1, {way_out}")

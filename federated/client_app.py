@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content[R.CONFIG]
     rnd = int(cfg[R.ROUND])
     fault = _fault(spec, rnd, partition)
-    cl = _continual_state(spec, context, rnd, cfg)
+    cl = continual_state(spec, context, rnd, cfg)
     if cl is not None and R.FEDEWC in msg.content:
         from atoll.federated.fedewc import decode
 
@@ -92,16 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     except task.CrashFault as e:
         raise InjectedFault(f"{R.FAILURE_PREFIX}crash (client {partition}, round {rnd}): "
                             f"{e}") from None
-    if cl is not None:  # the strategy's memory survives to this client's next round ...
-        blob = cl.dump()
-        context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: blob, R.CL_TASK: cl.current})
-        store = _client_store(spec, context, partition)
-        if store is not None:  # ... and an interrupted federation's resume
-            try:
-                store.save(rnd, blob, cl.current)
-            except OSError as e:  # a SuperNode that cannot reach the server's run dir
-                log.warning("client %d: continual state not saved for resume (%s)",
-                            partition, e)
+    if cl is not None:
+        keep_continual(spec, context, partition, rnd, cl)
     return train_reply(msg, spec, partition, weights, metrics, attack, len(data.train), cl)
 
 
@@ -124,6 +116,20 @@ def train_reply(msg: Message, spec, partition: int, weights: dict, metrics: dict
     return Message(RecordDict({**content, R.CLIENT: ConfigRecord(who)}), reply_to=msg)
 
 
+def keep_continual(spec, context: Context, partition: int, rnd: int,
+                   cl: task.ContinualState) -> None:
+    """The strategy's memory survives to this client's next round (Context.state) and to
+    an interrupted federation's resume (the run dir's client states)."""
+    blob = cl.dump()
+    context.state[R.CL_STATE] = ConfigRecord({R.CL_BLOB: blob, R.CL_TASK: cl.current})
+    store = _client_store(spec, context, partition)
+    if store is not None:
+        try:
+            store.save(rnd, blob, cl.current)
+        except OSError as e:  # a SuperNode that cannot reach the server's run dir
+            log.warning("client %d: continual state not saved for resume (%s)", partition, e)
+
+
 def _client_store(spec, context: Context, partition: int) -> ClientStateStore | None:
     run_dir = str(context.run_config.get(R.RUN_DIR, "") or "")
     if not run_dir:  # `flwr run` without a run dir: Context.state only
@@ -132,8 +138,8 @@ def _client_store(spec, context: Context, partition: int) -> ClientStateStore | 
     return ClientStateStore(Path(run_dir) / R.CLIENT_STATES, partition, keep)
 
 
-def _continual_state(spec, context: Context, rnd: int, cfg: ConfigRecord
-                     ) -> task.ContinualState | None:
+def continual_state(spec, context: Context, rnd: int, cfg: ConfigRecord
+                    ) -> task.ContinualState | None:
     if not task.streaming(spec):
         return None
     partition, _ = _who(context)

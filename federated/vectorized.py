@@ -17,18 +17,27 @@ masked out of that step (its parameters, moments and step count stay). Nothing i
 padded: at each step the clients are grouped by the size of their batch (full, or a
 client's short last one) and each group is one vmap call, so the loss is the client's
 own loss function and batch norm sees exactly the client's batch.
+
+Continual clients (`Strategies`) bring what `core.loop` takes from a strategy: their
+batches (replay and joint mix stored samples in: a batch of another size is just another
+group), the EWC and SI penalties (element-wise: stacked anchors and importances), and
+SI's path integral (stacked ω, accumulated after each step). LwF and A-GEM need a second
+model's outputs or a per-client gradient projection and are not vectorized.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+from atoll.continual.ewc import EWC
+from atoll.continual.si import SI
 from atoll.core.data import Batches, Split
 
 
@@ -60,18 +69,123 @@ class ClientResult:
     kind: str = ""  # nonfinite | error
 
 
+@dataclass
+class Strategies:
+    """Each client's continual strategy (already entered: its task's `before_task` done),
+    the task it trains and the task-incremental logit mask, as `task.local_train` hands
+    them to `core.loop.train_task`."""
+
+    strategies: list[Any]
+    tasks: list[Any]
+    mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 def _epoch_batches(splits: Sequence[Split], seeds: Sequence[int], batch_size: int,
-                   epoch: int, shift: int, noise_std: float
+                   epoch: int, shift: int, noise_std: float, cl: Strategies | None = None
                    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Every client's batches of one epoch, exactly as `Batches` gives them to the client
-    (its seeded order, its augmentation draws)."""
+    (its seeded order, its augmentation draws), through its strategy's `batches` (replay's
+    draws in the same order as the client's loop makes them)."""
     out = []
-    for split, seed in zip(splits, seeds, strict=True):
+    for c, (split, seed) in enumerate(zip(splits, seeds, strict=True)):
         b = Batches(split, batch_size, shuffle=True, seed=seed, shift=shift,
                     noise_std=noise_std)
         b.set_epoch(epoch)
-        out.append(list(b))
+        out.append(list(cl.strategies[c].batches(b, cl.tasks[c]) if cl else b))
     return out
+
+
+def _parts(strategy: Any, kind: type) -> list[Any]:
+    return [s for s in getattr(strategy, "parts", [strategy]) if isinstance(s, kind)]
+
+
+def _stack(values: list[torch.Tensor | None], like: torch.Tensor, device: torch.device
+           ) -> torch.Tensor:
+    """Per-client tensors along dim 0 (zeros where a client has none); one tensor shared by
+    every client (the server's FedEWC pairs) is broadcast, not copied K times."""
+    if values and all(v is values[0] for v in values) and values[0] is not None:
+        return values[0].to(device, like.dtype).unsqueeze(0)
+    return torch.stack([torch.zeros_like(like) if v is None else v.to(device, like.dtype)
+                        for v in values])
+
+
+class _Penalties:
+    """EWC's and SI's penalties of every client at once, on the stacked parameters:
+    (λ/2)·Σ_t F_t(θ − θ*_t)² and c·Ω(θ − θ*)², one value per client (a client without
+    the strategy, or before its first task ends, adds zero)."""
+
+    def __init__(self, cl: Strategies, params: dict[str, torch.Tensor], device: torch.device):
+        self.terms: list[tuple[float, str, torch.Tensor, torch.Tensor]] = []
+        k = len(cl.strategies)
+        ewcs = [next(iter(_parts(s, EWC)), None) for s in cl.strategies]
+        ewcs = [e if e is not None and e.anchors and e.cfg.lam else None for e in ewcs]
+        for t in range(max((len(e.fishers) for e in ewcs if e), default=0)):
+            lam = next(e.cfg.lam for e in ewcs if e)
+            names = {n for e in ewcs if e and t < len(e.fishers) for n in e.fishers[t]}
+            for n in sorted(names):
+                pick = [(e.anchors[t][n], e.fishers[t][n]) if e and t < len(e.fishers) else
+                        (None, None) for e in ewcs]
+                self.terms.append((0.5 * lam, n, _stack([a for a, _ in pick], params[n][0],
+                                                        device),
+                                   _stack([f for _, f in pick], params[n][0], device)))
+        sis = [next(iter(_parts(s, SI)), None) for s in cl.strategies]
+        for n in params:
+            pick = [(si.anchor.get(n), si.omega.get(n)) if si and si.omega and si.cfg.c
+                    else (None, None) for si in sis]
+            if any(o is not None for _, o in pick):
+                c = next(si.cfg.c for si in sis if si and si.omega and si.cfg.c)
+                self.terms.append((c, n, _stack([a for a, _ in pick], params[n][0], device),
+                                   _stack([o for _, o in pick], params[n][0], device)))
+        self.k = k
+
+    def __call__(self, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not self.terms:
+            return None
+        return sum(scale * (weight * (params[n] - anchor).pow(2)).reshape(self.k, -1).sum(1)
+                   for scale, n, anchor, weight in self.terms)
+
+
+class _PathIntegral:
+    """SI's running ω of every client that has SI, stacked: ω −= g·Δθ after each step (g
+    the gradient before clipping, as SI's `after_backward` records it); written back into
+    each client's SI at the end, its round closed (`pause`)."""
+
+    def __init__(self, cl: Strategies, params: dict[str, torch.Tensor], device: torch.device):
+        self.sis = [next(iter(_parts(s, SI)), None) for s in cl.strategies]
+        self.on = any(self.sis)
+        if not self.on:
+            return
+        self.has = torch.tensor([si is not None for si in self.sis], device=device)
+        self.w = {n: _stack([si._w.get(n) if si else None for si in self.sis], t[0], device)
+                  for n, t in params.items()}
+        self.w = {n: w.expand_as(params[n]).clone() for n, w in self.w.items()}
+        self.before: dict[str, torch.Tensor] = {}
+        self.grad: dict[str, torch.Tensor] = {}
+
+    def record(self, params: dict[str, torch.Tensor]) -> None:
+        """Before the optimizer step: θ and g of this step."""
+        if self.on:
+            self.before = {n: t.detach().clone() for n, t in params.items()}
+            self.grad = {n: t.grad.detach().clone() for n, t in params.items()
+                         if t.grad is not None}
+
+    def close(self, params: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+        if not self.on:
+            return
+        on = active & self.has
+        for n, g in self.grad.items():
+            shape = (-1, *[1] * (g.dim() - 1))
+            step = g * (params[n].detach() - self.before[n])
+            self.w[n] = torch.where(on.reshape(shape), self.w[n] - step, self.w[n])
+
+    def write_back(self, ok: list[bool]) -> None:
+        if not self.on:
+            return
+        for c, si in enumerate(self.sis):
+            if si is not None and ok[c]:
+                si._w = {n: w[c].detach().cpu().clone() for n, w in self.w.items()
+                         if n in si._w or not si._w}
+                si._prev, si._grad = {}, {}
 
 
 def _vmappable(loss_fn: nn.Module):
@@ -103,9 +217,11 @@ def _groups(sizes: list[int], live: list[bool]) -> dict[int, list[int]]:
 def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                   splits: Sequence[Split], seeds: Sequence[int], loss_fn: nn.Module,
                   rule: LocalRule, *, shift: int = 0, noise_std: float = 0.0,
-                  device: torch.device | str = "cpu") -> list[ClientResult]:
+                  device: torch.device | str = "cpu", continual: Strategies | None = None
+                  ) -> list[ClientResult]:
     """Train one client per split from `global_state`, all at once; `seeds[k]` is the seed
-    `task.local_train` would give client k's `Batches` in this round."""
+    `task.local_train` would give client k's `Batches` in this round. `continual`: each
+    client's strategy (its state is updated as the client's loop would update it)."""
     device = torch.device(device)
     regression = bool(getattr(loss_fn, "regression", False))
     k = len(splits)
@@ -125,20 +241,28 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
     model = model.to(device)
     loss_fn = loss_fn.to(device)
     criterion = _vmappable(loss_fn)
+    penalties = _Penalties(continual, params, device) if continual else None
+    path = _PathIntegral(continual, params, device) if continual else None
+    mask = continual.mask if continual else None
 
     def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
-            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y: torch.Tensor, allowed: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         out = functional_call(model, (p, b), (x,)).float()
+        if allowed is not None:  # task-incremental: other tasks' classes get no probability
+            out = out.masked_fill(~allowed, float("-inf"))
         hits = (out.argmax(-1) == y).sum() if not regression else torch.zeros((), device=x.device)
         return criterion(out, y), hits
 
-    forward = vmap(one, randomness="different")
+    forward = vmap(one, randomness="different",
+                   in_dims=(0, 0, 0, 0, 0 if mask is not None else None))
     bad = [False] * k
     first_bad = [""] * k  # a non-finite loss or gradient
     errors = [""] * k  # anything else the client's training raised
     sums, hits_sum, counts = [0.0] * k, [0.0] * k, [0] * k
     for epoch in range(rule.epochs):
-        batches = _epoch_batches(splits, seeds, rule.batch_size, epoch, shift, noise_std)
+        batches = _epoch_batches(splits, seeds, rule.batch_size, epoch, shift, noise_std,
+                                 continual)
         sums, hits_sum, counts = [0.0] * k, [0.0] * k, [0] * k  # the last epoch's metrics
         for s in range(max(len(b) for b in batches)):
             sizes = [len(b[s][1]) if s < len(b) else 0 for b in batches]
@@ -155,8 +279,9 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                 b = buffers if whole else {n: t[at] for n, t in buffers.items()}
                 x = torch.stack([batches[c][s][0] for c in idx]).to(device, non_blocking=True)
                 y = torch.stack([batches[c][s][1] for c in idx]).to(device, non_blocking=True)
+                allowed = mask(y).to(device) if mask is not None else None
                 try:
-                    loss, hit = forward(p, b, x, y)
+                    loss, hit = forward(p, b, x, y, allowed)
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # noqa: BLE001 - what the ClientApp would fail with
@@ -172,6 +297,9 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
             if anchor is not None:
                 objective = objective + 0.5 * rule.proximal_mu * sum(
                     ((params[n] - anchor[n]) ** 2).reshape(k, -1).sum(1) for n in names)
+            extra = penalties(params) if penalties is not None else None
+            if extra is not None:
+                objective = objective + extra
             active = torch.zeros(k, dtype=torch.bool, device=device)
             active[[c for idx in groups.values() for c in idx if not bad[c]]] = True
             value = objective.detach()
@@ -192,9 +320,13 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                 first_bad[c] = f"non-finite gradient at epoch {epoch + 1}, step {s}"
                 bad[c] = True
             active &= finite_grads
+            if path is not None:
+                path.record(params)
             if rule.grad_clip is not None:
                 _clip(grads, rule.grad_clip)
             opt.step(active)
+            if path is not None:
+                path.close(params, active)
             for t in params.values():
                 t.grad = None
             step_losses, step_hits = losses.detach().tolist(), hits.tolist()
@@ -202,6 +334,8 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                 sums[c] += step_losses[c] * sizes[c]
                 hits_sum[c] += step_hits[c]
                 counts[c] += sizes[c]
+    if path is not None:
+        path.write_back([not x for x in bad])
     out = []
     for c in range(k):
         if bad[c]:

@@ -12,10 +12,12 @@ discovery are answered per client, in process.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,12 +33,30 @@ from atoll.federated import client_app, task
 from atoll.federated import records as R
 from atoll.federated.driver import failed_reply
 from atoll.federated.faults import byzantine_clients, flip_labels, poison_update, round_fault
-from atoll.federated.vectorized import ClientResult, evaluate_clients, rule_of, train_clients
+from atoll.federated.vectorized import (
+    ClientResult,
+    Strategies,
+    evaluate_clients,
+    rule_of,
+    train_clients,
+)
 
 log = logging.getLogger("atoll.federated")
 
 
 NODE_BASE = 1 << 20  # node id of partition 0 (the server is Flower's SUPERLINK_NODE_ID, 1)
+
+
+@dataclass
+class _Work:
+    """One sampled client of a round that trains."""
+
+    msg: Message
+    partition: int
+    data: task.ClientData
+    attack: str
+    delay: float
+    cl: task.ContinualState | None
 
 
 class VectorizedGrid(Grid):
@@ -56,7 +76,7 @@ class VectorizedGrid(Grid):
         self.chunk = spec.federated.vectorized.chunk_size
         self._model: torch.nn.Module | None = None
         self._evaluating: tuple[Any, torch.nn.Module] | None = None
-        self.datas: dict[int, task.ClientData] = {}
+        self.datas: dict[tuple[int, int | None], task.ClientData] = {}
         self._run: Any = None
 
     # --- Flower's Grid interface -----------------------------------------------------
@@ -131,11 +151,14 @@ class VectorizedGrid(Grid):
                 state=RecordDict(), run_config=self.run_config)
         return self.contexts[partition]
 
-    def _data(self, partition: int) -> task.ClientData:
-        """A client's splits, made once per run (they depend on the spec alone)."""
-        if partition not in self.datas:
-            self.datas[partition] = task.client_data(self.spec, partition, self.num_clients)
-        return self.datas[partition]
+    def _data(self, partition: int, task_index: int | None = None) -> task.ClientData:
+        """A client's splits (of stream task `task_index`), made once per run (they depend
+        on the spec alone)."""
+        key = (partition, task_index)
+        if key not in self.datas:
+            self.datas[key] = task.client_data(self.spec, partition, self.num_clients,
+                                               task_index)
+        return self.datas[key]
 
     def _delay(self, msg: Message, partition: int, rnd: int, phase: str = "") -> float | None:
         """This round's injected fault for the client: a crash or dropout is answered here
@@ -166,7 +189,8 @@ class VectorizedGrid(Grid):
             delay = self._delay(msg, p, rnd, ", evaluation")
             if delay is None:
                 continue
-            data = self._data(p)
+            current = task.client_task(spec, p, rnd) if task.streaming(spec) else None
+            data = self._data(p, current)
             if not len(data.val):
                 self._answer(msg, failed_reply(msg, task.NO_VALIDATION))
                 continue
@@ -205,39 +229,65 @@ class VectorizedGrid(Grid):
         rule = rule_of(spec, float(cfg[R.LR]), int(cfg[R.LOCAL_EPOCHS]),
                        int(cfg[R.BATCH_SIZE]), float(cfg.get(R.PROXIMAL_MU, 0.0)))
         bad = byzantine_clients(f.byzantine, self.num_clients, spec.seed)
-        work: list[tuple[Message, int, task.ClientData, str, float]] = []
+        work: list[_Work] = []
         for msg in messages:
             p = self._partition(msg)
             delay = self._delay(msg, p, rnd)
             if delay is None:
                 continue
             attack = f.byzantine.attack if p in bad else ""
-            work.append((msg, p, self._data(p), attack, delay))
+            # a continual client's strategy state, restored as its ClientApp restores it
+            cl = client_app.continual_state(spec, self._context(p), rnd, cfg)
+            work.append(_Work(msg, p, self._data(p, cl.current if cl else None), attack,
+                              delay, cl))
         # a strategy sends every client the same model; one sending several is served
         # group by group
-        groups: dict[int, list[tuple[Message, int, task.ClientData, str, float]]] = {}
+        groups: dict[int, list[_Work]] = {}
         for item in work:
-            groups.setdefault(id(item[0].content[R.ARRAYS]), []).append(item)
+            groups.setdefault(id(item.msg.content[R.ARRAYS]), []).append(item)
         for group in groups.values():
             self._train_group(group, rnd, rule)
 
-    def _train_group(self, work: list[tuple[Message, int, task.ClientData, str, float]],
-                     rnd: int, rule: Any) -> None:
+    def _enter(self, work: list[_Work], global_state: dict[str, torch.Tensor],
+               rule: Any) -> Strategies | None:
+        """Each continual client's strategy for this round (`ContinualState.enter`: a task
+        just finished is closed on the received global model), as its ClientApp does."""
+        if work[0].cl is None:
+            return None
+        from atoll.federated.fedewc import decode
+
+        content = work[0].msg.content
+        federation = decode(R.arrays_to_state(content[R.FEDEWC])) \
+            if R.FEDEWC in content else None
+        model = self._model_for(work[0].data)
+        model.load_state_dict(global_state)
+        strategies, tasks, mask = [], [], None
+        for w in work:
+            w.cl.federation = federation
+            strategy, current, mask = w.cl.enter(self.spec, model, w.partition,
+                                                 self.num_clients, rule.batch_size)
+            strategies.append(strategy)
+            tasks.append(current)
+        return Strategies(strategies, tasks, mask)
+
+    def _train_group(self, work: list[_Work], rnd: int, rule: Any) -> None:
         spec, f = self.spec, self.spec.federated
-        global_state = R.arrays_to_state(work[0][0].content[R.ARRAYS])
+        global_state = R.arrays_to_state(work[0].msg.content[R.ARRAYS])
         splits = []
-        for _, _, data, attack, _ in work:
-            train = data.train
-            if attack == "label_flip":
-                train = Split(train.x, flip_labels(train.y, data.bundle.num_classes))
+        for w in work:
+            train = w.data.train
+            if w.attack == "label_flip":
+                train = Split(train.x, flip_labels(train.y, w.data.bundle.num_classes))
             splits.append(train)
-        seeds = [task._seed(spec, rnd, p) for _, p, _, _, _ in work]
-        first = work[0][2]
+        seeds = [task._seed(spec, rnd, w.partition) for w in work]
+        first = work[0].data
         aug = spec.data.augment if first.bundle.is_image else None
+        continual = self._enter(work, global_state, rule)
         results = self._train_chunked(self._model_for(first), global_state, splits, seeds,
                                       rule, aug.shift if aug else 0,
-                                      aug.noise_std if aug else 0.0)
-        for (msg, p, data, attack, delay), result in zip(work, results, strict=True):
+                                      aug.noise_std if aug else 0.0, continual)
+        for w, result in zip(work, results, strict=True):
+            msg, p, data, attack, delay = w.msg, w.partition, w.data, w.attack, w.delay
             if result.error and result.kind == "nonfinite":
                 reply = failed_reply(msg, f"{R.FAILURE_PREFIX}nonfinite (client {p}, round "
                                           f"{rnd}): {result.error}")
@@ -248,8 +298,10 @@ class VectorizedGrid(Grid):
                 if attack in ("sign_flip", "scaling", "gaussian"):
                     weights = poison_update(f.byzantine, global_state, weights, spec.seed,
                                             rnd, p)
+                if w.cl is not None:
+                    client_app.keep_continual(spec, self._context(p), p, rnd, w.cl)
                 built = client_app.train_reply(msg, spec, p, weights, result.metrics, attack,
-                                               len(data.train))
+                                               len(data.train), w.cl)
                 # Flower's client-side clipping mods, exactly as on a SuperNode
                 reply = client_app.privacy_mod(msg, self._context(p),
                                                lambda _m, _c, r=built: r)
@@ -257,22 +309,33 @@ class VectorizedGrid(Grid):
 
     def _train_chunked(self, model: torch.nn.Module, global_state: dict[str, torch.Tensor],
                        splits: list[Split], seeds: list[int], rule: Any, shift: int,
-                       noise_std: float) -> list[ClientResult]:
+                       noise_std: float, continual: Strategies | None
+                       ) -> list[ClientResult]:
         """`federated.vectorized.chunk_size` clients at a time (all by default); out of
         memory halves the chunk, with a warning, and tries again."""
         loss_fn = task.federation_loss(self.spec, self.device)
         size = self.chunk or len(splits)
+        # a retry starts the clients' strategies where this round found them (replay's
+        # draws, SI's path integral)
+        saved = [copy.deepcopy(st.state_dict()) for st in continual.strategies] \
+            if continual else []
         while True:
             try:
                 out: list[ClientResult] = []
                 for start in range(0, len(splits), size):
-                    out += train_clients(model, global_state, splits[start:start + size],
-                                         seeds[start:start + size], loss_fn, rule,
-                                         shift=shift, noise_std=noise_std, device=self.device)
+                    part = slice(start, start + size)
+                    cl = Strategies(continual.strategies[part], continual.tasks[part],
+                                    continual.mask) if continual else None
+                    out += train_clients(model, global_state, splits[part], seeds[part],
+                                         loss_fn, rule, shift=shift, noise_std=noise_std,
+                                         device=self.device, continual=cl)
                 return out
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
+                for st, state in zip(continual.strategies if continual else [], saved,
+                                     strict=True):
+                    st.load_state_dict(copy.deepcopy(state))
                 size = max(1, size // 2)
                 self.chunk = size
                 log.warning("vectorized engine: out of memory; training %d clients at a "
