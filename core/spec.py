@@ -483,8 +483,8 @@ class VectorizedSpec(_Section):
     """`federated.engine: vectorized`: how the round's clients are batched."""
 
     chunk_size: int | None = Field(
-        None, ge=1, description="clients trained together; default: all sampled ones, "
-                                "halved on out-of-memory")
+        None, ge=1, description="clients trained together; default: as many as half the "
+                                "free memory holds (estimated), halved on out-of-memory")
 
 
 class FederatedSpec(_Section):

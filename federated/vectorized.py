@@ -95,7 +95,8 @@ def _epoch_batches(splits: Sequence[Split], seeds: Sequence[int], batch_size: in
     return out
 
 
-def _parts(strategy: Any, kind: type) -> list[Any]:
+def parts_of(strategy: Any, kind: type) -> list[Any]:
+    """The parts of a (possibly composite) strategy that are `kind`."""
     return [s for s in getattr(strategy, "parts", [strategy]) if isinstance(s, kind)]
 
 
@@ -117,7 +118,7 @@ class _Penalties:
     def __init__(self, cl: Strategies, params: dict[str, torch.Tensor], device: torch.device):
         self.terms: list[tuple[float, str, torch.Tensor, torch.Tensor]] = []
         k = len(cl.strategies)
-        ewcs = [next(iter(_parts(s, EWC)), None) for s in cl.strategies]
+        ewcs = [next(iter(parts_of(s, EWC)), None) for s in cl.strategies]
         ewcs = [e if e is not None and e.anchors and e.cfg.lam else None for e in ewcs]
         for t in range(max((len(e.fishers) for e in ewcs if e), default=0)):
             lam = next(e.cfg.lam for e in ewcs if e)
@@ -128,7 +129,7 @@ class _Penalties:
                 self.terms.append((0.5 * lam, n, _stack([a for a, _ in pick], params[n][0],
                                                         device),
                                    _stack([f for _, f in pick], params[n][0], device)))
-        sis = [next(iter(_parts(s, SI)), None) for s in cl.strategies]
+        sis = [next(iter(parts_of(s, SI)), None) for s in cl.strategies]
         for n in params:
             pick = [(si.anchor.get(n), si.omega.get(n)) if si and si.omega and si.cfg.c
                     else (None, None) for si in sis]
@@ -151,7 +152,7 @@ class _PathIntegral:
     each client's SI at the end, its round closed (`pause`)."""
 
     def __init__(self, cl: Strategies, params: dict[str, torch.Tensor], device: torch.device):
-        self.sis = [next(iter(_parts(s, SI)), None) for s in cl.strategies]
+        self.sis = [next(iter(parts_of(s, SI)), None) for s in cl.strategies]
         self.on = any(self.sis)
         if not self.on:
             return
@@ -282,9 +283,9 @@ def train_clients(model: nn.Module, global_state: dict[str, torch.Tensor],
                 allowed = mask(y).to(device) if mask is not None else None
                 try:
                     loss, hit = forward(p, b, x, y, allowed)
-                except torch.OutOfMemoryError:
-                    raise
                 except Exception as e:  # noqa: BLE001 - what the ClientApp would fail with
+                    if out_of_memory(e):  # the chunk's, not the clients': a smaller chunk
+                        raise
                     for c in idx:  # (e.g. batch norm on a batch of one): these clients fail
                         bad[c], errors[c] = True, f"{type(e).__name__}: {e}"
                     continue
@@ -415,6 +416,59 @@ def probe(model: nn.Module, global_state: dict[str, torch.Tensor], split: Split,
     # is the data's business, not the engine's
     failed = [r.error for r in out if r.kind == "error"]
     return failed[0][:300] if failed else None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+    (which torch does not raise as OutOfMemoryError)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def client_bytes(model: nn.Module, x: torch.Tensor, rule: LocalRule, extra_copies: int = 0
+                 ) -> int:
+    """What one more client adds to a batched round's peak memory, estimated: its stacked
+    parameters with their gradient, optimizer state and the update's temporaries
+    (`extra_copies` more for continual state: EWC pairs, SI's path integral), its buffers,
+    and one batch's activations — measured by running the model on `x` (one batch),
+    counted three times (saved for backward, their gradients, the forward's temporaries)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    states = {"sgd": 1 if rule.momentum else 0}.get(rule.optimizer, 2)
+    copies = 2 + states + 2 + extra_copies  # θ and g, optimizer, temporaries, continual
+    seen = [0]
+
+    def count(_m: nn.Module, _i: Any, out: Any) -> None:
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                seen[0] += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()  # batch norm's running statistics stay as they are
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return params * copies + buffers + 3 * seen[0] + x.numel() * x.element_size()
+
+
+def auto_chunk(per_client: int, device: torch.device, fraction: float = 0.5) -> tuple[int, int]:
+    """(clients per batched computation, free bytes): `fraction` of the memory free now —
+    on a GPU its free memory, on a CPU what the OS reports available — over one client's
+    estimate. A CPU process past its memory is killed, not told: hence an estimate
+    before the first round, and out-of-memory halving as the fallback."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return max(1, int(free * fraction) // max(per_client, 1)), int(free)
 
 
 def _clip(grads: list[torch.Tensor], max_norm: float) -> None:

@@ -13,6 +13,7 @@ discovery are answered per client, in process.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import time
 import uuid
@@ -26,6 +27,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from atoll.continual.ewc import EWC
+from atoll.continual.si import SI
 from atoll.core.components import pick_device
 from atoll.core.data import Split
 from atoll.core.spec import ExperimentSpec
@@ -36,7 +39,11 @@ from atoll.federated.faults import byzantine_clients, flip_labels, poison_update
 from atoll.federated.vectorized import (
     ClientResult,
     Strategies,
+    auto_chunk,
+    client_bytes,
     evaluate_clients,
+    out_of_memory,
+    parts_of,
     rule_of,
     train_clients,
 )
@@ -311,32 +318,54 @@ class VectorizedGrid(Grid):
                        splits: list[Split], seeds: list[int], rule: Any, shift: int,
                        noise_std: float, continual: Strategies | None
                        ) -> list[ClientResult]:
-        """`federated.vectorized.chunk_size` clients at a time (all by default); out of
-        memory halves the chunk, with a warning, and tries again."""
+        """`federated.vectorized.chunk_size` clients at a time (default: as many as half
+        the free memory holds, estimated before the first round); out of memory halves
+        the chunk, with a warning, and trains the failed chunk again."""
         loss_fn = task.federation_loss(self.spec, self.device)
-        size = self.chunk or len(splits)
-        # a retry starts the clients' strategies where this round found them (replay's
-        # draws, SI's path integral)
-        saved = [copy.deepcopy(st.state_dict()) for st in continual.strategies] \
-            if continual else []
-        while True:
+        if self.chunk is None:
+            self.chunk = self._auto_chunk(model, splits[0], rule, continual)
+        size = self.chunk
+        out: list[ClientResult] = []
+        start = 0
+        while start < len(splits):
+            part = slice(start, start + size)
+            cl = Strategies(continual.strategies[part], continual.tasks[part],
+                            continual.mask) if continual else None
+            # a retry starts the chunk's strategies where this round found them (replay's
+            # draws, SI's path integral)
+            saved = [copy.deepcopy(st.state_dict()) for st in cl.strategies] if cl else []
             try:
-                out: list[ClientResult] = []
-                for start in range(0, len(splits), size):
-                    part = slice(start, start + size)
-                    cl = Strategies(continual.strategies[part], continual.tasks[part],
-                                    continual.mask) if continual else None
-                    out += train_clients(model, global_state, splits[part], seeds[part],
-                                         loss_fn, rule, shift=shift, noise_std=noise_std,
-                                         device=self.device, continual=cl)
-                return out
-            except torch.OutOfMemoryError:
-                if size == 1:
+                out += train_clients(model, global_state, splits[part], seeds[part], loss_fn,
+                                     rule, shift=shift, noise_std=noise_std,
+                                     device=self.device, continual=cl)
+            except Exception as e:
+                if not out_of_memory(e) or size == 1:
                     raise
-                for st, state in zip(continual.strategies if continual else [], saved,
-                                     strict=True):
-                    st.load_state_dict(copy.deepcopy(state))
-                size = max(1, size // 2)
-                self.chunk = size
+                for st, state in zip(cl.strategies if cl else [], saved, strict=True):
+                    st.load_state_dict(state)
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                size = self.chunk = max(1, min(size, len(splits) - start) // 2)
                 log.warning("vectorized engine: out of memory; training %d clients at a "
                             "time from now on (federated.vectorized.chunk_size)", size)
+                continue
+            start += size
+        return out
+
+    def _auto_chunk(self, model: torch.nn.Module, split: Split, rule: Any,
+                    continual: Strategies | None) -> int:
+        """Clients per batched computation from the memory free now and one client's
+        estimated peak (`vectorized.client_bytes`)."""
+        extra = 0
+        if continual is not None:  # stacked continual state, per client
+            extra = 2 * max((len(e.fishers) for s in continual.strategies
+                             for e in parts_of(s, EWC)), default=0)
+            extra += 5 if any(parts_of(s, SI) for s in continual.strategies) else 0
+        x = split.x[:rule.batch_size].to(self.device)
+        per = client_bytes(model.to(self.device), x, rule, extra)
+        chunk, free = auto_chunk(per, self.device)
+        log.info("vectorized engine: up to %d clients per batched computation (%.1f MiB "
+                 "each, estimated; %.1f GiB free); federated.vectorized.chunk_size sets it",
+                 chunk, per / 2**20, free / 2**30)
+        return chunk

@@ -8,7 +8,7 @@ import torch
 
 from atoll.core.spec import load_spec
 from atoll.federated import task
-from atoll.federated.vectorized import rule_of, train_clients
+from atoll.federated.vectorized import LocalRule, rule_of, train_clients
 from atoll.models import build_model
 from tests.conftest import CONFIGS
 
@@ -106,7 +106,6 @@ def test_scalar_frozen_and_unused_parameters_train_as_torch_does():
     """torch's optimizers skip a parameter without a gradient and never touch a frozen one;
     a scalar parameter is stacked like any other."""
     from atoll.core.data import Batches
-    from atoll.federated.vectorized import LocalRule
 
     spec = _spec()
     data = [task.client_data(spec, c, CLIENTS) for c in range(3)]
@@ -130,3 +129,25 @@ def test_scalar_frozen_and_unused_parameters_train_as_torch_does():
         assert not got[c].error, got[c].error
         for k, v in alone.state_dict().items():
             assert torch.allclose(got[c].state[k], v, atol=1e-5), (c, k)
+
+
+def test_one_clients_memory_estimate_is_its_states_and_activations():
+    """Hand-computed for Linear(10, 3) and a batch of 4: 33 parameters (132 bytes) held
+    4 times with SGD (θ, g, two temporaries), 6 times with Adam (+ two moments); the
+    output (48 bytes) 3 times; the batch (160 bytes)."""
+    from atoll.federated.vectorized import client_bytes
+
+    model, x = torch.nn.Linear(10, 3), torch.zeros(4, 10)
+    assert client_bytes(model, x, LocalRule("sgd", 0.1, 1, 4)) == 132 * 4 + 3 * 48 + 160
+    assert client_bytes(model, x, LocalRule("adam", 0.1, 1, 4)) == 132 * 6 + 3 * 48 + 160
+    assert client_bytes(model, x, LocalRule("sgd", 0.1, 1, 4, momentum=0.9),
+                        extra_copies=2) == 132 * 7 + 3 * 48 + 160
+
+
+def test_the_automatic_chunk_fills_half_the_free_memory():
+    from atoll.federated.vectorized import auto_chunk
+
+    per = 50 * 2**20
+    chunk, free = auto_chunk(per, torch.device("cpu"))
+    assert free > 0 and chunk * per <= free / 2 < (chunk + 1) * per
+    assert auto_chunk(2**62, torch.device("cpu"))[0] == 1  # never fewer than one

@@ -270,3 +270,69 @@ def test_continual_clients_reply_as_their_client_apps_round_after_round(sets):
             x = torch.load(io.BytesIO(bytes(mine[R.CL_BLOB])), weights_only=True)
             y = torch.load(io.BytesIO(bytes(kept[R.CL_BLOB])), weights_only=True)
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def _train_under_a_memory_limit(headroom_mb: int) -> None:
+    """Run in a child process: one round of 16 wide clients (≈ 22 MB each) with
+    `chunk_size: 16`, under an address-space limit that only a smaller chunk fits; prints
+    each client's reply (its first 500 values of every array, or its error) and the chunk
+    the engine ended with."""
+    import json
+    import logging
+    import resource
+
+    torch.set_num_threads(1)
+    spec, run_config = _setup("model.hidden=[1024,1024]", "federated.num_clients=16",
+                              "federated.vectorized.chunk_size=16", "federated.local_epochs=1")
+    global CLIENTS
+    CLIENTS = 16
+    grid = VectorizedGrid(spec, run_config)
+    sent = _messages(spec, rnd=1)
+    grid._data(0)  # the data and the model exist before the limit
+    grid._model_for(grid._data(0))
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: warnings.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("atoll.federated").addHandler(handler)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + headroom_mb * 2**20, hard))
+    try:
+        ids = list(grid.push_messages(sent))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    replies = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(ids)}
+    heads = [[v for t in R.arrays_to_state(replies[i].content[R.ARRAYS]).values()
+              for v in t.flatten()[:500].tolist()]
+             if not replies[i].has_error() else str(replies[i].error.reason) for i in ids]
+    print(json.dumps({"heads": heads, "chunk": grid.chunk, "warnings": warnings}))
+
+
+def test_out_of_memory_trains_the_chunk_again_in_halves(tmp_path):
+    """A real allocation failure (an address-space limit in a child process): the engine
+    warns, halves the chunk until it fits, and every client's reply equals training it
+    with that chunk size from the start."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def child(headroom_mb: int) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", "from tests.unit.test_vectorized_grid import "
+             f"_train_under_a_memory_limit as t; t({headroom_mb})"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    limited = child(250)
+    assert limited["chunk"] < 16, limited["chunk"]
+    assert any("out of memory" in w for w in limited["warnings"]), limited["warnings"]
+    assert all(isinstance(h, list) for h in limited["heads"]), limited["heads"]
+    free = child(1 << 20)  # no effective limit: the 16 clients in one computation
+    assert free["chunk"] == 16 and not free["warnings"]
+    for a, b in zip(limited["heads"], free["heads"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
