@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 .PHONY: help demo test test-unit test-integration ui bench lint clean
 
 help:
-	@echo "make demo   - set up, train the demo (MLP on digits) and a 10-client federation"
+	@echo "make demo   - set up, train the demo (MLP on digits), federations of 10, 5 and 200 clients"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
 	@echo "make bench  - benchmarks (prints figures and a ratio)"

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from atoll.core import interrupts
@@ -16,12 +17,16 @@ from atoll.core.spec import ExperimentSpec, SpecError, load_spec
 EXIT_SPEC = 2
 # loggers whose INFO lines are the libraries' bookkeeping, not the user's run (-v shows them)
 LIBRARY_LOGGERS = ("mlflow", "alembic", "ray", "flwr", "httpx", "urllib3", "filelock")
+# libraries whose deprecation notices (about their own dependencies) are not the user's to
+# act on; `--verbose` shows them
+QUIETED_WARNINGS = ("pyarrow", "datasets", "flwr_datasets", "flwr", "mlflow", "ray", "pydantic")
 EXIT_FAILED = 1
 # known failures that are a setting to fix before anything ran: exit 2, like a bad spec
 SETTING_FAILURES = {"RayAuthError"}
 DEMO_SPEC = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_FEDERATED = DEMO_SPEC.parent / "federated.yaml"
 DEMO_FCL = DEMO_SPEC.parent / "fcl.yaml"
+DEMO_POPULATION = DEMO_SPEC.parent / "population.yaml"
 
 
 def _spec_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -67,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "digits (configs/demo.yaml), then 10 simulated Flower clients on a "
                        "non-IID split with FedAvg (configs/federated.yaml), then federated "
                        "continual learning: 5 clients keep EWC + replay state across 3 tasks "
-                       "(configs/fcl.yaml); all tracked in ./mlruns.db with registered model "
-                       "versions. Given a SPEC, runs only that.")
+                       "(configs/fcl.yaml), then a population of 200 clients on the "
+                       "vectorized engine (configs/population.yaml); all tracked in "
+                       "./mlruns.db with registered model versions. Given a SPEC, runs only "
+                       "that.")
     _spec_args(p, optional=True)
     p.add_argument("--local-only", action="store_true", help="skip the federated part")
     p.set_defaults(func=cmd_demo)
@@ -224,7 +231,7 @@ def _report(spec: ExperimentSpec, result) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     specs = [args.spec]
     if args.spec == str(DEMO_SPEC) and not args.local_only:
-        specs += [str(DEMO_FEDERATED), str(DEMO_FCL)]
+        specs += [str(DEMO_FEDERATED), str(DEMO_FCL), str(DEMO_POPULATION)]
     for i, path in enumerate(specs):
         spec = load_spec(path, args.overrides)
         print(f"\n== {spec.name}: {spec.mode} ({Path(path).name})", flush=True)
@@ -260,8 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # atoll's own progress stays; the libraries' INFO chatter goes
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in QUIETED_WARNINGS:
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=rf"{name}(\.|$)")
+        # flwr-datasets narrates its Dirichlet resampling as warnings
+        warnings.filterwarnings("ignore", module=r"flwr_datasets(\.|$)")
         # MLflow resets its logger's level when imported, here and in workers/ServerApps
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # MLflow draws a bar for every artifact it downloads (a model validated at logging)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # `kill PID` stops a run like Ctrl-C does; and SIGINT is Ctrl-C even when inherited as
     # ignored (a job started in a script's background): Python leaves an ignored SIGINT
     # ignored, and the run would go on

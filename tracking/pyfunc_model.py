@@ -25,6 +25,10 @@ import torch
 
 
 class AtollPredictor(mlflow.pyfunc.PythonModel):
+    # the signature comes from the logged input example, not from predict's type hints:
+    # MLflow neither wraps predict for type-hint validation nor warns that it has none
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         with open(context.artifacts["preprocess"]) as f:
             self.pre = json.load(f)

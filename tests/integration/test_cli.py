@@ -35,6 +35,13 @@ def test_demo_trains_registers_and_explains_the_ui(tmp_path):
     assert "after T2:" in out.stdout  # its accuracy matrix is printed
     assert "mlflow run id: " in out.stdout and "make ui" in out.stdout
     assert "epoch 3/3" in out.stderr  # plain log lines when not on a terminal
+    # a large population on the vectorized engine closes the demo
+    assert "== digits-population: federated" in out.stdout
+    assert "registered: digits-population version 1 as @candidate" in out.stdout
+    assert "vectorized engine" in out.stderr
+    # a quiet console: no library warnings or download bars between atoll's lines
+    for noise in ("Warning:", "warnings.warn", "Downloading artifacts"):
+        assert noise not in out.stderr + out.stdout, noise
     assert (tmp_path / "mlruns.db").is_file() and (tmp_path / "mlartifacts").is_dir()
     # (a second demo trains anew as version 2: test_checkpoint's finished-run tests)
 
