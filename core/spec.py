@@ -487,6 +487,23 @@ class VectorizedSpec(_Section):
                                 "free memory holds (estimated), halved on out-of-memory")
 
 
+class CompressionSpec(_Section):
+    """What a client sends as its update (federated/compression.py has the wire format)."""
+
+    method: Literal["none", "fp16", "int8", "qsgd", "topk", "randk"] = Field(
+        "none", description="the uplink update: fp16, int8 (per tensor or block), qsgd "
+                            "(levels), topk/randk (fraction)")
+    block_size: int = Field(0, ge=0, description="int8: values per scale; 0 = per tensor")
+    stochastic: bool = Field(False, description="int8: stochastic (unbiased) rounding")
+    levels: int = Field(4, ge=1, le=127, description="qsgd: quantisation levels s")
+    fraction: float = Field(0.1, gt=0.0, le=1.0, description="topk/randk: share of values "
+                                                              "sent, per tensor")
+    error_feedback: bool = Field(False, description="each client keeps what compression "
+                                 "dropped and adds it to its next update")
+    downlink: Literal["none", "fp16"] = Field(
+        "none", description="fp16: the global model is sent in half precision")
+
+
 class FederatedSpec(_Section):
     num_clients: int = Field(10, ge=1, description="simulated SuperNodes (one partition each)")
     rounds: int = Field(5, ge=1)
@@ -524,6 +541,7 @@ class FederatedSpec(_Section):
                               "vectorized: every sampled client of a round in one batched "
                               "computation in this process (same global model)")
     vectorized: VectorizedSpec = VectorizedSpec()
+    compression: CompressionSpec = CompressionSpec()
 
     @field_validator("strategy")
     @classmethod

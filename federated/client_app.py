@@ -50,6 +50,21 @@ def privacy_mod(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
+def update_mod(msg: Message, context: Context, call_next):
+    """What a train reply carries: with `federated.compression` the compressed update,
+    clipped in the compressed domain when client-side DP is on (federated/wire.py says
+    why in that order); otherwise the model, through Flower's clipping mods."""
+    spec = _spec(context)
+    if spec.federated.compression.method == "none":
+        return privacy_mod(msg, context, call_next)
+    from atoll.federated.wire import compress_reply
+
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    return compress_reply(msg, reply, context, spec)
+
+
 app = ClientApp()
 log = logging.getLogger("atoll.federated")
 
@@ -64,7 +79,7 @@ def _fault(spec, rnd: int, partition: int) -> str:
     return fault
 
 
-@app.train(mods=[privacy_mod])
+@app.train(mods=[update_mod])
 def train(msg: Message, context: Context) -> Message:
     spec = _spec(context)
     task.cpu_threads(spec)  # this process is a client's (never the vectorized server's)

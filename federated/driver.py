@@ -128,7 +128,8 @@ class Outcome:
     # order: measured while vetting decodes the reply, one reply in memory at a time
     norms: list[float] = field(default_factory=list)
     bytes_sent: int = 0
-    bytes_received: int = 0
+    bytes_received: int = 0  # as received (compressed updates compressed)
+    bytes_dense: int = 0  # the same replies as uncompressed models
 
     def failures_by_kind(self) -> dict[str, int]:
         kinds: dict[str, int] = {"timeout": len(self.timed_out)}
@@ -271,7 +272,8 @@ def _bad_fisher(reply: Any, want: Any) -> str | None:
 def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, int],
              timeout: float, should_stop: Callable[[], bool] | None = None,
              poll: float = 0.05, max_examples: int | None = None,
-             silent: Iterable[int] = ()) -> Outcome:
+             silent: Iterable[int] = (),
+             expand: Callable[[Any, Any], str | None] | None = None) -> Outcome:
     """Send, collect replies until all are in or `timeout` passes, sort them by partition.
 
     Polls the grid itself (Flower's `send_and_receive` sleeps 3 s between pulls and cannot
@@ -281,6 +283,8 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
     (one client must not outweigh the federation in FedAvg by claiming 10⁹ samples).
     Messages to `silent` partitions (injected dropouts) are never delivered: those clients
     never reply, and the round waits for them until `timeout` like for any lost client.
+    `expand(reply, sent)` turns a compressed reply into the model it stands for, in place,
+    or says why it cannot (a malformed reply).
     """
     messages = list(messages)
     sampled = sorted(node_to_partition[m.metadata.dst_node_id] for m in messages)
@@ -340,18 +344,28 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
             r = failed_reply(m, out.errors[p])
         elif r.has_error():
             out.errors[p] = str(r.error.reason)
-        elif (why := malformed(r, m, keep := {})) is not None:
-            out.errors[p] = why if why.startswith(R.FAILURE_PREFIX) else \
-                f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"
-            r = failed_reply(m, out.errors[p])
         else:
+            # what came over the wire; a compressed update is then expanded into the model
+            # it stands for, and vetted like any reply
+            wire = sum(R.nbytes(a) for a in r.content.array_records.values())
+            keep: dict[str, np.ndarray] = {}
+            why = expand(r, m) if expand is not None else None
+            if why is None:
+                why = malformed(r, m, keep)
+            if why is not None:
+                out.errors[p] = why if why.startswith(R.FAILURE_PREFIX) else \
+                    f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"
+                r = failed_reply(m, out.errors[p])
+                by_partition.append((p, r))
+                continue
             metrics = r.content.metric_records.get(R.METRICS)
             claimed = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
             if max_examples is not None and isinstance(claimed, int | float) and \
                     claimed > max_examples:
                 metrics[R.NUM_EXAMPLES] = max_examples
                 out.capped.append(p)
-            out.bytes_received += sum(R.nbytes(a) for a in r.content.array_records.values())
+            out.bytes_received += wire
+            out.bytes_dense += sum(R.nbytes(a) for a in r.content.array_records.values())
             out.ok.append((p, r, update_norm(keep, m)))
         by_partition.append((p, r))
     for m in delivered:  # never pushed (malformed): a failure of that client

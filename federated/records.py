@@ -27,6 +27,7 @@ MLFLOW_RUN_ID = "mlflow-run-id"  # continue logging into this run (resume)
 RESUME = "resume"  # "" = fresh, "latest" = newest checkpoint in run-dir, or a path
 RESTART = "restart"  # a fresh start may discard an unfinished federation's checkpoints
 CLIENT_STATES = "client-states"  # in the run dir: each client's continual state by round
+CLIENT_FEEDBACK = "client-feedback"  # in the run dir: each client's error-feedback residual
 STOP_FILE = "STOP"  # in the run dir: `atoll run` asks a running server to stop (Ctrl-C)
 SERVER_STDERR_ENV = "ATOLL_SERVER_STDERR"  # environment: a file for the server's stderr
 
@@ -39,6 +40,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 CLIENT = "client"  # ConfigRecord in a reply: who answered and what happened to it
+UPDATE = "update"  # ArrayRecord in a reply: the compressed update (federated/wire.py)
+COMPRESSION = "compression"  # ConfigRecord in a reply: its method and the model's dtypes
 NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
 
 # --- per-round ConfigRecord keys (server -> client) ------------------------------------
@@ -58,6 +61,7 @@ FAILURE_PREFIX = "atoll-fault:"  # error reasons that start with this are inject
 CL_STATE = "atoll-continual"  # ConfigRecord: strategy state bytes + the task it trained
 CL_BLOB = "strategy"
 CL_TASK = "task"
+EF_STATE = "atoll-error-feedback"  # ArrayRecord: the residual compression dropped
 TASK = "task"  # reply/ConfigRecord: the stream task a round trains
 FEDEWC = "atoll-fedewc"  # ArrayRecord to clients: the federation's EWC anchors and Fishers
 FISHER = "atoll-fisher"  # ArrayRecord from a client: its Fisher of the task it just closed

@@ -223,6 +223,7 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                            "or atoll run --restart", st.round, st.run_id)
     # client states written after the resumed round belong to the interrupted run
     prune_client_states(run_dir / R.CLIENT_STATES, after=st.round)
+    prune_client_states(run_dir / R.CLIENT_FEEDBACK, after=st.round)
 
     tracker = _tracker(spec, run_config, st.run_id)
     st.run_id = tracker.run_id
@@ -264,6 +265,12 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
         return path
 
     bound = robust_bound(spec)
+    expand_with = None
+    if f.compression.method != "none":  # clients send compressed updates
+        from atoll.federated.wire import expand
+
+        def expand_with(reply: Any, sent: Any) -> str | None:
+            return expand(reply, sent, f.compression)
     cause = ""
     first = st.round + 1
     # DP calibrates noise and ε for a fixed sample of a fixed population: no late joiners
@@ -297,8 +304,11 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 pairs = R.state_to_arrays(flat)  # encoded once, like the model's arrays
                 for m in messages:  # the federation's importances travel with the model
                     m.content[R.FEDEWC] = pairs
+            if f.compression.downlink == "fp16":
+                _half_downlink(messages)
             fit = exchange(grid, messages, node_to_partition, f.round_timeout, should_stop,
-                           max_examples=max_examples, silent=dropouts(spec, rnd, chosen))
+                           max_examples=max_examples, silent=dropouts(spec, rnd, chosen),
+                           expand=expand_with)
             fishers_in = _collect_fishers(fisher, fit.ok) if fisher is not None else 0
             seconds = {"seconds_train": time.perf_counter() - t_phase}
             norms = fit.norms
@@ -397,6 +407,10 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
                 row["dp_epsilon"] = eps
             if clip is not None:
                 row["dp_clipping_norm"] = float(clip)
+            # the training exchange alone: what compression acts on
+            row.update({"bytes_down": float(fit.bytes_sent), "bytes_up": float(fit.bytes_received),
+                        "compression_ratio": fit.bytes_dense / fit.bytes_received
+                        if fit.bytes_received else 1.0})
             row.update({"bytes_sent": float(sent), "bytes_received": float(received),
                         "round_seconds": time.perf_counter() - t_round,
                         "server_peak_rss_mb": _peak_rss_mb()})
@@ -480,6 +494,22 @@ def refusal(spec: ExperimentSpec, fit: Any, bound: tuple[str, int] | None) -> st
                 f"DP round is aggregated only with every sampled client (noise and ε are "
                 f"calibrated for {m})")
     return None
+
+
+def _half_downlink(messages: list[Any]) -> None:
+    """`federated.compression.downlink: fp16`: the model's float arrays go to clients in
+    half precision (one encoding per distinct record); a client trains from those values
+    and its update is measured against them, as the server's expansion does."""
+    from flwr.app import Array, ArrayRecord
+
+    halves: dict[int, Any] = {}
+    for m in messages:
+        full = m.content[R.ARRAYS]
+        if id(full) not in halves:
+            halves[id(full)] = ArrayRecord({
+                k: Array(a.numpy().astype(np.float16)) if np.dtype(str(a.dtype)).kind == "f"
+                else a for k, a in full.items()})
+        m.content[R.ARRAYS] = halves[id(full)]
 
 
 def integers_kept(new: Any, old: Any) -> Any:

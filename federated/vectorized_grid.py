@@ -309,9 +309,9 @@ class VectorizedGrid(Grid):
                     client_app.keep_continual(spec, self._context(p), p, rnd, w.cl)
                 built = client_app.train_reply(msg, spec, p, weights, result.metrics, attack,
                                                len(data.train), w.cl)
-                # Flower's client-side clipping mods, exactly as on a SuperNode
-                reply = client_app.privacy_mod(msg, self._context(p),
-                                               lambda _m, _c, r=built: r)
+                # compression and Flower's client-side clipping mods, as on a SuperNode
+                reply = client_app.update_mod(msg, self._context(p),
+                                              lambda _m, _c, r=built: r)
             self._answer(msg, reply, delay)
 
     def _train_chunked(self, model: torch.nn.Module, global_state: dict[str, torch.Tensor],
