@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tracking_overhead.py
 	$(BIN)/python benchmarks/fl_overhead.py
 	$(BIN)/python benchmarks/fl_vectorized.py
+	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/ddp_overhead.py
 	$(BIN)/python benchmarks/pipeline_scaling.py
 	$(BIN)/python benchmarks/streaming.py

@@ -503,6 +503,14 @@ class CompressionSpec(_Section):
     downlink: Literal["none", "fp16"] = Field(
         "none", description="fp16: the global model is sent in half precision")
 
+    @model_validator(mode="after")
+    def _feedback_needs_a_method(self) -> CompressionSpec:
+        if self.error_feedback and self.method == "none":
+            raise ValueError("federated.compression.error_feedback: true with method 'none' "
+                             "(nothing is dropped to feed back); allowed: a method (fp16, "
+                             "int8, qsgd, topk, randk), or error_feedback: false")
+        return self
+
 
 class FederatedSpec(_Section):
     num_clients: int = Field(10, ge=1, description="simulated SuperNodes (one partition each)")

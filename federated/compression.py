@@ -13,7 +13,9 @@ tensor):
          (`block_size` values, never across tensors; 0: one block per tensor);
          `stochastic`: floor(x / s + U), unbiased
   qsgd   q: uint8[...] codes ξ·sign + levels packed at 2, 4 or 8 bits, ξ = floor(|x|/‖x‖·
-         levels + U) (Alistarh et al. 2017: unbiased), s: float32[T] = ‖x‖ / levels
+         levels + U) (Alistarh et al. 2017: unbiased), s: float32[T] = ‖x‖ / levels;
+         with error feedback s is divided by 1 + ω (its variance factor): QSGD with few
+         levels is not a contraction, and its residual would grow round after round
   topk   per tensor the ⌈fraction·n⌉ largest |x|: v: float16[K] (x / s), s: float32[T],
          and which ones: m: uint8 bitmask[⌈N/8⌉] or i: int32[K] indices, whichever is
          smaller
@@ -53,11 +55,13 @@ class Codec:
     stochastic: bool = False
     levels: int = 4
     fraction: float = 0.1
+    damped: bool = False  # qsgd: scale by 1/(1 + ω), a contraction (for error feedback)
 
     @classmethod
     def of(cls, spec: object) -> Codec:
         c = spec  # a CompressionSpec
-        return cls(c.method, c.block_size, c.stochastic, c.levels, c.fraction)  # type: ignore[attr-defined]
+        return cls(c.method, c.block_size, c.stochastic, c.levels, c.fraction,  # type: ignore[attr-defined]
+                   damped=bool(c.error_feedback) and c.method == "qsgd")  # type: ignore[attr-defined]
 
 
 def _segments(sizes: list[int]) -> list[tuple[int, int]]:
@@ -149,7 +153,11 @@ def compress(x: np.ndarray, sizes: list[int], codec: Codec, rng: np.random.Gener
         ratio = np.abs(x) / np.where(norms > 0, norms, 1.0)[owner] * lv
         xi = np.minimum(np.floor(ratio + rng.random(n)), lv)
         codes = (np.sign(x) * xi + lv).astype(np.uint8)
-        return {"q": _pack(codes, _bits(lv)), "s": (norms / lv).astype(np.float32)}
+        scale = norms / lv
+        if codec.damped:  # ω = min(n/s², √n/s): QSGD's variance bound, E‖C(x)‖² ≤ (1+ω)‖x‖²
+            n_t = np.asarray(sizes, np.float64)
+            scale /= 1 + np.minimum(n_t / lv ** 2, np.sqrt(n_t) / lv)
+        return {"q": _pack(codes, _bits(lv)), "s": scale.astype(np.float32)}
     if m in ("topk", "randk"):
         kept = _kept(sizes, codec.fraction)
         if m == "topk":

@@ -62,3 +62,25 @@ def test_fl_vectorized_benchmark_prints_its_table():
     cells = row.split()
     assert cells[1:3] == ["skipped", "skipped"] and float(cells[3]) > 0, row
     assert lines[-1] == "ratio: nan"
+
+
+def test_compression_benchmark_prints_its_table_and_ratio(tmp_path):
+    """benchmarks/compression.py for two rounds and two methods: a row each, bytes that
+    shrink, the table logged to MLflow, and the ratio line."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    done = subprocess.run([sys.executable, "benchmarks/compression.py", "--rounds", "2",
+                           "--cases", "none,int8 + EF", "--tracking-uri", uri],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    rows = {m.group(1): float(m.group(2)) for line in lines
+            if (m := re.match(r"\| (none|int8 \+ EF) \| [\d.]+ \| ([\d.]+) \|", line))}
+    assert set(rows) == {"none", "int8 + EF"}, done.stdout
+    assert rows["none"] / rows["int8 + EF"] > 3.5
+    assert re.fullmatch(r"ratio: (\d+\.\d{3}|nan)", lines[-1]), lines[-1]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("atoll-benchmarks")
+                                 .experiment_id], "attributes.run_name = 'compression'")
+    assert "compression_fl.md" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -406,3 +406,27 @@ def test_the_suites_ray_heads_hand_out_ports_the_os_picks(shared_ray):
         ray.shutdown()
     assert ports
     assert not {p for p in ports if 10002 <= p <= 19999}, sorted(ports)
+
+
+def test_compressed_updates_on_flower_supernodes(no_leftovers):
+    """Top-k 10 % with error feedback and an fp16 downlink on Flower's simulation: every
+    client's compressed reply is expanded and aggregated, the uplink is ≥ 8× smaller
+    than the model, the downlink half of it, and each client's residual is kept in the
+    run dir for a resume."""
+    spec = fl_spec("federated.rounds=3", "federated.num_clients=4", "federated.local_epochs=1",
+                   "data.limit=600", "federated.fraction_evaluate=0", "tracking.log_model=false",
+                   "federated.compression.method=topk", "federated.compression.fraction=0.1",
+                   "federated.compression.error_feedback=true",
+                   "federated.compression.downlink=fp16", "name=fl-topk")
+    result = run_federated(spec)
+    assert [h["participants"] for h in result.history] == [4, 4, 4]
+    assert all(h["compression_ratio"] >= 8 for h in result.history), result.history
+    params = 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    assert spec.model.hidden == [128, 64]  # what params counts
+    for h in result.history:  # 4 models in fp16 (2 bytes a value, plus npy headers)
+        assert 4 * params * 2 <= h["bytes_down"] <= 4 * (params * 2 + 6 * 200)
+        assert h["bytes_up"] * 8 <= 4 * params * 4
+    # it learns: 3 rounds of 10 % of each update on 600 samples (chance: 0.1)
+    assert result.metrics["test_accuracy"] > 0.2
+    kept = result.checkpoint.parent.parent / "client-feedback"
+    assert sorted(p.name for p in kept.iterdir()) == [f"partition-{p}" for p in range(4)]

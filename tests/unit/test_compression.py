@@ -120,10 +120,16 @@ def test_malformed_parts_are_refused_naming_what_is_wrong(method, change, messag
         decompress(change(parts), [10], codec)
 
 
-def test_error_feedback_carries_exactly_what_compression_dropped():
+@pytest.mark.parametrize("codec", [Codec("topk", fraction=0.05),
+                                   Codec("qsgd", levels=2, damped=True),
+                                   Codec("int8", stochastic=True)],
+                         ids=lambda c: c.method)
+def test_error_feedback_carries_exactly_what_compression_dropped(codec):
     """With the residual e kept across rounds (send C(u + e), keep u + e − D(C(u + e))),
-    the sum of what was sent plus the final residual is the sum of the true updates."""
-    sizes, codec = [80, 20], Codec("topk", fraction=0.05)
+    the sum of what was sent plus the final residual is the sum of the true updates; and
+    the residual stays bounded (qsgd with 2 levels is damped into a contraction: undamped,
+    its residual grows without bound)."""
+    sizes = [80, 20]
     residual = np.zeros(100, np.float32)
     sent_sum, true_sum = np.zeros(100, np.float64), np.zeros(100, np.float64)
     for r in range(30):
@@ -134,4 +140,16 @@ def test_error_feedback_carries_exactly_what_compression_dropped():
         sent_sum += d
         true_sum += u
     np.testing.assert_allclose(sent_sum + residual, true_sum, atol=1e-4)
-    assert np.abs(residual).max() > 0  # top-k 5 % dropped something each round
+    assert np.abs(residual).max() > 0  # something was dropped
+    assert np.linalg.norm(residual) < 20 * np.sqrt(100)  # ≈ 10 updates' worth at most
+
+
+def test_undamped_qsgd_residuals_explode():
+    """Why qsgd is damped under error feedback: 2 levels over 100 values, undamped."""
+    residual = np.zeros(100, np.float32)
+    codec = Codec("qsgd", levels=2)
+    for r in range(30):
+        v = np.random.default_rng(r).normal(size=100).astype(np.float32) + residual
+        residual = v - decompress(compress(v, [100], codec, np.random.default_rng(r)),
+                                  [100], codec)
+    assert np.linalg.norm(residual) > 1e3
