@@ -8,10 +8,15 @@ launcher cannot drift apart.
 
 from __future__ import annotations
 
+import ast
+import functools
+import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from atoll.core.spec import ExperimentSpec, load_spec, validate
@@ -124,14 +129,86 @@ def to_toml(values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The bytes `np.save` writes before an array's data (format 1.0, 64-byte aligned)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    """`np.save(a, allow_pickle=False)`'s bytes (of a C-ordered copy), with the header
+    made once per dtype and shape: what Flower's `Array` holds, byte for byte, without
+    np.save's per-call cost."""
+    a = np.require(a, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    if a.dtype.hasobject:
+        raise TypeError("object arrays are never serialised")
+    return _npy_header(np.lib.format.dtype_to_descr(a.dtype), a.shape) + a.tobytes()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    d = ast.literal_eval(header.decode("latin1"))
+    if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"} or \
+            not isinstance(d["fortran_order"], bool) or not isinstance(d["shape"], tuple) \
+            or not all(isinstance(n, int) and n >= 0 for n in d["shape"]):
+        raise ValueError(f"not an npy header: {header[:80]!r}")
+    dtype = np.dtype(np.lib.format.descr_to_dtype(d["descr"]))
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused (no pickles)")
+    return dtype, d["shape"], d["fortran_order"]
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """An npy payload as an array (read-only, over `data`): what `np.load(...,
+    allow_pickle=False)` returns, with the header parsed once per distinct header. Format
+    1.0/2.0/3.0, C or Fortran order, no object dtypes; a size that disagrees with the
+    header is an error, as in np.load."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not an npy payload")
+    major = data[6]
+    if major == 1:
+        hlen, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        hlen, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise ValueError(f"npy format version {major} is not supported")
+    dtype, shape, fortran = _parse_header(bytes(data[start:start + hlen]))
+    count = math.prod(shape)
+    offset = start + hlen
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"npy payload holds {len(data) - offset} bytes; its header says "
+                         f"{count} × {dtype.itemsize}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
+def to_array(t: torch.Tensor | np.ndarray) -> Any:
+    """A Flower `Array` of a tensor or array (numpy's serialisation, as Flower's own)."""
+    from flwr.app import Array
+
+    a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray",
+                 data=npy_bytes(a))
+
+
+def array_of(arr: Any) -> np.ndarray:
+    """A Flower `Array`'s values (a writable copy), decoded by `npy_array`."""
+    if arr.stype != "numpy.ndarray":
+        raise ValueError(f"serialised as {arr.stype!r}, not 'numpy.ndarray'")
+    return npy_array(arr.data).copy()
+
+
 def state_to_arrays(state: dict[str, torch.Tensor]) -> Any:
     from flwr.app import ArrayRecord
 
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    return ArrayRecord({k: to_array(v) for k, v in state.items()})
 
 
 def arrays_to_state(arrays: Any) -> dict[str, torch.Tensor]:
-    return dict(arrays.to_torch_state_dict())
+    return {k: torch.from_numpy(array_of(a)) for k, a in arrays.items()}
 
 
 def nbytes(arrays: Any) -> int:

@@ -45,7 +45,7 @@ def _layout(sent: ArrayRecord) -> tuple[list[str], list[str], list[int]]:
 
 
 def _record(parts: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in parts.items()})
+    return ArrayRecord({k: R.to_array(v) for k, v in parts.items()})
 
 
 # --- the client's side ---------------------------------------------------------------
@@ -59,8 +59,8 @@ def compress_reply(msg: Message, reply: Message, context: Context, spec: Any) ->
     rnd, partition = int(cfg[R.ROUND]), int(context.node_config[R.NODE_PARTITION_ID])
     sent, got = msg.content[R.ARRAYS], reply.content[R.ARRAYS]
     floats, others, sizes = _layout(sent)
-    local = {n: got[n].numpy() for n in sent}
-    u = np.concatenate([(local[n].astype(np.float64) - sent[n].numpy()).ravel()
+    local = {n: R.array_of(got[n]) for n in sent}
+    u = np.concatenate([(local[n].astype(np.float64) - R.array_of(sent[n])).ravel()
                         for n in floats]).astype(np.float32) if floats else np.zeros(0)
     residual = _residual(context, spec, partition, cfg, len(u))
     v = u + residual if residual is not None else u
@@ -153,7 +153,7 @@ def expand(reply: Message, sent: Message, compression: Any) -> str | None:
         if arr.stype != "numpy.ndarray":
             return f"compressed part {key!r} is serialised as {arr.stype!r}"
         try:
-            parts[key] = arr.numpy()
+            parts[key] = R.array_of(arr)
         except (ValueError, TypeError, OSError, EOFError) as e:
             return f"compressed part {key!r} cannot be decoded ({str(e)[:100]})"
     raw = {k.removeprefix("raw/"): parts.pop(k) for k in list(parts) if k.startswith("raw/")}
@@ -166,7 +166,7 @@ def expand(reply: Message, sent: Message, compression: Any) -> str | None:
     out: dict[str, np.ndarray] = {}
     start = 0
     for name, size, dtype in zip(floats, sizes, dtypes, strict=True):
-        b = base[name].numpy()
+        b = R.array_of(base[name])
         step = dense[start:start + size].reshape(b.shape)
         out[name] = (b.astype(np.float64) + step).astype(dtype)
         start += size

@@ -358,3 +358,32 @@ def test_crafted_replies_are_refused_without_decoding_a_pickle():
     assert "unexpected record(s) ['junk']" in out.errors[5]
     assert "Fisher array 'w' is not finite and non-negative" in out.errors[6]
     assert out.bytes_received == R.nbytes(ArrayRecord({"w": torch.zeros(2)}))
+
+
+def test_the_fast_npy_codec_writes_np_saves_bytes_and_reads_with_its_rules():
+    """records.npy_bytes/npy_array replace np.save/np.load on the message path: the same
+    bytes (so any Flower peer reads them), the same refusals (no pickles, no object arrays,
+    a payload whose size disagrees with its header)."""
+    import io
+
+    import numpy as np
+
+    from atoll.federated import records as R
+
+    for a in [np.random.rand(3, 4).astype(np.float32), np.arange(5), np.array(2.5),
+              np.zeros((0, 3), np.float16), np.random.rand(4, 3).T]:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)  # the transposed one in Fortran order
+        if a.flags.c_contiguous:
+            assert R.npy_bytes(a) == buf.getvalue()
+        for data in (buf.getvalue(), R.npy_bytes(a)):
+            back = R.npy_array(data)
+            assert back.dtype == a.dtype and back.shape == a.shape and (back == a).all()
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object"):
+        R.npy_array(pickled.getvalue())
+    with pytest.raises(ValueError, match="holds 12 bytes"):
+        R.npy_array(R.npy_bytes(np.zeros(4, np.float32))[:-4])
+    with pytest.raises(ValueError, match="not an npy payload"):
+        R.npy_array(b"\x80\x04K\x01.")
