@@ -55,6 +55,8 @@ class SI(BaseStrategy):
             return
         for n, p in model.named_parameters():
             if n in self._grad:
+                if n not in self._w:  # a state saved before the running task was kept
+                    self._w[n] = torch.zeros_like(p.detach())
                 self._w[n] -= self._grad[n] * (p.detach() - self._prev[n])
 
     def pause(self, model: nn.Module) -> None:

@@ -277,7 +277,10 @@ def scaled(parts: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]
 
 def bound(x: np.ndarray, sizes: list[int], codec: Codec, parts: dict[str, np.ndarray]
           ) -> np.ndarray:
-    """The per-element error bound the method guarantees for `x` encoded as `parts`."""
+    """The per-element error bound the method guarantees for `x` encoded as `parts`
+    (undamped: a damped qsgd code is deliberately shrunk by 1/(1+ω))."""
+    if codec.damped:
+        raise ValueError("bound() states the undamped codes' bound")
     x = np.asarray(x, np.float32)
     owner = np.repeat(np.arange(len(sizes)), sizes)
     s = parts["s"]

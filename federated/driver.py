@@ -350,9 +350,12 @@ def exchange(grid: Any, messages: Iterable[Any], node_to_partition: dict[int, in
             # it stands for, and vetted like any reply
             wire = sum(R.nbytes(a) for a in r.content.array_records.values())
             keep: dict[str, np.ndarray] = {}
-            why = expand(r, m) if expand is not None else None
-            if why is None:
-                why = malformed(r, m, keep)
+            try:  # a client's bytes must never take the server down, whatever they hold
+                why = expand(r, m) if expand is not None else None
+                if why is None:
+                    why = malformed(r, m, keep)
+            except Exception as e:  # noqa: BLE001 - refused, with what went wrong
+                why = f"the reply cannot be read ({type(e).__name__}: {str(e)[:120]})"
             if why is not None:
                 out.errors[p] = why if why.startswith(R.FAILURE_PREFIX) else \
                     f"{R.FAILURE_PREFIX}malformed reply from client {p}: {why}"

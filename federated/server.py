@@ -266,11 +266,20 @@ def _serve(grid: Any, spec: ExperimentSpec, run_config: dict[str, Any], run_dir:
 
     bound = robust_bound(spec)
     expand_with = None
-    if f.compression.method != "none":  # clients send compressed updates
-        from atoll.federated.wire import expand
+    if f.compression.method != "none" or f.compression.downlink == "fp16":
+        from atoll.federated.wire import expand, rebase
 
         def expand_with(reply: Any, sent: Any) -> str | None:
-            return expand(reply, sent, f.compression)
+            """A compressed reply as the model it stands for; with an fp16 downlink, the
+            client's update moved onto the full-precision global model (`arrays`, this
+            round's), which the sent message then carries for vetting and norms."""
+            if f.compression.method != "none" and \
+                    (why := expand(reply, sent, f.compression)) is not None:
+                return why
+            if f.compression.downlink == "fp16" and sent.content[R.ARRAYS] is not arrays:
+                rebase(reply, sent.content[R.ARRAYS], arrays)
+                sent.content[R.ARRAYS] = arrays
+            return None
     cause = ""
     first = st.round + 1
     # DP calibrates noise and ε for a fixed sample of a fixed population: no late joiners
@@ -498,18 +507,29 @@ def refusal(spec: ExperimentSpec, fit: Any, bound: tuple[str, int] | None) -> st
 
 def _half_downlink(messages: list[Any]) -> None:
     """`federated.compression.downlink: fp16`: the model's float arrays go to clients in
-    half precision (one encoding per distinct record); a client trains from those values
-    and its update is measured against them, as the server's expansion does."""
-    from flwr.app import Array, ArrayRecord
+    half precision (one encoding per distinct record); a client trains from those values,
+    and the server adds its update (reply − what it was sent) to the full-precision model
+    (`wire.rebase`), so updates smaller than fp16's spacing are not rounded away."""
+    from flwr.app import ArrayRecord
 
     halves: dict[int, Any] = {}
     for m in messages:
         full = m.content[R.ARRAYS]
         if id(full) not in halves:
-            halves[id(full)] = ArrayRecord({
-                k: Array(a.numpy().astype(np.float16)) if np.dtype(str(a.dtype)).kind == "f"
-                else a for k, a in full.items()})
+            halves[id(full)] = ArrayRecord({k: _half(a) for k, a in full.items()})
         m.content[R.ARRAYS] = halves[id(full)]
+
+
+def _half(arr: Any) -> Any:
+    """A float array in fp16 — unless its values leave fp16's range (batch norm's running
+    variance of unnormalised features, say), which travel as they are."""
+    if np.dtype(str(arr.dtype)).kind != "f":
+        return arr
+    values = R.array_of(arr)
+    half = values.astype(np.float16)
+    if not np.isfinite(half).all() and np.isfinite(values).all():
+        return arr
+    return R.to_array(half)
 
 
 def integers_kept(new: Any, old: Any) -> Any:

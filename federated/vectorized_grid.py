@@ -12,7 +12,6 @@ discovery are answered per client, in process.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import time
@@ -80,7 +79,10 @@ class VectorizedGrid(Grid):
         self.replies: dict[str, tuple[float, Message]] = {}
         self.contexts: dict[int, Context] = {}
         self.device = pick_device(spec)
-        self.chunk = spec.federated.vectorized.chunk_size
+        self.chunk_size = spec.federated.vectorized.chunk_size  # None: from free memory
+        self.cap: int | None = None  # what an out-of-memory failure taught
+        self.chunk: int | None = None  # the chunk size of the last round
+        self._auto_logged: int | None = None
         self._model: torch.nn.Module | None = None
         self._evaluating: tuple[Any, torch.nn.Module] | None = None
         self.datas: dict[tuple[int, int | None], task.ClientData] = {}
@@ -243,10 +245,13 @@ class VectorizedGrid(Grid):
             if delay is None:
                 continue
             attack = f.byzantine.attack if p in bad else ""
-            # a continual client's strategy state, restored as its ClientApp restores it
-            cl = client_app.continual_state(spec, self._context(p), rnd, cfg)
-            work.append(_Work(msg, p, self._data(p, cl.current if cl else None), attack,
-                              delay, cl))
+            try:  # a continual client's state, restored as its ClientApp restores it
+                cl = client_app.continual_state(spec, self._context(p), rnd, cfg)
+                data = self._data(p, cl.current if cl else None)
+            except Exception as e:  # noqa: BLE001 - that client fails, as its ClientApp would
+                self._fail(msg, p, rnd, e)
+                continue
+            work.append(_Work(msg, p, data, attack, delay, cl))
         # a strategy sends every client the same model; one sending several is served
         # group by group
         groups: dict[int, list[_Work]] = {}
@@ -255,12 +260,18 @@ class VectorizedGrid(Grid):
         for group in groups.values():
             self._train_group(group, rnd, rule)
 
+    def _fail(self, msg: Message, partition: int, rnd: int, e: Exception) -> None:
+        """What Flower replies for a ClientApp that raised."""
+        self._answer(msg, failed_reply(msg, f"client {partition}, round {rnd}: "
+                                            f"{type(e).__name__}: {e}"))
+
     def _enter(self, work: list[_Work], global_state: dict[str, torch.Tensor],
-               rule: Any) -> Strategies | None:
+               rule: Any, rnd: int) -> tuple[list[_Work], Strategies | None]:
         """Each continual client's strategy for this round (`ContinualState.enter`: a task
-        just finished is closed on the received global model), as its ClientApp does."""
+        just finished is closed on the received global model), as its ClientApp does; a
+        client whose strategy cannot enter (its state, its Fisher) fails alone."""
         if work[0].cl is None:
-            return None
+            return work, None
         from atoll.federated.fedewc import decode
 
         content = work[0].msg.content
@@ -268,18 +279,26 @@ class VectorizedGrid(Grid):
             if R.FEDEWC in content else None
         model = self._model_for(work[0].data)
         model.load_state_dict(global_state)
-        strategies, tasks, mask = [], [], None
+        kept, strategies, tasks, mask = [], [], [], None
         for w in work:
             w.cl.federation = federation
-            strategy, current, mask = w.cl.enter(self.spec, model, w.partition,
-                                                 self.num_clients, rule.batch_size)
+            try:
+                strategy, current, mask = w.cl.enter(self.spec, model, w.partition,
+                                                     self.num_clients, rule.batch_size)
+            except Exception as e:  # noqa: BLE001 - as its ClientApp would fail
+                self._fail(w.msg, w.partition, rnd, e)
+                continue
+            kept.append(w)
             strategies.append(strategy)
             tasks.append(current)
-        return Strategies(strategies, tasks, mask)
+        return kept, Strategies(strategies, tasks, mask)
 
     def _train_group(self, work: list[_Work], rnd: int, rule: Any) -> None:
         spec, f = self.spec, self.spec.federated
         global_state = R.arrays_to_state(work[0].msg.content[R.ARRAYS])
+        work, continual = self._enter(work, global_state, rule, rnd)
+        if not work:
+            return
         splits = []
         for w in work:
             train = w.data.train
@@ -289,7 +308,6 @@ class VectorizedGrid(Grid):
         seeds = [task._seed(spec, rnd, w.partition) for w in work]
         first = work[0].data
         aug = spec.data.augment if first.bundle.is_image else None
-        continual = self._enter(work, global_state, rule)
         results = self._train_chunked(self._model_for(first), global_state, splits, seeds,
                                       rule, aug.shift if aug else 0,
                                       aug.noise_std if aug else 0.0, continual)
@@ -319,21 +337,24 @@ class VectorizedGrid(Grid):
                        noise_std: float, continual: Strategies | None
                        ) -> list[ClientResult]:
         """`federated.vectorized.chunk_size` clients at a time (default: as many as half
-        the free memory holds, estimated before the first round); out of memory halves
-        the chunk, with a warning, and trains the failed chunk again."""
+        the free memory holds, estimated each round: continual state and replayed data
+        grow); out of memory halves the chunk, with a warning, and trains the failed
+        chunk again — a full-sized chunk's failure also caps later rounds."""
         loss_fn = task.federation_loss(self.spec, self.device)
-        if self.chunk is None:
-            self.chunk = self._auto_chunk(model, splits[0], rule, continual)
-        size = self.chunk
+        size = self.chunk_size or self._auto_chunk(model, splits, rule, continual)
+        if self.cap is not None:
+            size = min(size, self.cap)
+        self.chunk = size
         out: list[ClientResult] = []
         start = 0
         while start < len(splits):
             part = slice(start, start + size)
             cl = Strategies(continual.strategies[part], continual.tasks[part],
                             continual.mask) if continual else None
-            # a retry starts the chunk's strategies where this round found them (replay's
-            # draws, SI's path integral)
-            saved = [copy.deepcopy(st.state_dict()) for st in cl.strategies] if cl else []
+            # what training changes in a strategy before it can fail: replay's and joint's
+            # draws (SI's path integral is written back only at the end)
+            draws = [(g, g.get_state()) for st in (cl.strategies if cl else [])
+                     for g in _generators(st)]
             try:
                 out += train_clients(model, global_state, splits[part], seeds[part], loss_fn,
                                      rule, shift=shift, noise_std=noise_std,
@@ -341,31 +362,52 @@ class VectorizedGrid(Grid):
             except Exception as e:
                 if not out_of_memory(e) or size == 1:
                     raise
-                for st, state in zip(cl.strategies if cl else [], saved, strict=True):
-                    st.load_state_dict(state)
+                for g, state in draws:  # the retry draws what the first try drew
+                    g.set_state(state)
                 gc.collect()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                size = self.chunk = max(1, min(size, len(splits) - start) // 2)
+                failed = min(size, len(splits) - start)
+                if failed == size:  # a short last chunk says nothing about full ones
+                    self.cap = max(1, size // 2)
+                size = self.chunk = max(1, failed // 2)
                 log.warning("vectorized engine: out of memory; training %d clients at a "
-                            "time from now on (federated.vectorized.chunk_size)", size)
+                            "time (federated.vectorized.chunk_size)", size)
                 continue
             start += size
         return out
 
-    def _auto_chunk(self, model: torch.nn.Module, split: Split, rule: Any,
+    def _auto_chunk(self, model: torch.nn.Module, splits: list[Split], rule: Any,
                     continual: Strategies | None) -> int:
         """Clients per batched computation from the memory free now and one client's
-        estimated peak (`vectorized.client_bytes`)."""
-        extra = 0
-        if continual is not None:  # stacked continual state, per client
-            extra = 2 * max((len(e.fishers) for s in continual.strategies
-                             for e in parts_of(s, EWC)), default=0)
-            extra += 5 if any(parts_of(s, SI) for s in continual.strategies) else 0
-        x = split.x[:rule.batch_size].to(self.device)
-        per = client_bytes(model.to(self.device), x, rule, extra)
+        estimated peak (`vectorized.client_bytes`), for this round's largest client:
+        its epoch of batches held in memory, its largest batch (with replayed or joint
+        samples), its stacked continual state (EWC pairs, SI's path integral)."""
+        split = max(splits, key=len)
+        extra, memory, batch = 0, 0, min(rule.batch_size, max(len(split), 1))
+        for st in continual.strategies if continual else []:
+            extra = max(extra, 2 * sum(len(e.fishers) for e in parts_of(st, EWC)) +
+                        (5 if parts_of(st, SI) else 0))
+            for part in getattr(st, "parts", [st]):
+                stored = getattr(part, "x", None)
+                if isinstance(stored, torch.Tensor):
+                    memory = max(memory, stored.numel() * stored.element_size())
+                    more = getattr(getattr(part, "cfg", None), "batch", None) or \
+                        -(-batch * len(stored) // max(len(split), 1))  # joint's share
+                    batch = max(batch, min(rule.batch_size, len(split)) + int(more))
+        rows = split.x[torch.arange(batch) % max(len(split), 1)].to(self.device)
+        held = 2 * (split.x.numel() * split.x.element_size() + memory)
+        per = client_bytes(model.to(self.device), rows, rule, extra) + held
         chunk, free = auto_chunk(per, self.device)
-        log.info("vectorized engine: up to %d clients per batched computation (%.1f MiB "
-                 "each, estimated; %.1f GiB free); federated.vectorized.chunk_size sets it",
-                 chunk, per / 2**20, free / 2**30)
+        if chunk != self._auto_logged:
+            log.info("vectorized engine: up to %d clients per batched computation (%.1f MiB "
+                     "each, estimated; %.1f GiB free); federated.vectorized.chunk_size sets it",
+                     chunk, per / 2**20, free / 2**30)
+            self._auto_logged = chunk
         return chunk
+
+
+def _generators(strategy: Any) -> list[torch.Generator]:
+    """The random generators of a (possibly composite) strategy's parts."""
+    return [g for part in getattr(strategy, "parts", [strategy])
+            if isinstance(g := getattr(part, "generator", None), torch.Generator)]

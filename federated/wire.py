@@ -71,10 +71,11 @@ def compress_reply(msg: Message, reply: Message, context: Context, spec: Any) ->
     if f.privacy.mode in ("client-fixed", "client-adaptive"):
         norm = float(np.linalg.norm(decompress(parts, sizes, codec).astype(np.float64)))
         clip = float(cfg[CLIPPING_NORM])
-        factor = min(1.0, clip / norm) if norm > 0 else 1.0
+        # a hair under: the scales are rounded to float32 after scaling
+        factor = min(1.0, clip / norm * (1 - 2.0 ** -20)) if norm > 0 else 1.0
         parts = scaled(parts, factor)
         if f.privacy.mode == "client-adaptive":
-            metrics[NORM_BIT] = int(factor < 1)
+            metrics[NORM_BIT] = int(norm > clip)  # Flower's: the update was clipped
     parts.update({f"raw/{n}": local[n] for n in others})
     content = {k: v for k, v in reply.content.items() if k != R.ARRAYS}
     content[R.UPDATE] = _record(parts)
@@ -157,6 +158,10 @@ def expand(reply: Message, sent: Message, compression: Any) -> str | None:
         except (ValueError, TypeError, OSError, EOFError) as e:
             return f"compressed part {key!r} cannot be decoded ({str(e)[:100]})"
     raw = {k.removeprefix("raw/"): parts.pop(k) for k in list(parts) if k.startswith("raw/")}
+    if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in parts.values()):
+        # what an update that overflowed looks like compressed: the client's failure, as
+        # an uncompressed reply holding NaN/inf is
+        return f"{R.FAILURE_PREFIX}nonfinite (the compressed update holds NaN/inf)"
     if sorted(raw) != sorted(others):
         return f"integer arrays sent {sorted(raw)}; the model's are {sorted(others)}"
     try:
@@ -176,3 +181,18 @@ def expand(reply: Message, sent: Message, compression: Any) -> str | None:
     content[R.ARRAYS] = _record({n: out[n] for n in base})
     reply.content = RecordDict(content)
     return None
+
+
+def rebase(reply: Message, half: ArrayRecord, full: ArrayRecord) -> None:
+    """Move a reply from the fp16 model it was trained from onto the full-precision one:
+    full + (reply − half) for every float array, in the reply's dtypes (in place)."""
+    got = reply.content[R.ARRAYS]
+    out = {}
+    for name, arr in got.items():
+        values = R.array_of(arr)
+        if values.dtype.kind == "f" and name in full:
+            moved = R.array_of(full[name]).astype(np.float64) + \
+                (values.astype(np.float64) - R.array_of(half[name]))
+            values = moved.astype(values.dtype)
+        out[name] = values
+    reply.content[R.ARRAYS] = _record(out)

@@ -112,6 +112,7 @@ def test_a_scaled_message_decodes_to_the_scaled_update():
     ("qsgd", lambda p: {**p, "q": np.full_like(p["q"], 255)}, "qsgd codes"),
     ("topk", lambda p: {**p, "m": np.full_like(p["m"], 255)}, "top-k"),
     ("randk", lambda p: {**p, "seed": np.array([-1], np.int64)}, "seed"),
+    ("int8", lambda p: {**p, "q": np.full(10, -128, np.int8)}, "int8 codes"),
 ])
 def test_malformed_parts_are_refused_naming_what_is_wrong(method, change, message):
     codec = Codec(method, fraction=0.2)
@@ -124,22 +125,19 @@ def test_malformed_parts_are_refused_naming_what_is_wrong(method, change, messag
                                    Codec("qsgd", levels=2, damped=True),
                                    Codec("int8", stochastic=True)],
                          ids=lambda c: c.method)
-def test_error_feedback_carries_exactly_what_compression_dropped(codec):
-    """With the residual e kept across rounds (send C(u + e), keep u + e − D(C(u + e))),
-    the sum of what was sent plus the final residual is the sum of the true updates; and
-    the residual stays bounded (qsgd with 2 levels is damped into a contraction: undamped,
-    its residual grows without bound)."""
+def test_error_feedback_residuals_stay_bounded(codec):
+    """Each compressor under error feedback is a contraction: the residual stays within
+    a few updates' worth over 30 rounds (qsgd with 2 levels only because it is damped:
+    undamped, below, it grows without bound). The bookkeeping itself — what was sent plus
+    the final residual is what was trained — is tested through the client in
+    test_fl_compression."""
     sizes = [80, 20]
     residual = np.zeros(100, np.float32)
-    sent_sum, true_sum = np.zeros(100, np.float64), np.zeros(100, np.float64)
     for r in range(30):
         u = np.random.default_rng(r).normal(size=100).astype(np.float32)
         v = u + residual
         d = decompress(compress(v, sizes, codec, np.random.default_rng(r)), sizes, codec)
         residual = v - d
-        sent_sum += d
-        true_sum += u
-    np.testing.assert_allclose(sent_sum + residual, true_sum, atol=1e-4)
     assert np.abs(residual).max() > 0  # something was dropped
     assert np.linalg.norm(residual) < 20 * np.sqrt(100)  # ≈ 10 updates' worth at most
 
@@ -153,3 +151,27 @@ def test_undamped_qsgd_residuals_explode():
         residual = v - decompress(compress(v, [100], codec, np.random.default_rng(r)),
                                   [100], codec)
     assert np.linalg.norm(residual) > 1e3
+
+
+@pytest.mark.parametrize("indices,message", [
+    ([3, 1], "increasing"), ([1, 1], "increasing"), ([-1, 2], "inside the model"),
+    ([0, 10_000], "inside the model"), ([0, 210], "per tensor"),
+])
+def test_a_top_k_index_list_must_be_ordered_in_range_and_per_tensor(indices, message):
+    """1 % of two tensors of 200 and 100 values: 2 + 1 indices (12 bytes, not a 38-byte
+    mask); crafted index lists are refused."""
+    codec, sizes = Codec("topk", fraction=0.01), [200, 100]
+    parts, _ = _roundtrip(RNG.normal(size=300), sizes, codec)
+    assert "i" in parts and len(parts["i"]) == 3
+    bad = {**parts, "i": np.array([*indices, 250][:3], np.int32)}
+    with pytest.raises(WireError, match=message):
+        decompress(bad, sizes, codec)
+
+
+def test_a_model_with_empty_tensors_round_trips():
+    sizes = [0, 5, 0]
+    x = RNG.normal(size=5).astype(np.float32)
+    for codec in (Codec("int8"), Codec("qsgd"), Codec("topk"), Codec("randk"), Codec("fp16"),
+                  Codec("int8", block_size=2)):
+        parts, out = _roundtrip(x, sizes, codec)
+        assert out.shape == (5,) and np.isfinite(out).all()

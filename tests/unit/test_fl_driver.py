@@ -132,9 +132,30 @@ def _foreign_stype() -> Array:
     return Array(dtype="float32", shape=(2,), stype="torch.save", data=real.data)
 
 
+def _zipped() -> Array:
+    """An npz archive (np.load returns an NpzFile, not an array, for these bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, w=np.zeros(2, np.float32))
+    return Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=buf.getvalue())
+
+
+def _huge_header() -> Array:
+    """A header claiming 2**33 float64 values over 8 bytes (np.load would try to allocate
+    64 GiB and raise MemoryError)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False,
+                                                "shape": (2**33,)})
+    return Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
+                 data=buf.getvalue() + b"\0" * 8)
+
+
 PWNED = Path(tempfile.gettempdir()) / f"atoll-pwned-{os.getpid()}"
 CRAFTED = {"pickle": _evil_npy, "oversized": _oversized, "garbage": _garbage,
-           "stype": _foreign_stype}
+           "stype": _foreign_stype, "zip": _zipped, "huge": _huge_header}
 
 
 def _train_messages(grid: FakeGrid, partitions: list[int]) -> list[Message]:
@@ -342,15 +363,18 @@ def test_crafted_replies_are_refused_without_decoding_a_pickle():
     not an array, a serialisation other than numpy's, an extra 8 MB record and a negative
     Fisher. Each is a malformed reply of that client; the honest one is aggregated alone."""
     PWNED.unlink(missing_ok=True)
-    kinds = ["ok", "pickle", "oversized", "garbage", "stype", "junk", "fisher"]
+    kinds = ["ok", "pickle", "oversized", "garbage", "stype", "junk", "fisher", "zip", "huge"]
     grid = FakeGrid(dict(enumerate(kinds)))
     n2p = {100 + p: p for p in range(len(kinds))}
     out = exchange(grid, _train_messages(grid, list(range(len(kinds)))), n2p, timeout=1,
                    poll=0.01)
     assert not PWNED.exists()
     assert [int(r.content[R.CLIENT][R.PARTITION_ID]) for r in out.ok] == [0]
-    assert out.failures_by_kind() == {"timeout": 0, "malformed": 6}
-    assert out.refused() == [1, 2, 3, 4, 5, 6]
+    assert out.failures_by_kind() == {"timeout": 0, "malformed": 8}
+    assert out.refused() == [1, 2, 3, 4, 5, 6, 7, 8]
+    # an npz archive and a 64 GiB header: refused, neither crashes the server
+    assert "array 'w' cannot be decoded (not an npy payload)" in out.errors[7]
+    assert "array 'w' cannot be decoded (npy payload holds 8 bytes" in out.errors[8]
     assert "array 'w' cannot be decoded" in out.errors[1]
     assert "array 'w' holds float32[1048576], its header says float32[2]" in out.errors[2]
     assert "array 'w' cannot be decoded" in out.errors[3]

@@ -142,12 +142,3 @@ def test_one_clients_memory_estimate_is_its_states_and_activations():
     assert client_bytes(model, x, LocalRule("adam", 0.1, 1, 4)) == 132 * 6 + 3 * 48 + 160
     assert client_bytes(model, x, LocalRule("sgd", 0.1, 1, 4, momentum=0.9),
                         extra_copies=2) == 132 * 7 + 3 * 48 + 160
-
-
-def test_the_automatic_chunk_fills_half_the_free_memory():
-    from atoll.federated.vectorized import auto_chunk
-
-    per = 50 * 2**20
-    chunk, free = auto_chunk(per, torch.device("cpu"))
-    assert free > 0 and chunk * per <= free / 2 < (chunk + 1) * per
-    assert auto_chunk(2**62, torch.device("cpu"))[0] == 1  # never fewer than one

@@ -336,3 +336,26 @@ def test_out_of_memory_trains_the_chunk_again_in_halves(tmp_path):
     assert free["chunk"] == 16 and not free["warnings"]
     for a, b in zip(limited["heads"], free["heads"], strict=True):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+
+
+def test_a_continual_client_whose_state_cannot_be_read_fails_alone(tmp_path):
+    """A resumed stream whose client 0 finds a corrupt state file in the run dir: its
+    ClientApp raises (a failed reply); on the vectorized engine that client fails the same
+    way and the others train — the round is not lost."""
+    spec, _ = _stream("continual.strategy=[ewc]")
+    run_config = R.run_config_for(spec, run_dir=str(tmp_path), tracking_uri=None,
+                                  mlflow_run_id=None, resume="", restart=False)
+    bad = tmp_path / R.CLIENT_STATES / "partition-0" / "round-000001.state"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a state")
+    grid = VectorizedGrid(spec, run_config)
+    sent = _messages(spec, rnd=2, extra={R.RESUMED_FROM: 1})
+    ids = list(grid.push_messages(sent))
+    got = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(ids)}
+    failed = [m.metadata.dst_node_id - NODE_BASE for m in sent
+              if got[m.metadata.message_id].has_error()]
+    assert failed == [0]
+    reason = str(got[sent[0].metadata.message_id].error.reason)
+    assert "client 0, round 2: ClientStateError" in reason and "round-000001.state" in reason
+    theirs = _flower_reply(sent[0], run_config)
+    assert theirs.has_error() and "round-000001.state" in str(theirs.error.reason)
