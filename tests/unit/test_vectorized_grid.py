@@ -272,22 +272,32 @@ def test_continual_clients_reply_as_their_client_apps_round_after_round(sets):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
-def _train_under_a_memory_limit(headroom_mb: int) -> None:
+def _train_under_a_memory_limit(headroom_mb: int, replay: bool = False) -> None:
     """Run in a child process: one round of 16 wide clients (≈ 22 MB each) with
     `chunk_size: 16`, under an address-space limit that only a smaller chunk fits; prints
     each client's reply (its first 500 values of every array, or its error) and the chunk
-    the engine ended with."""
+    the engine ended with. `replay`: a 3-task stream with replay, the limited round the
+    third (each client's memory holds two tasks, its draws must repeat on a retry)."""
     import json
     import logging
     import resource
 
     torch.set_num_threads(1)
-    spec, run_config = _setup("model.hidden=[1024,1024]", "federated.num_clients=16",
-                              "federated.vectorized.chunk_size=16", "federated.local_epochs=1")
     global CLIENTS
     CLIENTS = 16
+    sets = ["model.hidden=[1024,1024]", "federated.num_clients=16", "federated.local_epochs=1"]
+    if replay:
+        spec, run_config = _stream(*sets, "continual.strategy=[replay]")
+    else:
+        spec, run_config = _setup(*sets)
     grid = VectorizedGrid(spec, run_config)
-    sent = _messages(spec, rnd=1)
+    rnd = 1
+    if replay:  # two rounds (two tasks) without a limit: the memories fill
+        for rnd in (1, 2):
+            grid.pull_messages(list(grid.push_messages(_messages(spec, rnd=rnd))))
+        rnd = 3
+    grid.chunk_size = 16
+    sent = _messages(spec, rnd=rnd)
     grid._data(0)  # the data and the model exist before the limit
     grid._model_for(grid._data(0))
     warnings: list[str] = []
@@ -309,10 +319,11 @@ def _train_under_a_memory_limit(headroom_mb: int) -> None:
     print(json.dumps({"heads": heads, "chunk": grid.chunk, "warnings": warnings}))
 
 
-def test_out_of_memory_trains_the_chunk_again_in_halves(tmp_path):
+@pytest.mark.parametrize("replay", [False, True], ids=["plain", "replay-stream"])
+def test_out_of_memory_trains_the_chunk_again_in_halves(tmp_path, replay):
     """A real allocation failure (an address-space limit in a child process): the engine
     warns, halves the chunk until it fits, and every client's reply equals training it
-    with that chunk size from the start."""
+    in one chunk (with replay: the retried chunk draws the samples the failed try drew)."""
     import json
     import subprocess
     import sys
@@ -322,7 +333,7 @@ def test_out_of_memory_trains_the_chunk_again_in_halves(tmp_path):
     def child(headroom_mb: int) -> dict:
         out = subprocess.run(
             [sys.executable, "-c", "from tests.unit.test_vectorized_grid import "
-             f"_train_under_a_memory_limit as t; t({headroom_mb})"],
+             f"_train_under_a_memory_limit as t; t({headroom_mb}, {replay})"],
             cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
             env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"})
         assert out.returncode == 0, out.stderr[-3000:]
