@@ -114,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.add_argument("--uri", default=None, help="backend store URI (default ./mlruns.db)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("compress", help="compress a registered model into a new version",
+                       description="Compress a registered model version (int8 dynamic "
+                       "quantisation of its Linear layers, or magnitude pruning) and register "
+                       "the result as a new version of the same model, tagged compression=... "
+                       "and parent_version=..., with its test accuracy (or R²), size and "
+                       "latency at batch 1 and 64 next to the parent's. Aliases stay put.")
+    p.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--method", required=True, choices=["int8-dynamic", "prune"])
+    p.add_argument("--amount", type=float, default=0.5,
+                   help="prune: share of weights (or, --structured, of neurons) removed")
+    p.add_argument("--structured", action="store_true",
+                   help="prune whole output neurons/channels (per layer, L2 norm)")
+    p.add_argument("--uri", default=None, help="tracking store (default: MLFLOW_TRACKING_URI "
+                                               "or ./mlruns.db)")
+    p.set_defaults(func=cmd_compress)
     return parser
 
 
@@ -240,6 +256,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if i + 1 < len(specs):
             print(flush=True)
     print("\nOpen the MLflow UI:  make ui   (or: atoll ui)  then browse http://127.0.0.1:5000")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from atoll.tracking import resolve_uri
+    from atoll.tracking.compress import CompressError, compress_registered
+
+    try:
+        out = compress_registered(args.model, resolve_uri(args.uri), args.method, args.amount,
+                                  args.structured)
+    except CompressError as e:
+        print(f"atoll: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    m = out.metrics
+    key = "test_r2" if "test_r2" in m else "test_accuracy"
+    print(f"registered: {out.name} version {out.version} (compression={out.tag})  "
+          f"models:/{out.name}/{out.version}")
+    for label, p in (("parent", "parent_"), (out.tag, "")):
+        print(f"  {label:<16} {key}={m[p + key]:.4f}  size={m[p + 'size_bytes'] / 1e3:.1f} kB "
+              f"(zipped {m[p + 'size_bytes_zipped'] / 1e3:.1f} kB)  "
+              f"p50 b1={m[p + 'latency_ms_p50_b1']:.3f} ms b64="
+              f"{m[p + 'latency_ms_p50_b64']:.3f} ms  sparsity={m[p + 'sparsity']:.2f}")
     return 0
 
 

@@ -4,8 +4,9 @@ regression values out.
 MLflow logs this file as the model's code ("models from code"): loading it runs this
 file, not an unpickled object, and needs torch, numpy and pandas, never atoll. Its
 artifacts are the network as a torch.export program (`program`, loaded without
-unpickling) and `preprocess.json`: the task, class names, the table's columns and
-categories, and the training split's normalisation statistics.
+unpickling) — or, for a compressed version, a TorchScript archive (`scripted`: int8
+kernels torch.export cannot hold) — and `preprocess.json`: the task, class names, the
+table's columns and categories, and the training split's normalisation statistics.
 
     model = mlflow.pyfunc.load_model("models:/name@alias")
     model.predict(frame)                                 # labels, or values
@@ -32,7 +33,10 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         with open(context.artifacts["preprocess"]) as f:
             self.pre = json.load(f)
-        self.net = torch.export.load(context.artifacts["program"]).module()
+        if "scripted" in context.artifacts:  # a compressed version (`atoll compress`)
+            self.net = torch.jit.load(context.artifacts["scripted"]).eval()
+        else:
+            self.net = torch.export.load(context.artifacts["program"]).module()
         self.mean = torch.tensor(self.pre["mean"], dtype=torch.float32)
         self.std = torch.tensor(self.pre["std"], dtype=torch.float32)
 

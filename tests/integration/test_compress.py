@@ -1,0 +1,101 @@
+"""`atoll compress` on registered models in a real sqlite MLflow store: new versions of the
+same registered model with their figures, loadable with mlflow.pyfunc; bad input exits 2
+with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests import datagen
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.integration
+ATOLL = [sys.executable, "-m", "atoll.core.cli"]
+
+
+def _atoll(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*ATOLL, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, check=False)
+
+
+def _pyfunc(uri: str, model: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(model)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_int8_and_pruned_versions_register_with_their_figures(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "train.epochs=3", "--set",
+                 f"tracking.uri={uri}", "--set", "train.progress=off", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for method in (["int8-dynamic"], ["prune", "--amount", "0.5"]):
+        out = _atoll("compress", "models:/digits-mlp@candidate", "--method", *method,
+                     "--uri", uri, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+    client = MlflowClient(uri)
+    parent = client.get_model_version_by_alias("digits-mlp", "candidate")
+    assert str(parent.version) == "1"  # aliases stay where they were
+    figures = {}
+    for version, tag in (("2", "int8"), ("3", "pruned-50")):
+        mv = client.get_model_version("digits-mlp", version)
+        assert mv.tags["compression"] == tag and mv.tags["parent_version"] == "1"
+        assert mv.tags["parent_run"] == parent.run_id
+        m = client.get_run(mv.run_id).data.metrics
+        figures[tag] = m
+        for key in ("test_accuracy", "size_bytes", "size_bytes_zipped", "latency_ms_p50_b1",
+                    "latency_ms_p95_b1", "latency_ms_p50_b64", "latency_ms_p95_b64"):
+            assert m[key] > 0 and m["parent_" + key] > 0, key
+        assert m["test_accuracy"] >= m["parent_test_accuracy"] - 0.02
+    assert figures["int8"]["size_bytes"] < figures["int8"]["parent_size_bytes"] / 2.5
+    assert figures["pruned-50"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert figures["pruned-50"]["size_bytes_zipped"] < \
+        0.8 * figures["pruned-50"]["parent_size_bytes_zipped"]
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:300] / 16).astype(np.float32)[:, None]
+    for version in ("2", "3"):  # raw images in, class labels out
+        labels = _pyfunc(uri, f"models:/digits-mlp/{version}").predict(images)
+        assert (labels == digits.target[:300]).mean() >= 0.85
+
+
+def test_a_regression_model_prunes_and_reports_r2(tmp_path):
+    root = datagen.example("tabular-regression", tmp_path)
+    uri = f"sqlite:///{tmp_path / 'r.db'}"
+    out = _atoll("run", "spec.yaml", "--set", "train.epochs=8", "--set",
+                 f"tracking.uri={uri}", "--set", "train.progress=off", cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = _atoll("compress", "models:/prices@candidate", "--method", "prune", "--amount",
+                 "0.3", "--structured", "--uri", uri, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compression=pruned-30-structured" in out.stdout and "test_r2=" in out.stdout
+    m = MlflowClient(uri).get_run(MlflowClient(uri).get_model_version("prices", "2").run_id
+                                  ).data.metrics
+    assert "test_r2" in m and "test_accuracy" not in m and m["sparsity"] > 0.2
+
+
+@pytest.mark.parametrize("args,line", [
+    (["models:/nothing@candidate", "--method", "int8-dynamic"],
+     "atoll: model: models:/nothing@candidate is not in this store"),
+    (["runs:/abc/model", "--method", "int8-dynamic"],
+     "atoll: model: 'runs:/abc/model' is not a registered model URI"),
+    (["models:/x@candidate", "--method", "prune", "--amount", "1.5"],
+     "atoll: --amount: 1.5; allowed: 0 < amount < 1"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, line):
+    out = _atoll("compress", *args, "--uri", f"sqlite:///{tmp_path / 'e.db'}", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,152 @@
+"""`atoll compress`: a registered model version, compressed, as a new version of the
+same registered model.
+
+The parent version's run holds the spec it trained with (`spec.yaml`) and the model's
+weights (its torch.export program): the network is rebuilt from the spec and loaded with
+those weights, compressed (`models/compress.py`), measured on the spec's test split next
+to the parent, and logged as a new run in the parent's experiment whose pyfunc serves the
+compressed network (a TorchScript archive) with the parent's preprocessing. The new
+version carries the tags `compression`, `parent_version` and `parent_run`; its run logs
+`test_accuracy` (or `test_r2`), `size_bytes`, `size_bytes_zipped`, `sparsity` and
+`latency_ms_p50/p95` at batch 1 and 64, for the parent (`parent_*`) too. Aliases are
+left where they are: promoting a compressed version is a person's decision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from atoll.core.data import load_data
+from atoll.core.loop import evaluate
+from atoll.core.metrics import build_loss
+from atoll.core.serving import preprocess, raw_example
+from atoll.core.spec import validate
+from atoll.models import build_model
+from atoll.models import compress as C
+from atoll.tracking.mlflow_tracker import PREDICTOR, _fluent_uri
+
+METHODS = ("int8-dynamic", "prune")
+URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z_][\w-]*)|/(?P<version>\d+))$")
+
+
+class CompressError(ValueError):
+    """Something the user gave that cannot be compressed (exit 2, one line)."""
+
+
+@dataclass
+class Compressed:
+    name: str
+    version: str
+    tag: str
+    metrics: dict[str, float]
+
+
+def _version(client: MlflowClient, uri: str) -> Any:
+    m = URI.match(uri)
+    if m is None:
+        raise CompressError(f"model: {uri!r} is not a registered model URI; allowed: "
+                            "models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        if m.group("alias"):
+            return client.get_model_version_by_alias(m.group("name"), m.group("alias"))
+        return client.get_model_version(m.group("name"), m.group("version"))
+    except MlflowException as e:
+        raise CompressError(f"model: {uri} is not in this store ({str(e)[:160]})") from None
+
+
+def _measure(model: torch.nn.Module, data: Any, loss_fn: torch.nn.Module, archive: bytes,
+             prefix: str = "") -> dict[str, float]:
+    test = [(data.test.x[i:i + 256], data.test.y[i:i + 256])
+            for i in range(0, len(data.test), 256)]
+    m = evaluate(model, test, loss_fn, data.num_classes)
+    key = "test_r2" if data.task == "regression" else "test_accuracy"
+    raw, zipped = C.size(archive)
+    out = {key: m["val_r2" if key == "test_r2" else "val_accuracy"],
+           "size_bytes": float(raw), "size_bytes_zipped": float(zipped),
+           "sparsity": C.sparsity(model)}
+    for batch in (1, 64):
+        x = data.test.x[torch.arange(batch) % len(data.test)]
+        out[f"latency_ms_p50_b{batch}"], out[f"latency_ms_p95_b{batch}"] = \
+            C.latency_ms(model, x)
+    return {prefix + k: float(v) for k, v in out.items()}
+
+
+def compress_registered(uri: str, tracking_uri: str, method: str, amount: float = 0.5,
+                        structured: bool = False) -> Compressed:
+    """Compress the registered version `uri` with `method`; returns the new version."""
+    if method not in METHODS:
+        raise CompressError(f"--method: {method!r}; allowed: {', '.join(METHODS)}")
+    if method == "prune" and not 0 < amount < 1:
+        raise CompressError(f"--amount: {amount}; allowed: 0 < amount < 1")
+    client = MlflowClient(tracking_uri)
+    parent = _version(client, uri)
+    with _fluent_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="atoll-compress-") as tmp:
+        spec_file = mlflow.artifacts.download_artifacts(run_id=parent.run_id,
+                                                        artifact_path="spec.yaml", dst_path=tmp)
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=parent.source,
+                                                             dst_path=tmp))
+        spec = validate(yaml.safe_load(Path(spec_file).read_text()))
+        data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+        programs = list((model_dir / "artifacts").glob("*.pt2"))
+        if not programs:
+            raise CompressError(f"model: {uri} has no torch.export program; a compressed "
+                                "version cannot be compressed again")
+        model = build_model(spec.model, data.input_shape, data.num_classes, spec.project_dir,
+                            data.embedded)
+        model.load_state_dict(torch.export.load(programs[0]).state_dict, strict=True)
+        model.eval()
+        loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
+                             data.y_mean, data.y_std)
+        try:
+            small = C.int8_dynamic(model) if method == "int8-dynamic" else \
+                C.prune(model, amount, structured)
+        except C.NotApplicable as e:
+            raise CompressError(f"--method {method}: {e}") from None
+        archive = C.scripted(small)
+        metrics = {**_measure(model, data, loss_fn, C.scripted(model), "parent_"),
+                   **_measure(small, data, loss_fn, archive)}
+        tag = "int8" if method == "int8-dynamic" else \
+            f"pruned-{round(amount * 100)}{'-structured' if structured else ''}"
+        path = Path(tmp) / "model.ts"
+        path.write_bytes(archive)
+        pre = Path(tmp) / "preprocess.json"
+        pre.write_text(json.dumps(preprocess(data)))
+        run = client.create_run(client.get_run(parent.run_id).info.experiment_id,
+                                run_name=f"{parent.name}-v{parent.version}-{tag}",
+                                tags={"atoll.compression": tag,
+                                      "atoll.parent_version": str(parent.version)})
+        client.log_batch(run.info.run_id, params=[
+            mlflow.entities.Param("compression.method", method),
+            mlflow.entities.Param("compression.amount", str(amount)),
+            mlflow.entities.Param("compression.structured", str(structured)),
+            mlflow.entities.Param("compression.parent", f"models:/{parent.name}/"
+                                                        f"{parent.version}")])
+        client.log_batch(run.info.run_id, metrics=[
+            mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+        with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PREDICTOR),
+                artifacts={"scripted": str(path), "preprocess": str(pre)},
+                input_example=(raw_example(data), {"probabilities": False}),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"numpy=={np.__version__}", f"pandas=={pd.__version__}"])
+            version = mlflow.register_model(info.model_uri, parent.name, tags={
+                "compression": tag, "parent_version": str(parent.version),
+                "parent_run": parent.run_id})
+    return Compressed(parent.name, str(version.version), tag, metrics)
