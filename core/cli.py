@@ -117,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a registered model into a new version",
                        description="Compress a registered model version (int8 dynamic "
-                       "quantisation of its Linear layers, or magnitude pruning) and register "
+                       "quantisation of its Linear layers, magnitude pruning, or an ONNX graph "
+                       "for onnxruntime, checked against the torch model) and register "
                        "the result as a new version of the same model, tagged compression=... "
                        "and parent_version=..., with its test accuracy (or R²), size and "
                        "latency at batch 1 and 64 next to the parent's. Aliases stay put.")
     p.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--method", required=True, choices=["int8-dynamic", "prune"])
+    p.add_argument("--method", required=True, choices=["int8-dynamic", "prune", "onnx"])
     p.add_argument("--amount", type=float, default=0.5,
                    help="prune: share of weights (or, --structured, of neurons) removed")
     p.add_argument("--structured", action="store_true",
@@ -278,6 +279,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"(zipped {m[p + 'size_bytes_zipped'] / 1e3:.1f} kB)  "
               f"p50 b1={m[p + 'latency_ms_p50_b1']:.3f} ms b64="
               f"{m[p + 'latency_ms_p50_b64']:.3f} ms  sparsity={m[p + 'sparsity']:.2f}")
+    if "onnx_max_abs_diff" in m:
+        print(f"  onnxruntime against torch: max |logit difference| {m['onnx_max_abs_diff']:.2e}")
     return 0
 
 

@@ -91,3 +91,49 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 50) -> tuple[fl
         model(x)
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
+def onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
+    """The model as an ONNX graph (torch's dynamo exporter), batch size left dynamic."""
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # the exporter narrates every step at INFO/WARNING
+        q.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model.eval(), (x,), dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as e:  # noqa: BLE001 - what the exporter could not translate, in words
+        raise NotApplicable(f"the model does not export to ONNX ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]})") from None
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    return program.model_proto.SerializeToString()
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph run by onnxruntime, callable like the torch model (for evaluation and
+    latency next to it)."""
+
+    def __init__(self, graph: bytes):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def parity(model: nn.Module, other: nn.Module, x: torch.Tensor) -> float:
+    """max |model(x) − other(x)| over the outputs."""
+    return float((model.eval()(x).float() - other(x).float()).abs().max())

@@ -40,8 +40,14 @@ from atoll.models import build_model
 from atoll.models import compress as C
 from atoll.tracking.mlflow_tracker import PREDICTOR, _fluent_uri
 
-METHODS = ("int8-dynamic", "prune")
+METHODS = ("int8-dynamic", "prune", "onnx")
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z_][\w-]*)|/(?P<version>\d+))$")
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 class CompressError(ValueError):
@@ -113,16 +119,23 @@ def compress_registered(uri: str, tracking_uri: str, method: str, amount: float 
         loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
                              data.y_mean, data.y_std)
         try:
-            small = C.int8_dynamic(model) if method == "int8-dynamic" else \
-                C.prune(model, amount, structured)
+            if method == "onnx":
+                archive = C.onnx_bytes(model, data.test.x[:4])
+                small = C.OnnxModule(archive)
+            else:
+                small = C.int8_dynamic(model) if method == "int8-dynamic" else \
+                    C.prune(model, amount, structured)
+                archive = C.scripted(small)
         except C.NotApplicable as e:
             raise CompressError(f"--method {method}: {e}") from None
-        archive = C.scripted(small)
         metrics = {**_measure(model, data, loss_fn, C.scripted(model), "parent_"),
                    **_measure(small, data, loss_fn, archive)}
-        tag = "int8" if method == "int8-dynamic" else \
-            f"pruned-{round(amount * 100)}{'-structured' if structured else ''}"
-        path = Path(tmp) / "model.ts"
+        if method == "onnx":  # the same function in another runtime: how close
+            metrics["onnx_max_abs_diff"] = C.parity(model, small, data.test.x[:256])
+        tag = {"int8-dynamic": "int8", "onnx": "onnx"}.get(
+            method, f"pruned-{round(amount * 100)}{'-structured' if structured else ''}")
+        kind = "onnx" if method == "onnx" else "scripted"
+        path = Path(tmp) / ("model.onnx" if method == "onnx" else "model.ts")
         path.write_bytes(archive)
         pre = Path(tmp) / "preprocess.json"
         pre.write_text(json.dumps(preprocess(data)))
@@ -142,10 +155,12 @@ def compress_registered(uri: str, tracking_uri: str, method: str, amount: float 
             warnings.filterwarnings("ignore", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PREDICTOR),
-                artifacts={"scripted": str(path), "preprocess": str(pre)},
+                artifacts={kind: str(path), "preprocess": str(pre)},
                 input_example=(raw_example(data), {"probabilities": False}),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                  f"numpy=={np.__version__}", f"pandas=={pd.__version__}"])
+                                  f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+                                  *([f"onnxruntime=={_version_of('onnxruntime')}"]
+                                    if method == "onnx" else [])])
             version = mlflow.register_model(info.model_uri, parent.name, tags={
                 "compression": tag, "parent_version": str(parent.version),
                 "parent_run": parent.run_id})

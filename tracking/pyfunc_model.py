@@ -35,6 +35,8 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
             self.pre = json.load(f)
         if "scripted" in context.artifacts:  # a compressed version (`atoll compress`)
             self.net = torch.jit.load(context.artifacts["scripted"]).eval()
+        elif "onnx" in context.artifacts:  # an ONNX version, run by onnxruntime
+            self.net = _Onnx(context.artifacts["onnx"])
         else:
             self.net = torch.export.load(context.artifacts["program"]).module()
         self.mean = torch.tensor(self.pre["mean"], dtype=torch.float32)
@@ -85,3 +87,16 @@ class AtollPredictor(mlflow.pyfunc.PythonModel):
 
 
 mlflow.models.set_model(AtollPredictor())
+
+
+class _Onnx:
+    """An ONNX graph behind the call the torch network answers (tensor in, tensor out)."""
+
+    def __init__(self, path: str):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])

@@ -34,12 +34,12 @@ def _pyfunc(uri: str, model: str):
         mlflow.set_tracking_uri(None)
 
 
-def test_int8_and_pruned_versions_register_with_their_figures(tmp_path):
+def test_int8_pruned_and_onnx_versions_register_with_their_figures(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     out = _atoll("run", str(CONFIGS / "demo.yaml"), "--set", "train.epochs=3", "--set",
                  f"tracking.uri={uri}", "--set", "train.progress=off", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    for method in (["int8-dynamic"], ["prune", "--amount", "0.5"]):
+    for method in (["int8-dynamic"], ["prune", "--amount", "0.5"], ["onnx"]):
         out = _atoll("compress", "models:/digits-mlp@candidate", "--method", *method,
                      "--uri", uri, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -48,7 +48,7 @@ def test_int8_and_pruned_versions_register_with_their_figures(tmp_path):
     parent = client.get_model_version_by_alias("digits-mlp", "candidate")
     assert str(parent.version) == "1"  # aliases stay where they were
     figures = {}
-    for version, tag in (("2", "int8"), ("3", "pruned-50")):
+    for version, tag in (("2", "int8"), ("3", "pruned-50"), ("4", "onnx")):
         mv = client.get_model_version("digits-mlp", version)
         assert mv.tags["compression"] == tag and mv.tags["parent_version"] == "1"
         assert mv.tags["parent_run"] == parent.run_id
@@ -62,11 +62,15 @@ def test_int8_and_pruned_versions_register_with_their_figures(tmp_path):
     assert figures["pruned-50"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert figures["pruned-50"]["size_bytes_zipped"] < \
         0.8 * figures["pruned-50"]["parent_size_bytes_zipped"]
+    # ONNX in onnxruntime computes the torch model's function: logits within 1e-4
+    assert figures["onnx"]["onnx_max_abs_diff"] <= 1e-4
+    assert figures["onnx"]["test_accuracy"] == pytest.approx(
+        figures["onnx"]["parent_test_accuracy"], abs=1e-3)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (digits.images[:300] / 16).astype(np.float32)[:, None]
-    for version in ("2", "3"):  # raw images in, class labels out
+    for version in ("2", "3", "4"):  # raw images in, class labels out
         labels = _pyfunc(uri, f"models:/digits-mlp/{version}").predict(images)
         assert (labels == digits.target[:300]).mean() >= 0.85
 

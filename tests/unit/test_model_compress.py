@@ -1,0 +1,58 @@
+"""Post-training compression by hand: which weights pruning removes, what int8 keeps,
+what cannot be compressed, and ONNX's parity with torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atoll.models import compress as C
+
+
+def _linear(weights: list[list[float]]) -> torch.nn.Sequential:
+    layer = torch.nn.Linear(len(weights[0]), len(weights), bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weights))
+    return torch.nn.Sequential(layer, torch.nn.Linear(len(weights), 2))
+
+
+def test_unstructured_pruning_zeroes_the_smallest_magnitudes_over_all_layers():
+    model = _linear([[0.1, -2.0], [0.3, -0.05]])
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, -0.2], [0.01, 3.0]]))
+    pruned = C.prune(model, 0.5)
+    assert pruned[0].weight.detach().tolist() == [[0.0, -2.0], [0.30000001192092896, 0.0]]
+    assert pruned[1].weight.detach().tolist() == [[1.0, 0.0], [0.0, 3.0]]
+    assert C.sparsity(pruned) == 0.5
+    assert float(model[0].weight[0, 0]) == pytest.approx(0.1)  # the original is left alone
+    assert not any(n.endswith("_orig") for n, _ in pruned.named_parameters())  # permanent
+
+
+def test_structured_pruning_removes_whole_neurons_but_never_an_output():
+    model = _linear([[3.0, 4.0], [0.1, 0.1], [1.0, 0.0]])  # row norms 5, 0.14, 1
+    pruned = C.prune(model, 0.34, structured=True)
+    assert pruned[0].weight.detach().tolist()[1] == [0.0, 0.0]
+    assert pruned[0].weight.detach().tolist()[0] == [3.0, 4.0]
+    assert (pruned[1].weight != 0).all()  # the output layer is kept
+
+
+def test_int8_keeps_the_function_and_refuses_a_model_without_linear_layers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+    x = torch.randn(64, 16)
+    q = C.int8_dynamic(model)
+    assert (q(x) - model(x)).abs().max() < 0.05
+    assert C.size(C.scripted(q))[0] < C.size(C.scripted(model))[0]
+    with pytest.raises(C.NotApplicable, match="nn.Linear"):
+        C.int8_dynamic(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+
+
+def test_onnx_in_onnxruntime_computes_the_torch_function():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))
+    graph = C.onnx_bytes(model, torch.randn(2, 1, 4, 4))
+    runtime = C.OnnxModule(graph)
+    x = torch.randn(7, 1, 4, 4)  # another batch size: the batch dimension is dynamic
+    assert runtime(x).shape == (7, 3)
+    assert C.parity(model, runtime, x) < 1e-5
