@@ -6,7 +6,8 @@ torch.nn.utils.prune — unstructured (the smallest |w| over every Linear/Conv w
 globally) or structured (whole output channels/neurons by L2 norm, per layer) — made
 permanent. Sizes are of the TorchScript archive a deployment loads (`scripted`), raw and
 zip-compressed (pruned zeros cost nothing once compressed); latency is the median and
-95th percentile of a forward at a batch size, on this CPU.
+95th percentile of a forward at a batch size, on this CPU. `onnx_bytes` exports the graph;
+running it (onnxruntime) belongs to the deployment side, `tracking/compress.py`.
 """
 
 from __future__ import annotations
@@ -113,24 +114,6 @@ def onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
     return program.model_proto.SerializeToString()
-
-
-class OnnxModule(nn.Module):
-    """An ONNX graph run by onnxruntime, callable like the torch model (for evaluation and
-    latency next to it)."""
-
-    def __init__(self, graph: bytes):
-        super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
-        return torch.from_numpy(out)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn as nn
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -42,6 +43,24 @@ from atoll.tracking.mlflow_tracker import PREDICTOR, _fluent_uri
 
 METHODS = ("int8-dynamic", "prune", "onnx")
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z_][\w-]*)|/(?P<version>\d+))$")
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph run by onnxruntime, callable like the torch model (for evaluation and
+    latency next to it)."""
+
+    def __init__(self, graph: bytes):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(out)
 
 
 def _version_of(package: str) -> str:
@@ -121,7 +140,7 @@ def compress_registered(uri: str, tracking_uri: str, method: str, amount: float 
         try:
             if method == "onnx":
                 archive = C.onnx_bytes(model, data.test.x[:4])
-                small = C.OnnxModule(archive)
+                small = OnnxModule(archive)
             else:
                 small = C.int8_dynamic(model) if method == "int8-dynamic" else \
                     C.prune(model, amount, structured)
