@@ -10,9 +10,13 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from atoll.core import interrupts
-from atoll.core.spec import ExperimentSpec, SpecError, load_spec
+from atoll.core.compress_spec import METHODS as COMPRESS_METHODS
+from atoll.core.spec import ExperimentSpec, SpecError, describe_error, load_spec
 
 EXIT_SPEC = 2
 # loggers whose INFO lines are the libraries' bookkeeping, not the user's run (-v shows them)
@@ -115,19 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=None, help="backend store URI (default ./mlruns.db)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("compress", help="compress a registered model into a new version",
-                       description="Compress a registered model version (int8 dynamic "
-                       "quantisation of its Linear layers, magnitude pruning, or an ONNX graph "
-                       "for onnxruntime, checked against the torch model) and register "
-                       "the result as a new version of the same model, tagged compression=... "
-                       "and parent_version=..., with its test accuracy (or R²), size and "
-                       "latency at batch 1 and 64 next to the parent's. Aliases stay put.")
+    p = sub.add_parser("compress", help="compress a registered model into new versions",
+                       description="Compress a registered model version and register the "
+                       "result as a new version of the same model, tagged compression=... and "
+                       "parent_version=..., with its test accuracy (or R²), size and latency "
+                       "at batch 1 and 64 next to the parent's. Methods: int8-dynamic (Linear "
+                       "weights int8), int8-static (Linear/Conv and activations int8, ranges "
+                       "from training samples), prune (by magnitude, optionally fine-tuned), "
+                       "distill (a smaller student trained on the model's soft targets), onnx "
+                       "(a graph for onnxruntime, checked against torch). Without --method, "
+                       "the steps of the compress: section of the spec the model trained "
+                       "with. Aliases stay put.")
     p.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--method", required=True, choices=["int8-dynamic", "prune", "onnx"])
-    p.add_argument("--amount", type=float, default=0.5,
-                   help="prune: share of weights (or, --structured, of neurons) removed")
-    p.add_argument("--structured", action="store_true",
+    p.add_argument("--method", default=None, choices=list(COMPRESS_METHODS),
+                   help="default: the spec's compress: section")
+    p.add_argument("--amount", type=float, default=None,
+                   help="prune: share of weights (or, --structured, of neurons) removed "
+                   "(default 0.5)")
+    p.add_argument("--structured", action="store_true", default=None,
                    help="prune whole output neurons/channels (per layer, L2 norm)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="prune: epochs trained afterwards, pruned weights kept at zero "
+                   "(default 0)")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="int8-static: training samples that set activation ranges "
+                   "(default 512)")
+    p.add_argument("--student", default=None, metavar="YAML",
+                   help="distill: the student's model section, e.g. '{name: mlp, hidden: [32]}'")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="distill: softmax temperature (default 4)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="distill: weight of the soft targets (default 0.7)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="distill: the student's epochs (default: the spec's train.epochs)")
     p.add_argument("--uri", default=None, help="tracking store (default: MLFLOW_TRACKING_URI "
                                                "or ./mlruns.db)")
     p.set_defaults(func=cmd_compress)
@@ -189,6 +213,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = dispatch(spec, resume=args.resume, restart=args.restart)
     if result is not None:
         _report(spec, result)
+    if result is not None and result.registered is not None and spec.compress:
+        return _compress_after(spec, result.registered)
+    return 0
+
+
+def _compress_after(spec: ExperimentSpec, registered: Any) -> int:
+    """The spec's compress: steps, on the version this run registered."""
+    from atoll.tracking import resolve_uri
+    from atoll.tracking.compress import CompressError, compress_registered
+
+    uri = f"models:/{registered.name}/{registered.version}"
+    print(f"\ncompressing {uri} ({len(spec.compress)} step(s) of compress:)", flush=True)
+    try:
+        done = compress_registered(uri, resolve_uri(spec.tracking.uri), spec.compress)
+    except CompressError as e:  # the trained version stays registered
+        print(f"atoll: {e} (the trained model is registered: {uri})", file=sys.stderr)
+        return EXIT_SPEC
+    for out in done:
+        _report_compressed(out)
     return 0
 
 
@@ -260,16 +303,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_step(args: argparse.Namespace) -> Any:
+    """The one step the command line describes, or None for the spec's own section."""
+    from pydantic import ValidationError
+
+    from atoll.core.compress_spec import CompressStep
+
+    given = {k: getattr(args, k) for k in ("amount", "structured", "finetune_epochs",
+                                           "calibration", "student", "temperature", "alpha",
+                                           "epochs") if getattr(args, k) is not None}
+    if args.method is None:
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise ValueError(f"{flag}: needs --method (the spec's compress: section has its "
+                             "own settings)")
+        return None
+    if "student" in given:
+        try:
+            given["student"] = yaml.safe_load(given["student"])
+        except yaml.YAMLError as e:
+            raise ValueError(f"--student: not YAML ({str(e).splitlines()[0]}); allowed: a "
+                             "model section, e.g. '{name: mlp, hidden: [32]}'") from None
+    try:
+        return CompressStep(method=args.method, **given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # the step's own checks (no loc) name their field first too: "amount: ..."
+        where, _, what = describe_error(err).partition(": ")
+        what = what.removesuffix("; allowed: ")  # unknown key in a model section
+        if where.startswith("student."):  # inside the model section, past the union's tag
+            inner = ".".join(where.split(".")[2:])
+            raise ValueError(f"--student: {inner + ': ' if inner else ''}{what}; e.g. "
+                             "'{name: mlp, hidden: [32]}'") from None
+        raise ValueError(f"--{where.replace('_', '-')}: {what}") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from atoll.tracking import resolve_uri
     from atoll.tracking.compress import CompressError, compress_registered
 
     try:
-        out = compress_registered(args.model, resolve_uri(args.uri), args.method, args.amount,
-                                  args.structured)
-    except CompressError as e:
+        step = _compress_step(args)
+        done = compress_registered(args.model, resolve_uri(args.uri),
+                                   None if step is None else [step])
+    except (CompressError, ValueError) as e:
         print(f"atoll: {e}", file=sys.stderr)
         return EXIT_SPEC
+    for out in done:
+        _report_compressed(out)
+    return 0
+
+
+def _report_compressed(out: Any) -> None:
     m = out.metrics
     key = "test_r2" if "test_r2" in m else "test_accuracy"
     print(f"registered: {out.name} version {out.version} (compression={out.tag})  "
@@ -281,7 +366,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"{m[p + 'latency_ms_p50_b64']:.3f} ms  sparsity={m[p + 'sparsity']:.2f}")
     if "onnx_max_abs_diff" in m:
         print(f"  onnxruntime against torch: max |logit difference| {m['onnx_max_abs_diff']:.2e}")
-    return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

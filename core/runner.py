@@ -57,7 +57,7 @@ RESUMABLE_CHANGES = ("project_dir", "train.epochs", "train.progress", "train.log
                      "data.download", "tracking.", "cluster.address", "federated.rounds",
                      "federated.checkpoint_every", "federated.round_timeout",
                      "federated.max_failed_rounds",
-                     "federated.concurrency")
+                     "federated.concurrency", "compress")
 BEST = "best.ckpt"  # the best epoch's weights (train.early_stopping.restore_best)
 
 

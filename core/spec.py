@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atoll.core import cadence
+from atoll.core.compress_spec import OWNERS, CompressStep
 from atoll.core.model_spec import (
     BUILTIN_MODELS,
     MODEL_SECTIONS,
@@ -655,11 +656,23 @@ class ExperimentSpec(_Section):
     cluster: ClusterSpec = ClusterSpec()
     federated: FederatedSpec = FederatedSpec()
     tracking: TrackingSpec = TrackingSpec()
+    compress: list[CompressStep] = Field(
+        default_factory=list, description="compressions of the registered model once "
+        "training is done, each a new version of it (atoll compress)")
     task: Literal["classification", "regression"] | None = Field(
         None, description="default: regression for a float label, classification otherwise")
     project_dir: Path | None = Field(
         None, description="the user's project: model.target modules are imported from it "
         "first; default: the directory atoll runs in (filled in for workers and clients)")
+
+    @model_validator(mode="after")
+    def _something_to_compress(self) -> ExperimentSpec:
+        t = self.tracking
+        if self.compress and not (t.enabled and t.log_model and t.registered_model):
+            raise ValueError("compress: compresses the registered model, and this run "
+                             "registers none; allowed: tracking.registered_model set (with "
+                             "tracking.enabled and tracking.log_model true), or no compress:")
+        return self
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> ExperimentSpec:
@@ -780,8 +793,13 @@ class ExperimentSpec(_Section):
                                  f"{batch // dp}")
 
     def flat(self) -> dict[str, Any]:
-        """Dotted-key view for MLflow params and logs."""
-        return flatten(self.model_dump(mode="json"))
+        """Dotted-key view for MLflow params and logs (`compress.0.method`: each step with
+        the fields its method reads)."""
+        d = self.model_dump(mode="json")
+        d["compress"] = {str(i): {k: v for k, v in step.items()
+                                  if OWNERS.get(k, step["method"]) == step["method"]}
+                         for i, step in enumerate(d["compress"])}
+        return flatten(d)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -879,7 +897,7 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return cls
 
 
-def _describe(err: dict[str, Any]) -> str:
+def describe_error(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
     section = None  # the model: union's member, named by its tag in the error's loc
     if len(loc) > 1 and loc[0] == "model" and loc[1] in MODEL_SECTIONS:
@@ -941,7 +959,7 @@ def validate(data: Any) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError([_describe(err) for err in e.errors()]) from None
+        raise SpecError([describe_error(err) for err in e.errors()]) from None
 
 
 def _annotation_at(path: list[str]) -> Any:

@@ -1,7 +1,10 @@
 """Post-training compression of a trained model, and what it costs and saves.
 
 `int8_dynamic`: torch.ao's dynamic quantisation — `nn.Linear` weights stored as int8,
-activations quantised on the fly per batch (CPU). `prune`: magnitude pruning with
+activations quantised on the fly per batch (CPU). `int8_static`: torch.ao's FX graph mode —
+Linear/Conv weights and the activations between them int8, the activations' ranges set
+once from calibration batches, Conv+BatchNorm+ReLU fused (x86/fbgemm kernels); a layer it
+would leave in float is refused by name. `prune`: magnitude pruning with
 torch.nn.utils.prune — unstructured (the smallest |w| over every Linear/Conv weight,
 globally) or structured (whole output channels/neurons by L2 norm, per layer) — made
 permanent. Sizes are of the TorchScript archive a deployment loads (`scripted`), raw and
@@ -24,6 +27,10 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune_utils
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+STATIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# layers with weights that int8 is about; one of these left in float is not an int8 model
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+            nn.MultiheadAttention, nn.RNNBase, nn.Embedding, nn.EmbeddingBag)
 
 
 class NotApplicable(ValueError):
@@ -38,12 +45,58 @@ def int8_dynamic(model: nn.Module) -> nn.Module:
 
     with warnings.catch_warnings():  # torch.ao's deprecation notice, once per call
         warnings.simplefilter("ignore", DeprecationWarning)
+        _engine()
         return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def prune(model: nn.Module, amount: float, structured: bool = False) -> nn.Module:
+def _engine() -> str:
+    """The quantised kernels of this CPU (x86: fbgemm/onednn; ARM: qnnpack)."""
+    engines = torch.backends.quantized.supported_engines
+    engine = "x86" if "x86" in engines else "qnnpack"
+    torch.backends.quantized.engine = engine
+    return engine
+
+
+@torch.no_grad()
+def int8_static(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """A copy with int8 Linear/Conv layers and int8 activations between them, whose ranges
+    the `calibration` batches set (observed once, then fixed)."""
+    if not any(isinstance(m, STATIC) for m in model.modules()):
+        raise NotApplicable("int8-static quantises Linear and Conv layers; the model has none")
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation and observer notices
+        qconfig = get_default_qconfig_mapping(_engine())
+        try:
+            prepared = prepare_fx(copy.deepcopy(model).eval(), qconfig,
+                                  example_inputs=(calibration[0][:1],))
+        except Exception as e:  # noqa: BLE001 - torch.fx could not trace it: say where
+            raise NotApplicable(
+                f"int8-static traces the model with torch.fx, which failed ({type(e).__name__}"
+                f": {str(e).strip().splitlines()[0][:200]}); allowed: --method int8-dynamic "
+                "or onnx") from None
+        for x in calibration:
+            prepared(x)
+        out = convert_fx(prepared)
+    left = [(name, type(m).__name__) for name, m in out.named_modules()
+            if isinstance(m, WEIGHTED) and any(p.is_floating_point()
+                                               for p in m.parameters(recurse=False))]
+    if left:
+        name, kind = left[0]
+        more = f" and {len(left) - 1} more layer(s)" if len(left) > 1 else ""
+        raise NotApplicable(f"int8-static cannot quantise {name} ({kind}){more}: torch.ao "
+                            "leaves it in float; allowed: --method int8-dynamic or onnx")
+    return out
+
+
+def prune(model: nn.Module, amount: float, structured: bool = False,
+          keep_masks: bool = False) -> nn.Module:
     """A copy with `amount` of its Linear/Conv weights zeroed by magnitude (structured:
-    whole output rows by L2 norm, in each layer; the last layer's outputs are kept)."""
+    whole output rows by L2 norm, in each layer; the last layer's outputs are kept).
+    `keep_masks` leaves torch's pruning reparametrisation in place (weight = orig · mask) so
+    fine-tuning cannot revive a pruned weight; `unmask` makes it permanent."""
     out = copy.deepcopy(model)
     layers = [m for m in out.modules() if isinstance(m, PRUNABLE)]
     if not layers:
@@ -55,10 +108,15 @@ def prune(model: nn.Module, amount: float, structured: bool = False) -> nn.Modul
         prune_utils.global_unstructured([(m, "weight") for m in layers],
                                         pruning_method=prune_utils.L1Unstructured,
                                         amount=amount)
-    for m in layers:
-        if prune_utils.is_pruned(m):
+    return out if keep_masks else unmask(out)
+
+
+def unmask(model: nn.Module) -> nn.Module:
+    """Make pruning permanent: the masked weights become plain parameters (in place)."""
+    for m in model.modules():
+        if isinstance(m, PRUNABLE) and prune_utils.is_pruned(m):
             prune_utils.remove(m, "weight")
-    return out
+    return model
 
 
 def sparsity(model: nn.Module) -> float:
@@ -71,7 +129,12 @@ def sparsity(model: nn.Module) -> float:
 def scripted(model: nn.Module) -> bytes:
     """The TorchScript archive of the model in eval mode (what `size` measures)."""
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(model.eval()), buf)
+    try:
+        program = torch.jit.script(model.eval())
+    except Exception as e:  # noqa: BLE001 - a user's model TorchScript cannot compile
+        raise NotApplicable(f"TorchScript cannot compile the model ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]})") from None
+    torch.jit.save(program, buf)
     return buf.getvalue()
 
 

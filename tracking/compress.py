@@ -32,16 +32,17 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from atoll.core.compress_spec import METHODS, OWNERS, CompressStep
 from atoll.core.data import load_data
 from atoll.core.loop import evaluate
 from atoll.core.metrics import build_loss
 from atoll.core.serving import preprocess, raw_example
-from atoll.core.spec import validate
-from atoll.models import build_model
+from atoll.core.spec import SpecError, flatten, validate
+from atoll.models import build_model, check_model, count_parameters
 from atoll.models import compress as C
+from atoll.models.retrain import retrain
 from atoll.tracking.mlflow_tracker import PREDICTOR, _fluent_uri
 
-METHODS = ("int8-dynamic", "prune", "onnx")
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z_][\w-]*)|/(?P<version>\d+))$")
 
 
@@ -104,6 +105,9 @@ def _measure(model: torch.nn.Module, data: Any, loss_fn: torch.nn.Module, archiv
     out = {key: m["val_r2" if key == "test_r2" else "val_accuracy"],
            "size_bytes": float(raw), "size_bytes_zipped": float(zipped),
            "sparsity": C.sparsity(model)}
+    counted = sum(p.numel() for p in model.parameters())
+    if counted:  # a quantised network packs its weights out of parameters()
+        out["parameters"] = counted
     for batch in (1, 64):
         x = data.test.x[torch.arange(batch) % len(data.test)]
         out[f"latency_ms_p50_b{batch}"], out[f"latency_ms_p95_b{batch}"] = \
@@ -111,21 +115,66 @@ def _measure(model: torch.nn.Module, data: Any, loss_fn: torch.nn.Module, archiv
     return {prefix + k: float(v) for k, v in out.items()}
 
 
-def compress_registered(uri: str, tracking_uri: str, method: str, amount: float = 0.5,
-                        structured: bool = False) -> Compressed:
-    """Compress the registered version `uri` with `method`; returns the new version."""
-    if method not in METHODS:
-        raise CompressError(f"--method: {method!r}; allowed: {', '.join(METHODS)}")
-    if method == "prune" and not 0 < amount < 1:
-        raise CompressError(f"--amount: {amount}; allowed: 0 < amount < 1")
+def _calibration(data: Any, n: int, seed: int) -> list[torch.Tensor]:
+    """`n` training samples in a seeded order, in batches of 64: the ranges int8-static
+    fixes for its activations."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    idx = order[:n]
+    return [data.train.x[idx[i:i + 64]] for i in range(0, len(idx), 64)]
+
+
+def _apply(step: CompressStep, model: nn.Module, spec: Any, data: Any
+           ) -> tuple[nn.Module, bytes, dict[str, float]]:
+    """(the compressed network, the archive its version serves, what training it took)."""
+    extra: dict[str, float] = {}
+    if step.method == "onnx":
+        archive = C.onnx_bytes(model, data.test.x[:4])
+        return OnnxModule(archive), archive, extra
+    if step.method == "int8-dynamic":
+        small = C.int8_dynamic(model)
+    elif step.method == "int8-static":
+        small = C.int8_static(model, _calibration(data, step.calibration, spec.seed))
+    elif step.method == "prune":
+        small = C.prune(model, step.amount, step.structured, keep_masks=True)
+        if step.finetune_epochs:
+            extra = retrain(small, spec, data, step.finetune_epochs)
+        small = C.unmask(small)
+    else:  # distill
+        student = step.student
+        try:
+            check_model(student, data.input_shape, data.num_classes, spec.project_dir,
+                        embedded=data.embedded)
+            torch.manual_seed(spec.seed)
+            small = build_model(student, data.input_shape, data.num_classes, spec.project_dir,
+                                data.embedded)
+        except (SpecError, ValueError) as e:
+            raise CompressError(f"student: {str(e).splitlines()[0]}") from None
+        extra = retrain(small, spec, data, step.epochs or spec.train.epochs, teacher=model,
+                        temperature=step.temperature, alpha=step.alpha)
+    extra = {f"train_{k}" if not k.startswith(("train_", "val_")) else k: v
+             for k, v in extra.items() if k in ("train_loss", "val_loss", "val_accuracy",
+                                                "val_r2")}
+    return small, C.scripted(small), extra
+
+
+def compress_registered(uri: str, tracking_uri: str, steps: list[CompressStep] | None = None
+                        ) -> list[Compressed]:
+    """Compress the registered version `uri` by each of `steps` (default: the `compress:`
+    section of the spec it trained with); returns the new versions."""
     client = MlflowClient(tracking_uri)
     parent = _version(client, uri)
+    out = []
     with _fluent_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="atoll-compress-") as tmp:
         spec_file = mlflow.artifacts.download_artifacts(run_id=parent.run_id,
                                                         artifact_path="spec.yaml", dst_path=tmp)
         model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=parent.source,
                                                              dst_path=tmp))
         spec = validate(yaml.safe_load(Path(spec_file).read_text()))
+        if steps is None:
+            steps = spec.compress
+            if not steps:
+                raise CompressError(f"--method: not given, and the spec of {uri} has no "
+                                    f"compress: section; allowed: {', '.join(METHODS)}")
         data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
         programs = list((model_dir / "artifacts").glob("*.pt2"))
         if not programs:
@@ -137,50 +186,54 @@ def compress_registered(uri: str, tracking_uri: str, method: str, amount: float 
         model.eval()
         loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
                              data.y_mean, data.y_std)
-        try:
-            if method == "onnx":
-                archive = C.onnx_bytes(model, data.test.x[:4])
-                small = OnnxModule(archive)
-            else:
-                small = C.int8_dynamic(model) if method == "int8-dynamic" else \
-                    C.prune(model, amount, structured)
-                archive = C.scripted(small)
-        except C.NotApplicable as e:
-            raise CompressError(f"--method {method}: {e}") from None
-        metrics = {**_measure(model, data, loss_fn, C.scripted(model), "parent_"),
-                   **_measure(small, data, loss_fn, archive)}
-        if method == "onnx":  # the same function in another runtime: how close
-            metrics["onnx_max_abs_diff"] = C.parity(model, small, data.test.x[:256])
-        tag = {"int8-dynamic": "int8", "onnx": "onnx"}.get(
-            method, f"pruned-{round(amount * 100)}{'-structured' if structured else ''}")
-        kind = "onnx" if method == "onnx" else "scripted"
-        path = Path(tmp) / ("model.onnx" if method == "onnx" else "model.ts")
-        path.write_bytes(archive)
-        pre = Path(tmp) / "preprocess.json"
-        pre.write_text(json.dumps(preprocess(data)))
-        run = client.create_run(client.get_run(parent.run_id).info.experiment_id,
-                                run_name=f"{parent.name}-v{parent.version}-{tag}",
-                                tags={"atoll.compression": tag,
-                                      "atoll.parent_version": str(parent.version)})
-        client.log_batch(run.info.run_id, params=[
-            mlflow.entities.Param("compression.method", method),
-            mlflow.entities.Param("compression.amount", str(amount)),
-            mlflow.entities.Param("compression.structured", str(structured)),
-            mlflow.entities.Param("compression.parent", f"models:/{parent.name}/"
-                                                        f"{parent.version}")])
-        client.log_batch(run.info.run_id, metrics=[
-            mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
-        with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PREDICTOR),
-                artifacts={kind: str(path), "preprocess": str(pre)},
-                input_example=(raw_example(data), {"probabilities": False}),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                  f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
-                                  *([f"onnxruntime=={_version_of('onnxruntime')}"]
-                                    if method == "onnx" else [])])
-            version = mlflow.register_model(info.model_uri, parent.name, tags={
-                "compression": tag, "parent_version": str(parent.version),
-                "parent_run": parent.run_id})
+        theirs = _measure(model, data, loss_fn, C.scripted(model), "parent_")
+        for i, step in enumerate(steps):
+            try:
+                small, archive, trained = _apply(step, model, spec, data)
+            except C.NotApplicable as e:
+                raise CompressError(f"--method {step.method}: {e}") from None
+            metrics = {**theirs, **_measure(small, data, loss_fn, archive), **trained}
+            if step.method == "onnx":  # the same function in another runtime: how close
+                metrics["onnx_max_abs_diff"] = C.parity(model, small, data.test.x[:256])
+            out.append(_register(client, parent, step, small, archive, metrics, data,
+                                 Path(tmp) / str(i)))
+    return out
+
+
+def _register(client: MlflowClient, parent: Any, step: CompressStep, small: nn.Module,
+              archive: bytes, metrics: dict[str, float], data: Any, tmp: Path) -> Compressed:
+    """A run in the parent's experiment holding the figures and a pyfunc serving `archive`,
+    registered as a new version of the parent's model."""
+    tag = step.tag
+    tmp.mkdir()
+    kind = "onnx" if step.method == "onnx" else "scripted"
+    path = tmp / ("model.onnx" if step.method == "onnx" else "model.ts")
+    path.write_bytes(archive)
+    pre = tmp / "preprocess.json"
+    pre.write_text(json.dumps(preprocess(data)))
+    run = client.create_run(client.get_run(parent.run_id).info.experiment_id,
+                            run_name=f"{parent.name}-v{parent.version}-{tag}",
+                            tags={"atoll.compression": tag,
+                                  "atoll.parent_version": str(parent.version)})
+    params = {f"compression.{k}": v for k, v in flatten(step.model_dump(mode="json")).items()
+              if OWNERS.get(k.split(".")[0], step.method) == step.method}
+    params["compression.parent"] = f"models:/{parent.name}/{parent.version}"
+    if step.method == "distill":
+        params["compression.student.parameters"] = count_parameters(small)
+    client.log_batch(run.info.run_id,
+                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
+                     metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+    with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PREDICTOR),
+            artifacts={kind: str(path), "preprocess": str(pre)},
+            input_example=(raw_example(data), {"probabilities": False}),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+                              *([f"onnxruntime=={_version_of('onnxruntime')}"]
+                                if step.method == "onnx" else [])])
+        version = mlflow.register_model(info.model_uri, parent.name, tags={
+            "compression": tag, "parent_version": str(parent.version),
+            "parent_run": parent.run_id})
     return Compressed(parent.name, str(version.version), tag, metrics)

@@ -1,0 +1,99 @@
+"""Training a compressed network on the one loop (`core.loop.train_task`): fine-tuning a
+pruned model, and distilling a trained teacher into a smaller student.
+
+Both use the spec's optimizer, schedule, batch size and augmentation on its training
+split, so a compressed version is trained the way its parent was. Distillation (Hinton et
+al., 2015) minimises (1 − α)·loss(student, labels) + α·T²·KL(softmax(teacher/T) ‖
+softmax(student/T)); T² keeps the soft term's gradients at the scale of the hard one's as
+T grows. For regression the soft term is the squared distance to the teacher's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atoll.core.components import loop_config, seed_everything
+from atoll.core.data import DataBundle, eval_batches, train_batches
+from atoll.core.loop import TrainState, train_task
+from atoll.core.metrics import build_loss, is_regression
+from atoll.core.optim import build_optimizer, build_scheduler
+from atoll.core.spec import ExperimentSpec
+
+
+class SoftTargets(nn.Module):
+    """The distillation loss; the labels alone while no teacher logits are set (evaluation)."""
+
+    def __init__(self, base: nn.Module, temperature: float, alpha: float):
+        super().__init__()
+        self.base, self.temperature, self.alpha = base, temperature, alpha
+        self.regression = is_regression(base)
+        self.teacher_logits: torch.Tensor | None = None
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hard = self.base(logits, y)
+        t = self.teacher_logits
+        if t is None:
+            return hard
+        if self.regression:
+            soft = F.mse_loss(logits, t)
+        else:
+            T = self.temperature
+            soft = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(t / T, 1),
+                            log_target=True, reduction="batchmean") * T * T
+        return (1 - self.alpha) * hard + self.alpha * soft
+
+
+class _Taught:
+    """The training batches, each with the teacher's logits handed to the loss as the loop
+    draws it (so the loop itself needs no notion of a teacher)."""
+
+    def __init__(self, batches: Any, teacher: nn.Module, loss: SoftTargets):
+        self.batches, self.teacher, self.loss = batches, teacher.eval(), loss
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for x, y in self.batches:
+                with torch.no_grad():
+                    self.loss.teacher_logits = self.teacher(x).float()
+                yield x, y
+        finally:
+            self.loss.teacher_logits = None
+
+
+def retrain(model: nn.Module, spec: ExperimentSpec, data: DataBundle, epochs: int, *,
+            teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7
+            ) -> dict[str, float]:
+    """Train `model` (in place, on the CPU) for `epochs` on the spec's training split, with
+    `teacher`'s soft targets if given; returns the last epoch's metrics."""
+    seed_everything(spec.seed)
+    train: Any = train_batches(data, spec.data, spec.seed)
+    val = eval_batches(data.val, spec.data) if len(data.val) else None
+    optimizer = build_optimizer(model.parameters(), spec.optim)
+    steps = -(-len(train) // spec.train.grad_accum_steps)
+    scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, epochs)
+    loss: nn.Module = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
+                                 data.y_mean, data.y_std,
+                                 counts=getattr(data.train, "counts", None))
+    if teacher is not None:
+        loss = SoftTargets(loss, temperature, alpha)
+        train = _Taught(train, teacher, loss)
+    # the given epochs, all of them: no early stop without the best epoch to go back to
+    cfg = dataclasses.replace(loop_config(spec, torch.device("cpu")), epochs=epochs,
+                              patience=0, autocast_dtype=None)
+    history: list[dict[str, float]] = []
+    train_task(model, train, val, optimizer, loss, cfg, TrainState(), data.num_classes,
+               scheduler=scheduler, on_epoch_end=lambda st, m: history.append(m))
+    model.eval()
+    return history[-1] if history else {}
