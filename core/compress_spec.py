@@ -2,8 +2,8 @@
 
 A list of steps, each one `atoll compress` call (`models/compress.py` does the work,
 `tracking/compress.py` registers the result as a new version of the same model). Each
-field belongs to one method; a field set for another method is an error rather than a
-setting that silently does nothing.
+field belongs to one method; a field set (to other than its default) for another method is
+an error rather than a setting that silently does nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class CompressStep(BaseModel):
     def _fields_of_the_method(self) -> CompressStep:
         for name in sorted(self.model_fields_set):
             owner = OWNERS.get(name)
-            if owner is not None and owner != self.method:
+            # a default is no setting (a dumped spec, spec.yaml, holds every field)
+            if owner is not None and owner != self.method and \
+                    getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"{name}: read by method {owner} only; this step's method "
                                  f"is {self.method}")
         if self.method == "distill" and self.student is None:

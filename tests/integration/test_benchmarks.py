@@ -66,10 +66,12 @@ def test_fl_vectorized_benchmark_prints_its_table():
 
 def test_compression_benchmark_prints_its_table_and_ratio(tmp_path):
     """benchmarks/compression.py for two rounds and two methods: a row each, bytes that
-    shrink, the table logged to MLflow, and the ratio line."""
+    shrink; the CNN for one epoch and each of its compressed versions; both tables logged
+    to MLflow, and the ratio line."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     done = subprocess.run([sys.executable, "benchmarks/compression.py", "--rounds", "2",
-                           "--cases", "none,int8 + EF", "--tracking-uri", uri],
+                           "--cases", "none,int8 + EF", "--cnn-epochs", "1",
+                           "--tracking-uri", uri],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.strip().splitlines()
@@ -83,4 +85,16 @@ def test_compression_benchmark_prints_its_table_and_ratio(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("atoll-benchmarks")
                                  .experiment_id], "attributes.run_name = 'compression'")
-    assert "compression_fl.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"compression_fl.md", "compression_deploy.md"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
+    deployed = {cells[1]: cells for line in lines if line.startswith("| ")
+                and (cells := [c.strip() for c in line.split("|")])[1] in (
+                    "fp32", "int8", "int8-static", "pruned-50-ft2", "distilled", "onnx")}
+    assert list(deployed) == ["fp32", "int8", "int8-static", "pruned-50-ft2", "distilled",
+                              "onnx"], done.stdout
+    size = {tag: float(cells[4]) for tag, cells in deployed.items()}  # kB
+    assert size["int8-static"] < size["fp32"] / 2 and size["distilled"] < size["fp32"] / 4
+    # one epoch: the teacher and its compressions are good already, the student not yet
+    assert all(float(cells[2]) > 0.5 for tag, cells in deployed.items()
+               if tag != "distilled"), deployed
+    assert 0.1 < float(deployed["distilled"][2]) <= 1, deployed

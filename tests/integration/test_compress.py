@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests import datagen
@@ -96,10 +97,83 @@ def test_a_regression_model_prunes_and_reports_r2(tmp_path):
     (["runs:/abc/model", "--method", "int8-dynamic"],
      "atoll: model: 'runs:/abc/model' is not a registered model URI"),
     (["models:/x@candidate", "--method", "prune", "--amount", "1.5"],
-     "atoll: --amount: 1.5; allowed: 0 < amount < 1"),
+     "atoll: --amount: 1.5 is out of range; allowed: < 1.0"),
+    (["models:/x@candidate", "--method", "int8-static", "--amount", "0.3"],
+     "atoll: --amount: read by method prune only; this step's method is int8-static"),
+    (["models:/x@candidate", "--amount", "0.3"],
+     "atoll: --amount: needs --method"),
+    (["models:/x@candidate", "--method", "distill"],
+     "atoll: --student: method distill needs the student's `model:` section"),
+    (["models:/x@candidate", "--method", "distill", "--student", "{name: mlp, hiden: [8]}"],
+     "atoll: --student: hiden: unknown key"),
+    (["models:/x@candidate", "--method", "distill", "--student", "{name: mlp"],
+     "atoll: --student: not YAML"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, line):
     out = _atoll("compress", *args, "--uri", f"sqlite:///{tmp_path / 'e.db'}", cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_compress_section_runs_after_training_and_again_on_request(tmp_path):
+    """The spec's compress: steps (int8-static, pruning with fine-tuning, distillation into
+    a smaller student) run after `atoll run` registers the model, and `atoll compress`
+    without --method runs them again on any version of it."""
+    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    spec["compress"] = [{"method": "int8-static", "calibration": 256},
+                        {"method": "prune", "amount": 0.5, "finetune_epochs": 1},
+                        {"method": "distill", "student": {"name": "mlp", "hidden": [32]},
+                         "epochs": 4}]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    out = _atoll("run", "spec.yaml", "--set", "train.epochs=3", "--set", f"tracking.uri={uri}",
+                 "--set", "train.progress=off", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for tag in ("int8-static", "pruned-50-ft1", "distilled"):
+        assert f"(compression={tag})" in out.stdout, out.stdout
+    client = MlflowClient(uri)
+    m = {}
+    for version, tag in (("2", "int8-static"), ("3", "pruned-50-ft1"), ("4", "distilled")):
+        mv = client.get_model_version("digits-mlp", version)
+        assert mv.tags["compression"] == tag and mv.tags["parent_version"] == "1"
+        run = client.get_run(mv.run_id)
+        m[tag] = run.data.metrics
+        assert m[tag]["test_accuracy"] > 0.8, (tag, m[tag])
+    assert m["int8-static"]["size_bytes"] < m["int8-static"]["parent_size_bytes"] / 2.5
+    assert m["pruned-50-ft1"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "train_loss" in m["pruned-50-ft1"] and "val_accuracy" in m["distilled"]
+    assert m["distilled"]["parameters"] < m["distilled"]["parent_parameters"] / 10
+    assert client.get_run(client.get_model_version("digits-mlp", "4").run_id).data.params[
+        "compression.student.hidden"] == "[32]"
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:300] / 16).astype(np.float32)[:, None]
+    for version in ("2", "4"):  # a statically quantised and a distilled network serve
+        labels = _pyfunc(uri, f"models:/digits-mlp/{version}").predict(images)
+        assert (labels == digits.target[:300]).mean() >= 0.8
+    out = _atoll("compress", "models:/digits-mlp/1", "--uri", uri, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [client.get_model_version("digits-mlp", v).tags["compression"]
+            for v in ("5", "6", "7")] == ["int8-static", "pruned-50-ft1", "distilled"]
+    assert str(client.get_model_version_by_alias("digits-mlp", "candidate").version) == "1"
+
+
+def test_static_quantisation_of_attention_is_refused_naming_the_layer(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    spec["model"] = {"name": "transformer", "dim": 32, "layers": 1}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = _atoll("run", "spec.yaml", "--set", "train.epochs=1", "--set",
+                 f"tracking.uri={uri}", "--set", "train.progress=off", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = _atoll("compress", "models:/digits-mlp@candidate", "--method", "int8-static",
+                 "--uri", uri, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("atoll: --method int8-static: int8-static cannot quantise "), line
+    assert "(MultiheadAttention)" in line and line.endswith(
+        "allowed: --method int8-dynamic or onnx"), line
+    assert [str(v.version) for v in MlflowClient(uri).search_model_versions(
+        "name='digits-mlp'")] == ["1"]  # nothing registered

@@ -58,3 +58,58 @@ def test_onnx_in_onnxruntime_computes_the_torch_function():
     x = torch.randn(7, 1, 4, 4)  # another batch size: the batch dimension is dynamic
     assert runtime(x).shape == (7, 3)
     assert C.parity(model, runtime, x) < 1e-5
+
+
+def _cnn() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 16, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 4)).eval()
+
+
+def test_int8_static_quantises_every_layer_with_ranges_from_the_calibration_batches():
+    model = _cnn()
+    x = torch.randn(256, 1, 4, 4)
+    matched = C.int8_static(model, list(x.split(64)))
+    kinds = {type(m).__module__ for m in matched.modules()
+             if "Conv" in type(m).__name__ or "Linear" in type(m).__name__}
+    assert kinds and all(k.startswith("torch.ao.nn.quantized") or ".intrinsic.quantized" in k
+                         for k in kinds), kinds  # no float Conv/Linear left
+    err = (matched(x) - model(x)).abs().max()
+    assert err < 0.02 * model(x).abs().max()
+    # ranges fixed by batches 100x wider: steps 100x coarser on the same data
+    wide = C.int8_static(model, [t * 100 for t in x.split(64)])
+    assert (wide(x) - model(x)).abs().max() > 5 * err
+    assert C.size(C.scripted(matched))[0] < C.size(C.scripted(model))[0]
+
+
+class _Attending(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.attn(h, h, h, need_weights=False)[0].mean(1)
+
+
+class _Branching(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_int8_static_refuses_what_it_cannot_quantise_naming_it():
+    with pytest.raises(C.NotApplicable, match=r"cannot quantise attn \(MultiheadAttention\) "
+                                              r"and 1 more layer"):
+        C.int8_static(_Attending().eval(), [torch.randn(4, 3, 8)])
+    with pytest.raises(C.NotApplicable, match=r"torch.fx, which failed \(TraceError: "
+                                              r"symbolically traced variables"):
+        C.int8_static(_Branching(), [torch.randn(4, 4)])
+    with pytest.raises(C.NotApplicable, match="Linear and Conv layers; the model has none"):
+        C.int8_static(torch.nn.Sequential(torch.nn.ReLU()), [torch.randn(4, 4)])

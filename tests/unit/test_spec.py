@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from atoll.core.cli import main
 from atoll.core.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, validate
@@ -284,3 +285,30 @@ def test_a_spec_error_survives_pickling():
 
     e = pickle.loads(pickle.dumps(SpecError(["data.path: x; allowed: y", "b: c"])))
     assert e.problems == ["data.path: x; allowed: y", "b: c"]
+
+
+def test_compress_steps_take_the_fields_of_their_method_only():
+    base = {"name": "x", "tracking": {"registered_model": "m"}}
+    spec = validate({**base, "compress": [
+        {"method": "prune", "amount": 0.3, "finetune_epochs": 2},
+        {"method": "distill", "student": {"name": "mlp", "hidden": [16]}, "alpha": 0.5}]})
+    assert [s.tag for s in spec.compress] == ["pruned-30-ft2", "distilled"]
+    flat = spec.flat()  # each step logged with what its method reads
+    assert flat["compress.0.amount"] == 0.3 and "compress.0.temperature" not in flat
+    assert flat["compress.1.student.hidden"] == [16] and "compress.1.amount" not in flat
+    # spec.yaml (every field dumped, defaults too) reads back: `atoll compress` rebuilds it
+    assert validate(yaml.safe_load(spec.to_yaml())).compress == spec.compress
+    for step, line in [
+        ({"method": "int8-static", "amount": 0.3},
+         "compress.0: amount: read by method prune only; this step's method is int8-static"),
+        ({"method": "distill"}, "compress.0: student: method distill needs the student's"),
+        ({"method": "prune", "amount": 1.0}, "compress.0.amount: 1.0 is out of range"),
+        ({"method": "int8"}, "compress.0.method: 'int8' is not allowed; allowed: "
+                             "'int8-dynamic', 'int8-static'"),
+    ]:
+        with pytest.raises(SpecError) as e:
+            validate({**base, "compress": [step]})
+        assert str(e.value).startswith(line), str(e.value)
+    with pytest.raises(SpecError, match="compress: compresses the registered model, and this "
+                                        "run registers none"):
+        validate({"name": "x", "compress": [{"method": "onnx"}]})
