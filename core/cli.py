@@ -213,15 +213,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = dispatch(spec, resume=args.resume, restart=args.restart)
     if result is not None:
         _report(spec, result)
-    if result is not None and result.registered is not None and spec.compress:
+    if result is not None and spec.compress:
         return _compress_after(spec, result.registered)
     return 0
 
 
 def _compress_after(spec: ExperimentSpec, registered: Any) -> int:
-    """The spec's compress: steps, on the version this run registered."""
+    """The spec's compress: steps, on the version this run registered (none registered,
+    e.g. tracking.enabled false for a quick try: said, and skipped)."""
     from atoll.tracking import resolve_uri
     from atoll.tracking.compress import CompressError, compress_registered
+
+    if registered is None:
+        print("atoll: compress: skipped, this run registered no model (it needs "
+              "tracking.registered_model, tracking.enabled and tracking.log_model)",
+              file=sys.stderr)
+        return 0
 
     uri = f"models:/{registered.name}/{registered.version}"
     print(f"\ncompressing {uri} ({len(spec.compress)} step(s) of compress:)", flush=True)
@@ -297,6 +304,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n== {spec.name}: {spec.mode} ({Path(path).name})", flush=True)
         result = dispatch(spec)
         _report(spec, result)
+        if spec.compress:
+            code = _compress_after(spec, result.registered)
+            if code:
+                return code
         if i + 1 < len(specs):
             print(flush=True)
     print("\nOpen the MLflow UI:  make ui   (or: atoll ui)  then browse http://127.0.0.1:5000")

@@ -666,15 +666,6 @@ class ExperimentSpec(_Section):
         "first; default: the directory atoll runs in (filled in for workers and clients)")
 
     @model_validator(mode="after")
-    def _something_to_compress(self) -> ExperimentSpec:
-        t = self.tracking
-        if self.compress and not (t.enabled and t.log_model and t.registered_model):
-            raise ValueError("compress: compresses the registered model, and this run "
-                             "registers none; allowed: tracking.registered_model set (with "
-                             "tracking.enabled and tracking.log_model true), or no compress:")
-        return self
-
-    @model_validator(mode="after")
     def _model_fits_data(self) -> ExperimentSpec:
         if self.task is not None:
             problems = task_problems(self, self.task)

@@ -177,3 +177,11 @@ def test_static_quantisation_of_attention_is_refused_naming_the_layer(tmp_path):
         "allowed: --method int8-dynamic or onnx"), line
     assert [str(v.version) for v in MlflowClient(uri).search_model_versions(
         "name='digits-mlp'")] == ["1"]  # nothing registered
+
+
+def test_a_run_that_registers_nothing_says_its_compress_section_was_skipped(tmp_path):
+    out = _atoll("run", str(CONFIGS / "cnn.yaml"), "--set", "train.epochs=1", "--set",
+                 "tracking.enabled=false", "--set", "train.progress=off", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "atoll: compress: skipped, this run registered no model" in out.stderr
+    assert "compression=" not in out.stdout

@@ -309,6 +309,3 @@ def test_compress_steps_take_the_fields_of_their_method_only():
         with pytest.raises(SpecError) as e:
             validate({**base, "compress": [step]})
         assert str(e.value).startswith(line), str(e.value)
-    with pytest.raises(SpecError, match="compress: compresses the registered model, and this "
-                                        "run registers none"):
-        validate({"name": "x", "compress": [{"method": "onnx"}]})
