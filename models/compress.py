@@ -43,8 +43,8 @@ def int8_dynamic(model: nn.Module) -> nn.Module:
         raise NotApplicable("int8-dynamic quantises nn.Linear layers; the model has none")
     from torch.ao.quantization import quantize_dynamic
 
-    with warnings.catch_warnings():  # torch.ao's deprecation notice, once per call
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():  # torch.ao's deprecation notices (quantised tensors)
+        warnings.simplefilter("ignore")
         _engine()
         return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
@@ -129,12 +129,14 @@ def sparsity(model: nn.Module) -> float:
 def scripted(model: nn.Module) -> bytes:
     """The TorchScript archive of the model in eval mode (what `size` measures)."""
     buf = io.BytesIO()
-    try:
-        program = torch.jit.script(model.eval())
-    except Exception as e:  # noqa: BLE001 - a user's model TorchScript cannot compile
-        raise NotApplicable(f"TorchScript cannot compile the model ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200]})") from None
-    torch.jit.save(program, buf)
+    with warnings.catch_warnings():  # TorchScript's deprecation and FX-module notices
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.jit.script(model.eval())
+        except Exception as e:  # noqa: BLE001 - a user's model TorchScript cannot compile
+            raise NotApplicable(f"TorchScript cannot compile the model ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:200]})") from None
+        torch.jit.save(program, buf)
     return buf.getvalue()
 
 

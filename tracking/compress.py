@@ -96,7 +96,9 @@ def _version(client: MlflowClient, uri: str) -> Any:
 
 
 def _measure(model: torch.nn.Module, data: Any, loss_fn: torch.nn.Module, archive: bytes,
-             prefix: str = "") -> dict[str, float]:
+             prefix: str = "", dense: bool = True) -> dict[str, float]:
+    """The figures of one network; `dense`: its weights are float parameters (counted as
+    `parameters`; a quantised network packs them elsewhere)."""
     test = [(data.test.x[i:i + 256], data.test.y[i:i + 256])
             for i in range(0, len(data.test), 256)]
     m = evaluate(model, test, loss_fn, data.num_classes)
@@ -105,9 +107,8 @@ def _measure(model: torch.nn.Module, data: Any, loss_fn: torch.nn.Module, archiv
     out = {key: m["val_r2" if key == "test_r2" else "val_accuracy"],
            "size_bytes": float(raw), "size_bytes_zipped": float(zipped),
            "sparsity": C.sparsity(model)}
-    counted = sum(p.numel() for p in model.parameters())
-    if counted:  # a quantised network packs its weights out of parameters()
-        out["parameters"] = counted
+    if dense:
+        out["parameters"] = sum(p.numel() for p in model.parameters())
     for batch in (1, 64):
         x = data.test.x[torch.arange(batch) % len(data.test)]
         out[f"latency_ms_p50_b{batch}"], out[f"latency_ms_p95_b{batch}"] = \
@@ -192,7 +193,9 @@ def compress_registered(uri: str, tracking_uri: str, steps: list[CompressStep] |
                 small, archive, trained = _apply(step, model, spec, data)
             except C.NotApplicable as e:
                 raise CompressError(f"--method {step.method}: {e}") from None
-            metrics = {**theirs, **_measure(small, data, loss_fn, archive), **trained}
+            dense = step.method in ("prune", "distill")
+            metrics = {**theirs, **_measure(small, data, loss_fn, archive, dense=dense),
+                       **trained}
             if step.method == "onnx":  # the same function in another runtime: how close
                 metrics["onnx_max_abs_diff"] = C.parity(model, small, data.test.x[:256])
             out.append(_register(client, parent, step, small, archive, metrics, data,
