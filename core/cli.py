@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="prune: epochs trained afterwards, pruned weights kept at zero "
                    "(default 0)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="prune: the fine-tuning learning rate (default: optim.lr / 10)")
     p.add_argument("--calibration", type=int, default=None,
                    help="int8-static: training samples that set activation ranges "
                    "(default 512)")
@@ -233,12 +235,11 @@ def _compress_after(spec: ExperimentSpec, registered: Any) -> int:
     uri = f"models:/{registered.name}/{registered.version}"
     print(f"\ncompressing {uri} ({len(spec.compress)} step(s) of compress:)", flush=True)
     try:
-        done = compress_registered(uri, resolve_uri(spec.tracking.uri), spec.compress)
-    except CompressError as e:  # the trained version stays registered
+        compress_registered(uri, registered.store or resolve_uri(spec.tracking.uri),
+                            spec.compress, report=_report_compressed)
+    except CompressError as e:  # the trained version (and any reported above) stay
         print(f"atoll: {e} (the trained model is registered: {uri})", file=sys.stderr)
         return EXIT_SPEC
-    for out in done:
-        _report_compressed(out)
     return 0
 
 
@@ -321,20 +322,22 @@ def _compress_step(args: argparse.Namespace) -> Any:
     from atoll.core.compress_spec import CompressStep
 
     given = {k: getattr(args, k) for k in ("amount", "structured", "finetune_epochs",
-                                           "calibration", "student", "temperature", "alpha",
-                                           "epochs") if getattr(args, k) is not None}
+                                           "finetune_lr", "calibration", "student",
+                                           "temperature", "alpha", "epochs")
+             if getattr(args, k) is not None}
     if args.method is None:
         if given:
             flag = "--" + next(iter(given)).replace("_", "-")
-            raise ValueError(f"{flag}: needs --method (the spec's compress: section has its "
-                             "own settings)")
+            raise SpecError([f"{flag}: needs --method; allowed: --method "
+                             f"{'|'.join(COMPRESS_METHODS)}, or no flags (the steps of the "
+                             "spec's compress: section)"])
         return None
     if "student" in given:
         try:
             given["student"] = yaml.safe_load(given["student"])
         except yaml.YAMLError as e:
-            raise ValueError(f"--student: not YAML ({str(e).splitlines()[0]}); allowed: a "
-                             "model section, e.g. '{name: mlp, hidden: [32]}'") from None
+            raise SpecError([f"--student: not YAML ({str(e).splitlines()[0]}); allowed: a "
+                             "model section, e.g. '{name: mlp, hidden: [32]}'"]) from None
     try:
         return CompressStep(method=args.method, **given)
     except ValidationError as e:
@@ -344,24 +347,22 @@ def _compress_step(args: argparse.Namespace) -> Any:
         what = what.removesuffix("; allowed: ")  # unknown key in a model section
         if where.startswith("student."):  # inside the model section, past the union's tag
             inner = ".".join(where.split(".")[2:])
-            raise ValueError(f"--student: {inner + ': ' if inner else ''}{what}; e.g. "
-                             "'{name: mlp, hidden: [32]}'") from None
-        raise ValueError(f"--{where.replace('_', '-')}: {what}") from None
+            raise SpecError([f"--student: {inner + ': ' if inner else ''}{what}; e.g. "
+                             "'{name: mlp, hidden: [32]}'"]) from None
+        raise SpecError([f"--{where.replace('_', '-')}: {what}"]) from None
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from atoll.tracking import resolve_uri
     from atoll.tracking.compress import CompressError, compress_registered
 
+    step = _compress_step(args)  # a bad flag: SpecError, exit 2 by main
     try:
-        step = _compress_step(args)
-        done = compress_registered(args.model, resolve_uri(args.uri),
-                                   None if step is None else [step])
-    except (CompressError, ValueError) as e:
+        compress_registered(args.model, resolve_uri(args.uri),
+                            None if step is None else [step], report=_report_compressed)
+    except CompressError as e:
         print(f"atoll: {e}", file=sys.stderr)
         return EXIT_SPEC
-    for out in done:
-        _report_compressed(out)
     return 0
 
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atoll.core import cadence
-from atoll.core.compress_spec import OWNERS, CompressStep
+from atoll.core.compress_spec import CompressStep
 from atoll.core.model_spec import (
     BUILTIN_MODELS,
     MODEL_SECTIONS,
@@ -787,9 +787,7 @@ class ExperimentSpec(_Section):
         """Dotted-key view for MLflow params and logs (`compress.0.method`: each step with
         the fields its method reads)."""
         d = self.model_dump(mode="json")
-        d["compress"] = {str(i): {k: v for k, v in step.items()
-                                  if OWNERS.get(k, step["method"]) == step["method"]}
-                         for i, step in enumerate(d["compress"])}
+        d["compress"] = {str(i): step for i, step in enumerate(d["compress"])}
         return flatten(d)
 
     def to_yaml(self) -> str:

@@ -732,6 +732,7 @@ def _finish(spec: ExperimentSpec, tracker: Any, model: torch.nn.Module, data: Da
             "seconds": seconds, "checkpoint": str(latest) if latest else None,
             "registered": None if registered is None else {
                 "name": registered.name, "version": registered.version,
-                "alias": registered.alias, "uri": registered.uri},
+                "alias": registered.alias, "uri": registered.uri,
+                "store": registered.store},
             "history": st.history, "matrix": st.matrix, "baseline": st.baseline,
             "timing": st.timing}

@@ -80,6 +80,12 @@ def int8_static(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
         for x in calibration:
             prepared(x)
         out = convert_fx(prepared)
+    # the generated code carries the user's annotations, which are strings under
+    # `from __future__ import annotations` and TorchScript cannot resolve: types are
+    # inferred without them
+    for node in out.graph.nodes:
+        node.type = None
+    out.recompile()
     left = [(name, type(m).__name__) for name, m in out.named_modules()
             if isinstance(m, WEIGHTED) and any(p.is_floating_point()
                                                for p in m.parameters(recurse=False))]
@@ -104,6 +110,9 @@ def prune(model: nn.Module, amount: float, structured: bool = False,
     if structured:
         for m in layers[:-1]:  # removing the last layer's outputs would remove classes
             prune_utils.ln_structured(m, "weight", amount=amount, n=2, dim=0)
+            if m.bias is not None:  # a removed neuron's bias would still fire
+                rows = m.weight_mask.flatten(1).any(1).to(m.bias.dtype)
+                prune_utils.custom_from_mask(m, "bias", rows)
     else:
         prune_utils.global_unstructured([(m, "weight") for m in layers],
                                         pruning_method=prune_utils.L1Unstructured,
@@ -114,8 +123,10 @@ def prune(model: nn.Module, amount: float, structured: bool = False,
 def unmask(model: nn.Module) -> nn.Module:
     """Make pruning permanent: the masked weights become plain parameters (in place)."""
     for m in model.modules():
-        if isinstance(m, PRUNABLE) and prune_utils.is_pruned(m):
-            prune_utils.remove(m, "weight")
+        if isinstance(m, PRUNABLE):
+            for name in ("weight", "bias"):
+                if hasattr(m, name + "_mask"):
+                    prune_utils.remove(m, name)
     return model
 
 

@@ -33,6 +33,8 @@ class SoftTargets(nn.Module):
         super().__init__()
         self.base, self.temperature, self.alpha = base, temperature, alpha
         self.regression = is_regression(base)
+        if self.regression:  # evaluation reports errors in the target's units through these
+            self.y_mean, self.y_std = base.y_mean, base.y_std
         self.teacher_logits: torch.Tensor | None = None
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,16 +75,22 @@ class _Taught:
 
 
 def retrain(model: nn.Module, spec: ExperimentSpec, data: DataBundle, epochs: int, *,
-            teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7
-            ) -> dict[str, float]:
+            teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7,
+            lr: float | None = None) -> dict[str, float]:
     """Train `model` (in place, on the CPU) for `epochs` on the spec's training split, with
-    `teacher`'s soft targets if given; returns the last epoch's metrics."""
+    `teacher`'s soft targets if given; returns the last epoch's metrics. `lr` (fine-tuning
+    a trained network): that peak learning rate and no warm-up, where a network trained
+    from scratch (a student) takes the spec's schedule as it is."""
     seed_everything(spec.seed)
     train: Any = train_batches(data, spec.data, spec.seed)
     val = eval_batches(data.val, spec.data) if len(data.val) else None
-    optimizer = build_optimizer(model.parameters(), spec.optim)
+    optim = spec.optim
+    if lr is not None:
+        optim = optim.model_copy(update={"lr": lr, "scheduler": optim.scheduler.model_copy(
+            update={"warmup_epochs": 0.0})})
+    optimizer = build_optimizer(model.parameters(), optim)
     steps = -(-len(train) // spec.train.grad_accum_steps)
-    scheduler = build_scheduler(optimizer, spec.optim.scheduler, steps, epochs)
+    scheduler = build_scheduler(optimizer, optim.scheduler, steps, epochs)
     loss: nn.Module = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
                                  data.y_mean, data.y_std,
                                  counts=getattr(data.train, "counts", None))

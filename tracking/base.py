@@ -48,6 +48,7 @@ class RegisteredModel:
     version: str
     alias: str
     uri: str  # models:/<name>@<alias>
+    store: str = ""  # the tracking URI it is registered in (a fallback's local store too)
 
 
 class Tracker(Protocol):

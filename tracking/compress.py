@@ -18,6 +18,7 @@ import json
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from atoll.core.compress_spec import METHODS, OWNERS, CompressStep
+from atoll.core.compress_spec import METHODS, CompressStep
 from atoll.core.data import load_data
 from atoll.core.loop import evaluate
 from atoll.core.metrics import build_loss
@@ -138,18 +139,11 @@ def _apply(step: CompressStep, model: nn.Module, spec: Any, data: Any
     elif step.method == "prune":
         small = C.prune(model, step.amount, step.structured, keep_masks=True)
         if step.finetune_epochs:
-            extra = retrain(small, spec, data, step.finetune_epochs)
+            extra = retrain(small, spec, data, step.finetune_epochs,
+                            lr=step.finetune_lr or spec.optim.lr / 10)
         small = C.unmask(small)
     else:  # distill
-        student = step.student
-        try:
-            check_model(student, data.input_shape, data.num_classes, spec.project_dir,
-                        embedded=data.embedded)
-            torch.manual_seed(spec.seed)
-            small = build_model(student, data.input_shape, data.num_classes, spec.project_dir,
-                                data.embedded)
-        except (SpecError, ValueError) as e:
-            raise CompressError(f"student: {str(e).splitlines()[0]}") from None
+        small = _student(step, spec, data)
         extra = retrain(small, spec, data, step.epochs or spec.train.epochs, teacher=model,
                         temperature=step.temperature, alpha=step.alpha)
     extra = {f"train_{k}" if not k.startswith(("train_", "val_")) else k: v
@@ -158,10 +152,13 @@ def _apply(step: CompressStep, model: nn.Module, spec: Any, data: Any
     return small, C.scripted(small), extra
 
 
-def compress_registered(uri: str, tracking_uri: str, steps: list[CompressStep] | None = None
+def compress_registered(uri: str, tracking_uri: str, steps: list[CompressStep] | None = None,
+                        report: Callable[[Compressed], None] | None = None
                         ) -> list[Compressed]:
     """Compress the registered version `uri` by each of `steps` (default: the `compress:`
-    section of the spec it trained with); returns the new versions."""
+    section of the spec it trained with); returns the new versions, each also handed to
+    `report` as soon as it is registered (a later step's failure leaves it said). Every
+    step is checked before the first one runs."""
     client = MlflowClient(tracking_uri)
     parent = _version(client, uri)
     out = []
@@ -187,6 +184,7 @@ def compress_registered(uri: str, tracking_uri: str, steps: list[CompressStep] |
         model.eval()
         loss_fn = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
                              data.y_mean, data.y_std)
+        _check(steps, spec, data)
         theirs = _measure(model, data, loss_fn, C.scripted(model), "parent_")
         for i, step in enumerate(steps):
             try:
@@ -199,14 +197,55 @@ def compress_registered(uri: str, tracking_uri: str, steps: list[CompressStep] |
             if step.method == "onnx":  # the same function in another runtime: how close
                 metrics["onnx_max_abs_diff"] = C.parity(model, small, data.test.x[:256])
             out.append(_register(client, parent, step, small, archive, metrics, data,
-                                 Path(tmp) / str(i)))
+                                 Path(tmp) / str(i), pooled=_reads_training_data(step)
+                                 and spec.mode == "federated"))
+            if report is not None:
+                report(out[-1])
     return out
 
 
+def _reads_training_data(step: CompressStep) -> bool:
+    """Calibration, fine-tuning and distillation read the training split itself."""
+    return step.method in ("int8-static", "distill") or (
+        step.method == "prune" and step.finetune_epochs > 0)
+
+
+def _check(steps: list[CompressStep], spec: Any, data: Any) -> None:
+    """What would fail in a later step, said before the first one registers anything."""
+    for step in steps:
+        privacy = spec.federated.privacy.mode
+        if spec.mode == "federated" and privacy != "none" and _reads_training_data(step):
+            raise CompressError(
+                f"--method {step.method}: reads the pooled training split, which the "
+                f"federation's differential privacy (federated.privacy.mode {privacy!r}) "
+                "keeps from the server; allowed: int8-dynamic, prune without "
+                "finetune_epochs, onnx")
+        if step.method == "int8-static" and step.calibration > len(data.train):
+            raise CompressError(f"--calibration: {step.calibration} samples, but the "
+                                f"training split has {len(data.train)}; allowed: 1 to "
+                                f"{len(data.train)}")
+        if step.method == "distill":
+            _student(step, spec, data)
+
+
+def _student(step: CompressStep, spec: Any, data: Any) -> nn.Module:
+    """The student a distill step describes, built for the data (exit 2 if it cannot be)."""
+    try:
+        check_model(step.student, data.input_shape, data.num_classes, spec.project_dir,
+                    embedded=data.embedded)
+        torch.manual_seed(spec.seed)
+        return build_model(step.student, data.input_shape, data.num_classes,
+                           spec.project_dir, data.embedded)
+    except (SpecError, ValueError) as e:
+        raise CompressError(f"--student: {str(e).splitlines()[0]}") from None
+
+
 def _register(client: MlflowClient, parent: Any, step: CompressStep, small: nn.Module,
-              archive: bytes, metrics: dict[str, float], data: Any, tmp: Path) -> Compressed:
+              archive: bytes, metrics: dict[str, float], data: Any, tmp: Path,
+              pooled: bool = False) -> Compressed:
     """A run in the parent's experiment holding the figures and a pyfunc serving `archive`,
-    registered as a new version of the parent's model."""
+    registered as a new version of the parent's model. `pooled`: the step read the
+    federation's training data in one place (tagged `data=pooled-training-split`)."""
     tag = step.tag
     tmp.mkdir()
     kind = "onnx" if step.method == "onnx" else "scripted"
@@ -218,8 +257,7 @@ def _register(client: MlflowClient, parent: Any, step: CompressStep, small: nn.M
                             run_name=f"{parent.name}-v{parent.version}-{tag}",
                             tags={"atoll.compression": tag,
                                   "atoll.parent_version": str(parent.version)})
-    params = {f"compression.{k}": v for k, v in flatten(step.model_dump(mode="json")).items()
-              if OWNERS.get(k.split(".")[0], step.method) == step.method}
+    params = {f"compression.{k}": v for k, v in flatten(step.model_dump(mode="json")).items()}
     params["compression.parent"] = f"models:/{parent.name}/{parent.version}"
     if step.method == "distill":
         params["compression.student.parameters"] = count_parameters(small)
@@ -238,5 +276,6 @@ def _register(client: MlflowClient, parent: Any, step: CompressStep, small: nn.M
                                 if step.method == "onnx" else [])])
         version = mlflow.register_model(info.model_uri, parent.name, tags={
             "compression": tag, "parent_version": str(parent.version),
-            "parent_run": parent.run_id})
+            "parent_run": parent.run_id,
+            **({"data": "pooled-training-split"} if pooled else {})})
     return Compressed(parent.name, str(version.version), tag, metrics)

@@ -202,7 +202,7 @@ class MlflowTracker:
             return None
         self.client.set_registered_model_alias(registered_name, alias, version.version)
         return RegisteredModel(registered_name, str(version.version), alias,
-                               f"models:/{registered_name}@{alias}")
+                               f"models:/{registered_name}@{alias}", self.uri)
 
     def close(self) -> None:
         """Stop this process's share of a run another process ends (a Ray Train rank 0

@@ -100,6 +100,8 @@ def test_a_regression_model_prunes_and_reports_r2(tmp_path):
      "atoll: --amount: 1.5 is out of range; allowed: < 1.0"),
     (["models:/x@candidate", "--method", "int8-static", "--amount", "0.3"],
      "atoll: --amount: read by method prune only; this step's method is int8-static"),
+    (["models:/x@candidate", "--method", "distill", "--student", "{name: mlp}", "--amount",
+      "0.5"], "atoll: --amount: read by method prune only; this step's method is distill"),
     (["models:/x@candidate", "--amount", "0.3"],
      "atoll: --amount: needs --method"),
     (["models:/x@candidate", "--method", "distill"],
@@ -161,22 +163,24 @@ def test_a_compress_section_runs_after_training_and_again_on_request(tmp_path):
 
 
 def test_static_quantisation_of_attention_is_refused_naming_the_layer(tmp_path):
+    """A compress: section whose second step cannot apply: the first step's version is
+    registered and said, the second is refused with one line naming the layer."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
     spec["model"] = {"name": "transformer", "dim": 32, "layers": 1}
+    spec["compress"] = [{"method": "prune"}, {"method": "int8-static"}]
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = _atoll("run", "spec.yaml", "--set", "train.epochs=1", "--set",
                  f"tracking.uri={uri}", "--set", "train.progress=off", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    out = _atoll("compress", "models:/digits-mlp@candidate", "--method", "int8-static",
-                 "--uri", uri, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "registered: digits-mlp version 2 (compression=pruned-50)" in out.stdout, out.stdout
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("atoll: --method int8-static: int8-static cannot quantise "), line
     assert "(MultiheadAttention)" in line and line.endswith(
-        "allowed: --method int8-dynamic or onnx"), line
-    assert [str(v.version) for v in MlflowClient(uri).search_model_versions(
-        "name='digits-mlp'")] == ["1"]  # nothing registered
+        "allowed: --method int8-dynamic or onnx (the trained model is registered: "
+        "models:/digits-mlp/1)"), line
+    assert sorted(str(v.version) for v in MlflowClient(uri).search_model_versions(
+        "name='digits-mlp'")) == ["1", "2"]
 
 
 def test_a_run_that_registers_nothing_says_its_compress_section_was_skipped(tmp_path):
@@ -185,3 +189,23 @@ def test_a_run_that_registers_nothing_says_its_compress_section_was_skipped(tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert "atoll: compress: skipped, this run registered no model" in out.stderr
     assert "compression=" not in out.stdout
+
+
+def test_the_compress_section_follows_a_run_that_fell_back_to_the_local_store(tmp_path):
+    """tracking.fallback: local — the server is down, the model is registered in
+    ./mlruns.db, and the compress: steps find it there."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    spec["tracking"].update({"uri": f"http://127.0.0.1:{port}", "fallback": "local"})
+    spec["compress"] = [{"method": "int8-dynamic"}]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = _atoll("run", "spec.yaml", "--set", "train.epochs=1", "--set", "train.progress=off",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "registered: digits-mlp version 2 (compression=int8)" in out.stdout, out.stdout
+    local = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert local.get_model_version("digits-mlp", "2").tags["compression"] == "int8"

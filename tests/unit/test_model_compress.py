@@ -3,6 +3,8 @@ what cannot be compressed, and ONNX's parity with torch."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -113,3 +115,73 @@ def test_int8_static_refuses_what_it_cannot_quantise_naming_it():
         C.int8_static(_Branching(), [torch.randn(4, 4)])
     with pytest.raises(C.NotApplicable, match="Linear and Conv layers; the model has none"):
         C.int8_static(torch.nn.Sequential(torch.nn.ReLU()), [torch.randn(4, 4)])
+
+
+class _Annotated(torch.nn.Module):
+    """A user's module as most are written: `from __future__ import annotations` (this file
+    has it), so the annotations torch.fx copies into its generated code are strings."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 16)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(x)))
+
+
+def test_int8_static_of_an_annotated_module_serves_as_torchscript():
+    torch.manual_seed(0)
+    model = _Annotated().eval()
+    x = torch.randn(128, 6)
+    q = C.int8_static(model, [x])
+    buffer = io.BytesIO(C.scripted(q))
+    served = torch.jit.load(buffer)
+    assert (served(x) - model(x)).abs().max() < 0.05
+
+
+def test_a_neuron_pruned_whole_loses_its_bias_too_and_stays_silent_after_fine_tuning():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+    pruned = C.prune(model, 0.5, structured=True, keep_masks=True)
+    optimizer = torch.optim.SGD(pruned.parameters(), lr=0.1)
+    for _ in range(3):  # a few fine-tuning steps with the masks held
+        optimizer.zero_grad()
+        pruned(torch.randn(16, 4)).pow(2).sum().backward()
+        optimizer.step()
+    C.unmask(pruned)
+    gone = (pruned[0].weight == 0).all(1)
+    assert int(gone.sum()) == 3
+    assert (pruned[0].bias[gone] == 0).all()  # a removed neuron outputs nothing
+    assert (pruned[0].bias[~gone] != 0).all()
+
+
+def test_steps_that_cannot_run_are_refused_before_the_first_registers():
+    from atoll.core.compress_spec import CompressStep
+    from atoll.core.data import load_data
+    from atoll.core.spec import validate
+    from atoll.tracking.compress import CompressError, _check
+
+    spec = validate({"name": "f", "mode": "federated",
+                     "federated": {"privacy": {"mode": "client-fixed"}}})
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    fine = [CompressStep(method="int8-dynamic"), CompressStep(method="onnx"),
+            CompressStep(method="prune")]
+    _check(fine, spec, data)
+    for step in (CompressStep(method="int8-static"),
+                 CompressStep(method="prune", finetune_epochs=1),
+                 CompressStep(method="distill", student={"name": "mlp"})):
+        with pytest.raises(CompressError, match=rf"--method {step.method}: reads the pooled "
+                                                r"training split.*privacy.mode 'client-fixed'"):
+            _check([*fine, step], spec, data)
+    plain = validate({"name": "p"})
+    with pytest.raises(CompressError, match=rf"--calibration: 100000 samples, but the training "
+                                            rf"split has {len(data.train)}"):
+        _check([CompressStep(method="int8-static", calibration=100000)], plain, data)
+    with pytest.raises(CompressError, match=r"--student: model cnn needs image"):
+        _check([CompressStep(method="distill", student={"name": "cnn"})],
+               validate({"name": "t", "data": {"name": "synthetic"}}),
+               load_data(validate({"name": "t", "data": {"name": "synthetic"}}).data, 0,
+                         None, None))

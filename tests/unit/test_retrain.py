@@ -90,3 +90,37 @@ def test_teacher_logits_are_handed_out_per_batch_and_cleared_after_the_epoch():
     for x, _ in _Taught(batches, teacher, loss):
         seen.append(torch.equal(loss.teacher_logits, teacher(x).detach()))
     assert seen == [True, True, True] and loss.teacher_logits is None
+
+
+def test_a_regression_student_learns_from_its_teacher_and_is_evaluated_in_target_units(
+        tmp_path):
+    from tests import datagen
+
+    path = datagen.write_regression_csv(tmp_path)
+    spec = validate({"name": "r", "data": {"format": "csv", "path": str(path),
+                                           "label": "price", "batch_size": 32,
+                                           "categorical": ["region"]},
+                     "model": {"name": "mlp", "hidden": [32]},
+                     "train": {"epochs": 8, "progress": "off"},
+                     "optim": {"name": "adam", "lr": 0.01}})
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    assert data.task == "regression"
+    torch.manual_seed(0)
+    teacher = build_model(spec.model, data.input_shape, data.num_classes)
+    retrain(teacher, spec, data, epochs=8)
+    student = build_model(validate({"name": "s", "model": {"name": "mlp", "hidden": [8]}})
+                          .model, data.input_shape, data.num_classes)
+    m = retrain(student, spec, data, epochs=8, teacher=teacher, alpha=1.0)  # no labels
+    assert m["val_r2"] > 0.8, m
+
+
+def test_fine_tuning_starts_at_its_own_learning_rate_without_warm_up():
+    spec, data = _digits()
+    spec = spec.model_copy(update={"optim": spec.optim.model_copy(update={
+        "lr": 0.01, "scheduler": spec.optim.scheduler.model_copy(update={
+            "warmup_epochs": 5.0})})})
+    torch.manual_seed(0)
+    model = build_model(spec.model, data.input_shape, data.num_classes)
+    assert retrain(model, spec, data, epochs=1, lr=0.001)["lr"] == pytest.approx(0.001)
+    # from scratch (a student): the spec's own schedule, a fifth of the way up its warm-up
+    assert retrain(model, spec, data, epochs=1)["lr"] == pytest.approx(0.002, rel=0.05)

@@ -296,11 +296,15 @@ def test_compress_steps_take_the_fields_of_their_method_only():
     flat = spec.flat()  # each step logged with what its method reads
     assert flat["compress.0.amount"] == 0.3 and "compress.0.temperature" not in flat
     assert flat["compress.1.student.hidden"] == [16] and "compress.1.amount" not in flat
-    # spec.yaml (every field dumped, defaults too) reads back: `atoll compress` rebuilds it
+    # spec.yaml (each step with its method's fields) reads back: `atoll compress` rebuilds it
     assert validate(yaml.safe_load(spec.to_yaml())).compress == spec.compress
+    assert set(spec.model_dump()["compress"][0]) == {"method", "amount", "structured",
+                                                     "finetune_epochs", "finetune_lr"}
     for step, line in [
         ({"method": "int8-static", "amount": 0.3},
          "compress.0: amount: read by method prune only; this step's method is int8-static"),
+        ({"method": "onnx", "amount": 0.5},  # the default value is still a setting
+         "compress.0: amount: read by method prune only; this step's method is onnx"),
         ({"method": "distill"}, "compress.0: student: method distill needs the student's"),
         ({"method": "prune", "amount": 1.0}, "compress.0.amount: 1.0 is out of range"),
         ({"method": "int8"}, "compress.0.method: 'int8' is not allowed; allowed: "
