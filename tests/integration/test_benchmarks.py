@@ -98,3 +98,7 @@ def test_compression_benchmark_prints_its_table_and_ratio(tmp_path):
     assert all(float(cells[2]) > 0.5 for tag, cells in deployed.items()
                if tag != "distilled"), deployed
     assert 0.1 < float(deployed["distilled"][2]) <= 1, deployed
+    params = {tag: int(cells[3].replace(",", "")) for tag, cells in deployed.items()
+              if cells[3] != "–"}
+    assert params["distilled"] < params["fp32"] / 10 and set(params) == {
+        "fp32", "pruned-50-ft2", "distilled"}, params
