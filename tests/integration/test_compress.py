@@ -96,20 +96,6 @@ def test_a_regression_model_prunes_and_reports_r2(tmp_path):
      "atoll: model: models:/nothing@candidate is not in this store"),
     (["runs:/abc/model", "--method", "int8-dynamic"],
      "atoll: model: 'runs:/abc/model' is not a registered model URI"),
-    (["models:/x@candidate", "--method", "prune", "--amount", "1.5"],
-     "atoll: --amount: 1.5 is out of range; allowed: < 1.0"),
-    (["models:/x@candidate", "--method", "int8-static", "--amount", "0.3"],
-     "atoll: --amount: read by method prune only; this step's method is int8-static"),
-    (["models:/x@candidate", "--method", "distill", "--student", "{name: mlp}", "--amount",
-      "0.5"], "atoll: --amount: read by method prune only; this step's method is distill"),
-    (["models:/x@candidate", "--amount", "0.3"],
-     "atoll: --amount: needs --method"),
-    (["models:/x@candidate", "--method", "distill"],
-     "atoll: --student: method distill needs the student's `model:` section"),
-    (["models:/x@candidate", "--method", "distill", "--student", "{name: mlp, hiden: [8]}"],
-     "atoll: --student: hiden: unknown key"),
-    (["models:/x@candidate", "--method", "distill", "--student", "{name: mlp"],
-     "atoll: --student: not YAML"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, line):
     out = _atoll("compress", *args, "--uri", f"sqlite:///{tmp_path / 'e.db'}", cwd=tmp_path)

@@ -313,3 +313,26 @@ def test_compress_steps_take_the_fields_of_their_method_only():
         with pytest.raises(SpecError) as e:
             validate({**base, "compress": [step]})
         assert str(e.value).startswith(line), str(e.value)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--method", "prune", "--amount", "1.5"],
+     "atoll: --amount: 1.5 is out of range; allowed: < 1.0"),
+    (["--method", "int8-static", "--amount", "0.3"],
+     "atoll: --amount: read by method prune only; this step's method is int8-static"),
+    (["--method", "distill", "--student", "{name: mlp}", "--amount", "0.5"],
+     "atoll: --amount: read by method prune only; this step's method is distill"),
+    (["--amount", "0.3"], "atoll: --amount: needs --method"),
+    (["--method", "distill"],
+     "atoll: --student: method distill needs the student's `model:` section"),
+    (["--method", "distill", "--student", "{name: mlp, hiden: [8]}"],
+     "atoll: --student: hiden: unknown key"),
+    (["--method", "distill", "--student", "{name: mlp"],
+     "atoll: --student: not YAML"),
+])
+def test_bad_compress_flags_exit_2_with_one_line_before_any_store_is_read(capsys, args, line):
+    assert main(["compress", "models:/x@candidate", *args, "--uri", "sqlite:///nowhere/m.db"]
+                ) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(line), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
