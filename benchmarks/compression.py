@@ -73,6 +73,8 @@ STUDENT = {"name": "cnn", "channels": [8, 16], "hidden": [32], "batch_norm": Tru
 
 def deployment(epochs: int, uri: str, work: Path) -> tuple[str, dict]:
     """The CNN trained and compressed every way; (the table, each version's figures)."""
+    import torch
+
     from atoll.core.compress_spec import CompressStep
     from atoll.core.runner import run_local
     from atoll.core.spec import load_spec
@@ -101,7 +103,7 @@ def deployment(epochs: int, uri: str, work: Path) -> tuple[str, dict]:
         rows[done.tag] = m
         print(f"  {done.tag:<15} done in {time.perf_counter() - t0:.1f}s", flush=True)
     lines = [f"configs/cnn.yaml, {epochs} epochs; this CPU ({os.cpu_count()} cores, "
-             f"{torch_threads()} torch threads)", "",
+             f"{torch.get_num_threads()} torch threads)", "",
              "| version | test accuracy | parameters | size kB | zipped kB | p50 ms b1 | "
              "p50 ms b64 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for tag, m in rows.items():
@@ -113,12 +115,6 @@ def deployment(epochs: int, uri: str, work: Path) -> tuple[str, dict]:
         lines += ["", f"ONNX against torch: max |logit difference| "
                       f"{rows['onnx']['onnx_max_abs_diff']:.1e}"]
     return "\n".join(lines), rows
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import yaml
 
 from atoll.core import interrupts
 from atoll.core.compress_spec import METHODS as COMPRESS_METHODS
+from atoll.core.imports import first_line
 from atoll.core.spec import ExperimentSpec, SpecError, describe_error, load_spec
 
 EXIT_SPEC = 2
@@ -336,7 +337,7 @@ def _compress_step(args: argparse.Namespace) -> Any:
         try:
             given["student"] = yaml.safe_load(given["student"])
         except yaml.YAMLError as e:
-            raise SpecError([f"--student: not YAML ({str(e).splitlines()[0]}); allowed: a "
+            raise SpecError([f"--student: not YAML ({first_line(e)}); allowed: a "
                              "model section, e.g. '{name: mlp, hidden: [32]}'"]) from None
     try:
         return CompressStep(method=args.method, **given)

@@ -41,7 +41,7 @@ def import_target(target: str, field: str, project_dir: Path | None = None) -> A
                          "which is not installed; allowed: install it next to atoll"]) from None
     except Exception as e:  # the user's module raised while importing
         raise SpecError([f"{field}: {target!r} — importing {module_name!r} raised "
-                         f"{type(e).__name__}: {_first_line(e)}"]) from None
+                         f"{type(e).__name__}: {first_line(e)}"]) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(obj) if not n.startswith("_") and
@@ -72,6 +72,7 @@ def _forget_other_projects(top: str, where: Path) -> None:
     importlib.invalidate_caches()
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (at most 300 characters) for a one-line message."""
     text = str(e).strip().splitlines()
     return (text[0] if text else "")[:300]

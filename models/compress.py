@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune_utils
 
+from atoll.core.imports import first_line
+
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 STATIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # layers with weights that int8 is about; one of these left in float is not an int8 model
@@ -75,7 +77,7 @@ def int8_static(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
         except Exception as e:  # noqa: BLE001 - torch.fx could not trace it: say where
             raise NotApplicable(
                 f"int8-static traces the model with torch.fx, which failed ({type(e).__name__}"
-                f": {str(e).strip().splitlines()[0][:200]}); allowed: --method int8-dynamic "
+                f": {first_line(e)}); allowed: --method int8-dynamic "
                 "or onnx") from None
         for x in calibration:
             prepared(x)
@@ -146,7 +148,7 @@ def scripted(model: nn.Module) -> bytes:
             program = torch.jit.script(model.eval())
         except Exception as e:  # noqa: BLE001 - a user's model TorchScript cannot compile
             raise NotApplicable(f"TorchScript cannot compile the model ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0][:200]})") from None
+                                f"{first_line(e)})") from None
         torch.jit.save(program, buf)
     return buf.getvalue()
 
@@ -185,7 +187,7 @@ def onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
                                         dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as e:  # noqa: BLE001 - what the exporter could not translate, in words
         raise NotApplicable(f"the model does not export to ONNX ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200]})") from None
+                            f"{first_line(e)})") from None
     finally:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)

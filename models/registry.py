@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from atoll.core.data import Embedded
-from atoll.core.imports import import_target
+from atoll.core.imports import first_line, import_target
 from atoll.core.model_spec import AnyModelSpec, UserModelSpec
 from atoll.core.spec import SpecError
 from atoll.models.cnn import build_cnn
@@ -95,9 +95,9 @@ def _build_user(spec: UserModelSpec, input_shape: tuple[int, ...], num_outputs: 
         log.debug("building %s failed", spec.factory, exc_info=True)
         if spec.kwargs:  # most likely a value the factory cannot take
             raise SpecError([f"model.kwargs: {spec.kwargs} — {call} raised {type(e).__name__}: "
-                             f"{_first_line(e)}; allowed: values the factory accepts"]
+                             f"{first_line(e)}; allowed: values the factory accepts"]
                             ) from None
-        raise SpecError([f"{field}: {call} raised {type(e).__name__}: {_first_line(e)}"]
+        raise SpecError([f"{field}: {call} raised {type(e).__name__}: {first_line(e)}"]
                         ) from None
     if not isinstance(model, nn.Module):
         raise SpecError([f"{field}: {spec.factory!r} returned a {type(model).__name__}; "
@@ -133,7 +133,7 @@ def check_model(spec: AnyModelSpec, input_shape: tuple[int, ...], num_outputs: i
                 return
             raise SpecError([f"{field}: {spec.factory!r} fails on a batch of shape "
                              f"{tuple(x.shape)} (input_shape {tuple(input_shape)}): "
-                             f"{type(e).__name__}: {_first_line(e)}; allowed: a model that "
+                             f"{type(e).__name__}: {first_line(e)}; allowed: a model that "
                              "takes the data's input_shape"]) from None
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if shape != (2, num_outputs):
@@ -152,16 +152,11 @@ def _check_export(model: nn.Module, x: torch.Tensor, field: str, factory: str) -
         torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     except Exception as e:
         raise SpecError([f"{field}: {factory!r} cannot be traced by torch.export, which the "
-                         f"registered model needs ({type(e).__name__}: {_first_line(e)}); "
+                         f"registered model needs ({type(e).__name__}: {first_line(e)}); "
                          "allowed: a forward without data-dependent Python control flow, or "
                          "tracking.log_model: false"]) from None
     finally:
         quiet.setLevel(level)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else "")[:300]
 
 
 def model_class(model: nn.Module) -> str:

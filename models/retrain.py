@@ -10,7 +10,6 @@ T grows. For regression the soft term is the squared distance to the teacher's o
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,11 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atoll.core.components import loop_config, seed_everything
+from atoll.core.components import build_components, seed_everything
 from atoll.core.data import DataBundle, eval_batches, train_batches
 from atoll.core.loop import TrainState, train_task
-from atoll.core.metrics import build_loss, is_regression
-from atoll.core.optim import build_optimizer, build_scheduler
+from atoll.core.metrics import is_regression
 from atoll.core.spec import ExperimentSpec
 
 
@@ -84,24 +82,28 @@ def retrain(model: nn.Module, spec: ExperimentSpec, data: DataBundle, epochs: in
     seed_everything(spec.seed)
     train: Any = train_batches(data, spec.data, spec.seed)
     val = eval_batches(data.val, spec.data) if len(data.val) else None
+    # the spec's optimizer, schedule and loss (build_components), for these epochs, all of
+    # them: no early stop without the best epoch to go back to
+    c = build_components(_for_retraining(spec, epochs, lr), data, len(train),
+                         torch.device("cpu"), model=model)
+    loss = c.loss_fn
+    if teacher is not None:
+        loss = SoftTargets(loss, temperature, alpha)
+        train = _Taught(train, teacher, loss)
+    history: list[dict[str, float]] = []
+    train_task(model, train, val, c.optimizer, loss, c.cfg, TrainState(), data.num_classes,
+               scheduler=c.scheduler, on_epoch_end=lambda st, m: history.append(m))
+    model.eval()
+    return history[-1] if history else {}
+
+
+def _for_retraining(spec: ExperimentSpec, epochs: int, lr: float | None) -> ExperimentSpec:
+    """The spec with `epochs`, no early stopping and (given `lr`) that rate, no warm-up."""
+    train = spec.train.model_copy(update={
+        "epochs": epochs,
+        "early_stopping": spec.train.early_stopping.model_copy(update={"patience": 0})})
     optim = spec.optim
     if lr is not None:
         optim = optim.model_copy(update={"lr": lr, "scheduler": optim.scheduler.model_copy(
             update={"warmup_epochs": 0.0})})
-    optimizer = build_optimizer(model.parameters(), optim)
-    steps = -(-len(train) // spec.train.grad_accum_steps)
-    scheduler = build_scheduler(optimizer, optim.scheduler, steps, epochs)
-    loss: nn.Module = build_loss(spec.train.loss, data.train.y, data.num_classes, data.task,
-                                 data.y_mean, data.y_std,
-                                 counts=getattr(data.train, "counts", None))
-    if teacher is not None:
-        loss = SoftTargets(loss, temperature, alpha)
-        train = _Taught(train, teacher, loss)
-    # the given epochs, all of them: no early stop without the best epoch to go back to
-    cfg = dataclasses.replace(loop_config(spec, torch.device("cpu")), epochs=epochs,
-                              patience=0, autocast_dtype=None)
-    history: list[dict[str, float]] = []
-    train_task(model, train, val, optimizer, loss, cfg, TrainState(), data.num_classes,
-               scheduler=scheduler, on_epoch_end=lambda st, m: history.append(m))
-    model.eval()
-    return history[-1] if history else {}
+    return spec.model_copy(update={"train": train, "optim": optim})

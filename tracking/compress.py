@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from atoll.core.compress_spec import METHODS, CompressStep
 from atoll.core.data import load_data
+from atoll.core.imports import first_line
 from atoll.core.loop import evaluate
 from atoll.core.metrics import build_loss
 from atoll.core.serving import preprocess, raw_example
@@ -146,9 +147,8 @@ def _apply(step: CompressStep, model: nn.Module, spec: Any, data: Any
         small = _student(step, spec, data)
         extra = retrain(small, spec, data, step.epochs or spec.train.epochs, teacher=model,
                         temperature=step.temperature, alpha=step.alpha)
-    extra = {f"train_{k}" if not k.startswith(("train_", "val_")) else k: v
-             for k, v in extra.items() if k in ("train_loss", "val_loss", "val_accuracy",
-                                                "val_r2")}
+    extra = {k: v for k, v in extra.items()
+             if k in ("train_loss", "val_loss", "val_accuracy", "val_r2")}
     return small, C.scripted(small), extra
 
 
@@ -237,7 +237,7 @@ def _student(step: CompressStep, spec: Any, data: Any) -> nn.Module:
         return build_model(step.student, data.input_shape, data.num_classes,
                            spec.project_dir, data.embedded)
     except (SpecError, ValueError) as e:
-        raise CompressError(f"--student: {str(e).splitlines()[0]}") from None
+        raise CompressError(f"--student: {first_line(e)}") from None
 
 
 def _register(client: MlflowClient, parent: Any, step: CompressStep, small: nn.Module,
