@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 from atoll.core.compress_spec import METHODS, CompressStep
 from atoll.core.data import load_data
 from atoll.core.imports import first_line
+from atoll.core.interrupts import stopped_by
 from atoll.core.loop import evaluate
 from atoll.core.metrics import build_loss
 from atoll.core.serving import preprocess, raw_example
@@ -257,25 +258,29 @@ def _register(client: MlflowClient, parent: Any, step: CompressStep, small: nn.M
                             run_name=f"{parent.name}-v{parent.version}-{tag}",
                             tags={"atoll.compression": tag,
                                   "atoll.parent_version": str(parent.version)})
-    params = {f"compression.{k}": v for k, v in flatten(step.model_dump(mode="json")).items()}
-    params["compression.parent"] = f"models:/{parent.name}/{parent.version}"
-    if step.method == "distill":
-        params["compression.student.parameters"] = count_parameters(small)
-    client.log_batch(run.info.run_id,
-                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
-                     metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
-    with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PREDICTOR),
-            artifacts={kind: str(path), "preprocess": str(pre)},
-            input_example=(raw_example(data), {"probabilities": False}),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                              f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
-                              *([f"onnxruntime=={_version_of('onnxruntime')}"]
-                                if step.method == "onnx" else [])])
-        version = mlflow.register_model(info.model_uri, parent.name, tags={
-            "compression": tag, "parent_version": str(parent.version),
-            "parent_run": parent.run_id,
-            **({"data": "pooled-training-split"} if pooled else {})})
+    try:
+        params = {f"compression.{k}": v for k, v in flatten(step.model_dump(mode="json")).items()}
+        params["compression.parent"] = f"models:/{parent.name}/{parent.version}"
+        if step.method == "distill":
+            params["compression.student.parameters"] = count_parameters(small)
+        client.log_batch(run.info.run_id,
+                         params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
+                         metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+        with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PREDICTOR),
+                artifacts={kind: str(path), "preprocess": str(pre)},
+                input_example=(raw_example(data), {"probabilities": False}),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+                                  *([f"onnxruntime=={_version_of('onnxruntime')}"]
+                                    if step.method == "onnx" else [])])
+            version = mlflow.register_model(info.model_uri, parent.name, tags={
+                "compression": tag, "parent_version": str(parent.version),
+                "parent_run": parent.run_id,
+                **({"data": "pooled-training-split"} if pooled else {})})
+    except BaseException as e:  # the run says how it ended: FAILED, or KILLED by a stop
+        client.set_terminated(run.info.run_id, "KILLED" if stopped_by(e) else "FAILED")
+        raise
     return Compressed(parent.name, str(version.version), tag, metrics)

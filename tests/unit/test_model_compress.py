@@ -185,3 +185,31 @@ def test_steps_that_cannot_run_are_refused_before_the_first_registers():
                validate({"name": "t", "data": {"name": "synthetic"}}),
                load_data(validate({"name": "t", "data": {"name": "synthetic"}}).data, 0,
                          None, None))
+
+
+def test_a_compression_run_that_fails_while_registering_ends_failed(tmp_path):
+    """The new version's run is created before its model is logged: an error after that
+    (here MLflow refusing a metric's name) ends it FAILED, never left RUNNING."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from atoll.core.compress_spec import CompressStep
+    from atoll.core.data import load_data
+    from atoll.core.spec import validate
+    from atoll.tracking.compress import _register
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    parent_run = client.create_run(experiment)
+    parent = SimpleNamespace(run_id=parent_run.info.run_id, name="m", version="1")
+    spec = validate({"name": "p"})
+    data = load_data(spec.data, spec.seed, spec.project_dir, spec.task)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with pytest.raises(MlflowException):
+        _register(client, parent, CompressStep(method="prune"), model, C.scripted(model),
+                  {"bad?name": 1.0}, data, tmp_path / "t")
+    (run,) = [r for r in client.search_runs([experiment])
+              if r.info.run_id != parent.run_id]
+    assert run.info.status == "FAILED"
